@@ -1,0 +1,3 @@
+from kvhoist.cli import main
+
+raise SystemExit(main())
