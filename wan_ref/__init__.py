@@ -1,0 +1,20 @@
+"""wan_ref: a JAX/Flax NNX reference of diffusers' Wan 2.1 / 2.2 video transformer.
+
+Public API (one import line per module, so other modules can add theirs):
+"""
+
+from wan_ref.config import WanConfig
+from wan_ref.load import load_diffusers, save_diffusers
+from wan_ref.model import KVCache, WanModel
+from wan_ref.presets import PRESETS, Preset, get_preset
+
+__all__ = [
+    "KVCache",
+    "PRESETS",
+    "Preset",
+    "WanConfig",
+    "WanModel",
+    "get_preset",
+    "load_diffusers",
+    "save_diffusers",
+]

@@ -1,0 +1,185 @@
+"""diffusers checkpoints <-> `WanModel`.
+
+Reads (and writes) exactly what `WanTransformer3DModel.save_pretrained(path)` produces: `config.json` plus
+`diffusion_pytorch_model.safetensors`, or shards listed in `diffusion_pytorch_model.safetensors.index.json`.
+
+Key mapping (wan_ref parameter path -> diffusers key) is a small rename table plus two layout rules:
+Linear kernels are stored [in, out] (torch weight [out, in] transposed) and the patch-embedding kernel is
+[kt, kh, kw, C_in, D] (torch Conv3d weight [D, C_in, kt, kh, kw]). With `scan_layers` the per-block
+tensors `blocks.{i}.*` are stacked on a leading [num_layers] axis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wan_ref.config import WanConfig
+from wan_ref.model import WanModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+# wan_ref attribute -> diffusers module/parameter name.
+_RENAME = {"kernel": "weight", "scale": "weight", "to_out": "to_out.0", "net_0_proj": "net.0.proj", "net_2": "net.2"}
+# Keys diffusers itself ignores when loading (`_keys_to_ignore_on_load_unexpected`).
+_IGNORED_KEYS = ("norm_added_q",)
+
+
+def _flat_params(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat_params(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def _diffusers_key(path: tuple) -> str:
+    return ".".join(_RENAME.get(p, p) if isinstance(p, str) else str(p) for p in path)
+
+
+def _to_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
+    """One parameter (no layer axis) in diffusers' layout."""
+    if path[-1] == "kernel" and array.ndim == 5:
+        return np.transpose(array, (4, 3, 0, 1, 2))
+    if path[-1] == "kernel":
+        return array.T
+    return array
+
+
+def _from_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and array.ndim == 5:
+        return np.transpose(array, (2, 3, 4, 1, 0))
+    if path[-1] == "kernel":
+        return array.T
+    return array
+
+
+def _entries(path: tuple, stacked_layers: int | None) -> list[tuple[str, tuple]]:
+    """(diffusers key, per-layer path) for one wan_ref parameter; several when layers are stacked."""
+    if stacked_layers is not None and path[0] == "blocks":
+        return [(_diffusers_key(("blocks", i) + path[1:]), path) for i in range(stacked_layers)]
+    return [(_diffusers_key(path), path)]
+
+
+def _read_config(path: str) -> dict:
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise ValueError(
+            f"no {CONFIG_NAME} in {path!r}: pass the directory written by WanTransformer3DModel.save_pretrained "
+            "(for a pipeline repository, its 'transformer' or 'transformer_2' subfolder)")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def _open_tensors(path: str) -> dict[str, Any]:
+    """key -> lazily readable tensor source (safetensors handle), over one file or all shards."""
+    from safetensors import safe_open
+
+    index_file = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        files = [WEIGHTS_NAME]
+    else:
+        raise ValueError(
+            f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path!r}; re-save the transformer with "
+            "save_pretrained(..., safe_serialization=True)")
+    handles = {}
+    for name in files:
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise ValueError(f"checkpoint shard {name!r} listed in {INDEX_NAME} is missing from {path!r}")
+        handle = safe_open(file_path, framework="flax")
+        for key in handle.keys():
+            handles[key] = handle
+    return handles
+
+
+def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: bool = True,
+                   image_token_alignment: int = 128) -> WanModel:
+    """Loads a `WanTransformer3DModel.save_pretrained` directory as a `WanModel`.
+
+    Args:
+      path: directory holding config.json and the safetensors weights (single file or sharded).
+      dtype: parameter and activation dtype (None: float32). fp32 islands stay float32 (see WanConfig).
+      scan_layers, image_token_alignment: wan_ref options (see WanConfig).
+
+    Raises:
+      ValueError: missing config.json or weights, a missing tensor, or a tensor of the wrong shape
+        (naming the diffusers key and the expected shape).
+
+    Example:
+      >>> model = load_diffusers("Wan2.1-T2V-1.3B-Diffusers/transformer", dtype=jnp.bfloat16)
+    """
+    path = os.fspath(path)
+    dtype = jnp.float32 if dtype is None else dtype
+    config = WanConfig.from_diffusers(_read_config(path), scan_layers=scan_layers,
+                                      image_token_alignment=image_token_alignment, param_dtype=dtype, dtype=dtype)
+    tensors = _open_tensors(path)
+    # Build the module without computing random weights; every leaf is replaced below.
+    abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values = nnx.to_pure_dict(state)
+    stacked = config.num_layers if scan_layers else None
+    used = set()
+    for p, spec in list(_flat_params(values)):
+        per_layer_shape = tuple(spec.shape[1:]) if stacked is not None and p[0] == "blocks" else tuple(spec.shape)
+        expected = _to_torch_layout(p, np.empty(per_layer_shape, np.int8)).shape
+        layers = []
+        for key, _ in _entries(p, stacked):
+            if key not in tensors:
+                raise ValueError(f"checkpoint {path!r} has no tensor {key!r} (expected shape {list(expected)}); "
+                                 "is config.json the one saved with these weights?")
+            array = tensors[key].get_tensor(key)
+            if tuple(array.shape) != tuple(expected):
+                raise ValueError(f"checkpoint tensor {key!r} has shape {list(array.shape)}, expected "
+                                 f"{list(expected)} for this config.json")
+            layers.append(_from_torch_layout(p, array).astype(spec.dtype))
+            used.add(key)
+        _set(values, p, jnp.stack(layers) if stacked is not None and p[0] == "blocks" else layers[0])
+    unused = sorted(k for k in tensors if k not in used and not any(s in k for s in _IGNORED_KEYS))
+    if unused:
+        warnings.warn(f"ignoring {len(unused)} checkpoint tensors wan_ref does not use, e.g. {unused[:3]}",
+                      stacklevel=2)
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
+
+
+def save_diffusers(model: WanModel, path: str | os.PathLike) -> None:
+    """Writes `model` as `WanTransformer3DModel.save_pretrained` would (config.json + one safetensors file).
+
+    Parameters are saved in their stored dtype (bfloat16 stays bfloat16, fp32 islands stay float32).
+    """
+    from safetensors.flax import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    config = model.config
+    stacked = config.num_layers if config.scan_layers else None
+    tensors = {}
+    for p, value in _flat_params(nnx.to_pure_dict(nnx.state(model))):
+        for i, (key, _) in enumerate(_entries(p, stacked)):
+            layer = value[i] if stacked is not None and p[0] == "blocks" else value
+            # Through numpy for the transpose; jnp keeps bfloat16 intact via ml_dtypes.
+            tensors[key] = jnp.asarray(np.ascontiguousarray(_to_torch_layout(p, np.asarray(layer))))
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    diffusers_config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1",
+                        **config.to_diffusers()}
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(diffusers_config, f, indent=2)

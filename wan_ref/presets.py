@@ -1,0 +1,151 @@
+"""Named Wan checkpoints (`PRESETS`): transformer config(s) plus the pipeline defaults a sampler needs.
+
+Real dimensions are those of the diffusers-format checkpoints (`Wan-AI/Wan2.x-...-Diffusers`,
+`transformer/config.json`). Sampler defaults (flow_shift, guidance, resolution) follow the official Wan
+configs / diffusers pipeline docs. The `tiny-*` presets keep every structural feature of their real
+counterpart (image branch, FLF2V pos_embed, two experts, per-token timesteps) at test size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from wan_ref.config import WanConfig
+
+TaskName = str  # "t2v" | "i2v" | "flf2v" | "ti2v"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A Wan checkpoint: transformer config(s) and pipeline defaults.
+
+    Attributes:
+      name: preset key.
+      config: the (first / high-noise) transformer.
+      config_2: the second (low-noise) expert of Wan 2.2 A14B, else None.
+      task: "t2v", "i2v", "flf2v" or "ti2v".
+      boundary_ratio: Wan 2.2 A14B: use `config` while t >= boundary_ratio * 1000, else `config_2`.
+      flow_shift: shift of the flow-matching sigma schedule.
+      guidance_scale: CFG scale (for `config`); guidance_scale_2: for `config_2` (None for one expert).
+      height, width, num_frames: default video size in pixels / frames.
+      num_inference_steps: default number of sampling steps.
+      vae_scale_factor_spatial, vae_scale_factor_temporal: pixels per latent (Wan 2.1 VAE 8 / 4;
+        Wan 2.2 TI2V VAE 16 / 4).
+      z_dim: latent channels of the VAE (16; 48 for TI2V-5B).
+      expand_timesteps: Wan 2.2 TI2V: per-token timesteps [B, tokens] (condition-frame tokens get t=0).
+    """
+
+    name: str
+    config: WanConfig
+    task: TaskName
+    flow_shift: float
+    guidance_scale: float
+    height: int
+    width: int
+    num_frames: int
+    config_2: WanConfig | None = None
+    boundary_ratio: float | None = None
+    guidance_scale_2: float | None = None
+    num_inference_steps: int = 50
+    vae_scale_factor_spatial: int = 8
+    vae_scale_factor_temporal: int = 4
+    z_dim: int = 16
+    expand_timesteps: bool = False
+
+    @property
+    def latent_channels(self) -> int:
+        """Alias of `z_dim`."""
+        return self.z_dim
+
+    @property
+    def two_experts(self) -> bool:
+        """Whether this is a Wan 2.2 A14B preset (two transformers switched at `boundary_ratio`)."""
+        return self.config_2 is not None
+
+    def latent_shape(self, batch: int = 1, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None) -> tuple[int, int, int, int, int]:
+        """Shape [B, z_dim, F, H, W] of the noise latents for a video size (defaults: the preset's)."""
+        h, w, f = height or self.height, width or self.width, num_frames or self.num_frames
+        return (batch, self.z_dim, (f - 1) // self.vae_scale_factor_temporal + 1,
+                h // self.vae_scale_factor_spatial, w // self.vae_scale_factor_spatial)
+
+
+def _wan21(heads: int, ffn: int, layers: int, **kw) -> WanConfig:
+    return WanConfig(num_attention_heads=heads, attention_head_dim=128, text_dim=4096, freq_dim=256,
+                     ffn_dim=ffn, num_layers=layers, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024, **kw)
+
+
+_T2V_1_3B = _wan21(12, 8960, 30, in_channels=16, out_channels=16)
+_T2V_14B = _wan21(40, 13824, 40, in_channels=16, out_channels=16)
+# I2V in_channels = 16 noise + 4 mask + 16 condition latents.
+_I2V_14B = _wan21(40, 13824, 40, in_channels=36, out_channels=16, image_dim=1280, added_kv_proj_dim=5120)
+_FLF2V_14B = dataclasses.replace(_I2V_14B, pos_embed_seq_len=2 * 257)
+_I2V_A14B = _wan21(40, 13824, 40, in_channels=36, out_channels=16)  # Wan 2.2 I2V: no CLIP branch.
+_TI2V_5B = _wan21(24, 14336, 30, in_channels=48, out_channels=48)
+
+# Tiny: z = 4 latent channels, 2 heads x 12 (RoPE split t/h/w = 4/4/4), D = 24.
+_TINY = WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32,
+                  freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024)
+_TINY_I2V = dataclasses.replace(_TINY, in_channels=12, image_dim=24, added_kv_proj_dim=24)
+_TINY_FLF2V = dataclasses.replace(_TINY_I2V, pos_embed_seq_len=2 * 257)
+_TINY_I2V_A14B = dataclasses.replace(_TINY, in_channels=12)
+
+
+def _presets() -> dict[str, Preset]:
+    p = [
+        Preset("wan2.1-t2v-1.3b", _T2V_1_3B, "t2v", flow_shift=3.0, guidance_scale=5.0, height=480, width=832,
+               num_frames=81),
+        Preset("wan2.1-t2v-14b", _T2V_14B, "t2v", flow_shift=5.0, guidance_scale=5.0, height=720, width=1280,
+               num_frames=81),
+        Preset("wan2.1-i2v-14b-480p", _I2V_14B, "i2v", flow_shift=3.0, guidance_scale=5.0, height=480, width=832,
+               num_frames=81),
+        Preset("wan2.1-i2v-14b-720p", _I2V_14B, "i2v", flow_shift=5.0, guidance_scale=5.0, height=720,
+               width=1280, num_frames=81),
+        Preset("wan2.1-flf2v-14b", _FLF2V_14B, "flf2v", flow_shift=16.0, guidance_scale=5.5, height=720,
+               width=1280, num_frames=81),
+        Preset("wan2.2-t2v-a14b", _T2V_14B, "t2v", config_2=_T2V_14B, boundary_ratio=0.875, flow_shift=12.0,
+               guidance_scale=4.0, guidance_scale_2=3.0, height=720, width=1280, num_frames=81,
+               num_inference_steps=40),
+        Preset("wan2.2-i2v-a14b", _I2V_A14B, "i2v", config_2=_I2V_A14B, boundary_ratio=0.9, flow_shift=5.0,
+               guidance_scale=3.5, guidance_scale_2=3.5, height=720, width=1280, num_frames=81,
+               num_inference_steps=40),
+        Preset("wan2.2-ti2v-5b", _TI2V_5B, "ti2v", flow_shift=5.0, guidance_scale=5.0, height=704, width=1280,
+               num_frames=121, vae_scale_factor_spatial=16, z_dim=48, expand_timesteps=True),
+        # Tiny test presets: 32x32 pixels x 5 frames -> latents 2 x 4 x 4 (8 tokens with patch (1, 2, 2)).
+        Preset("tiny-t2v", _TINY, "t2v", flow_shift=3.0, guidance_scale=5.0, height=32, width=32, num_frames=5,
+               num_inference_steps=4, z_dim=4),
+        Preset("tiny-i2v", _TINY_I2V, "i2v", flow_shift=3.0, guidance_scale=5.0, height=32, width=32,
+               num_frames=5, num_inference_steps=4, z_dim=4),
+        Preset("tiny-flf2v", _TINY_FLF2V, "flf2v", flow_shift=16.0, guidance_scale=5.5, height=32, width=32,
+               num_frames=5, num_inference_steps=4, z_dim=4),
+        Preset("tiny-ti2v", _TINY, "ti2v", flow_shift=5.0, guidance_scale=5.0, height=64, width=64, num_frames=5,
+               num_inference_steps=4, vae_scale_factor_spatial=16, z_dim=4, expand_timesteps=True),
+        Preset("tiny-t2v-a14b", _TINY, "t2v", config_2=_TINY, boundary_ratio=0.875, flow_shift=12.0,
+               guidance_scale=4.0, guidance_scale_2=3.0, height=32, width=32, num_frames=5, num_inference_steps=4,
+               z_dim=4),
+        Preset("tiny-i2v-a14b", _TINY_I2V_A14B, "i2v", config_2=_TINY_I2V_A14B, boundary_ratio=0.9,
+               flow_shift=5.0, guidance_scale=3.5, guidance_scale_2=3.5, height=32, width=32, num_frames=5,
+               num_inference_steps=4, z_dim=4),
+    ]
+    presets = {x.name: x for x in p}
+    # 480p and 720p I2V checkpoints share dimensions; the bare name means the 480p defaults.
+    presets["wan2.1-i2v-14b"] = dataclasses.replace(presets["wan2.1-i2v-14b-480p"], name="wan2.1-i2v-14b")
+    return presets
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`.
+
+    Raises:
+      ValueError: unknown name, listing close matches.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PRESETS, n=4, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown Wan preset {name!r}{hint} (known: {', '.join(sorted(PRESETS))})") from None
