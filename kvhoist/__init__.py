@@ -2,8 +2,24 @@
 
 Diffusion samplers run a transformer many times; cross-attention projects the same text/image
 embeddings to keys and values at every step. kvhoist traces a sampler to a jaxpr, finds what does
-not depend on the loop, and moves it out — including out of nested layer scans and expert conds,
-which XLA's own loop-invariant code motion never touches.
+not depend on the loop, and moves it out — including out of nested layer scans (fission) and expert
+``cond``s (speculation), which XLA's own loop-invariant code motion never touches.
+
+Public API:
+  hoist_invariants  decorator: trace, rewrite, compile, cache per signature
+  licm              the hoisting pass on a ClosedJaxpr
+  optimize          the whole pipeline on a ClosedJaxpr
+  Report            what a pass did
 """
 
+from kvhoist.api import HoistedFunction, KvhoistError, TraceError, hoist_invariants
+from kvhoist.passes.licm import licm
+from kvhoist.passes.pipeline import optimize
+from kvhoist.report import HoistedValue, Note, Report, Skipped
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "hoist_invariants", "HoistedFunction", "licm", "optimize", "Report", "HoistedValue", "Skipped",
+    "Note", "KvhoistError", "TraceError",
+]

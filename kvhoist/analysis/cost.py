@@ -1,0 +1,149 @@
+"""A FLOP and byte cost model for jaxpr equations.
+
+The numbers rank hoisting candidates and fill reports; they count multiply-adds as two FLOPs for
+``dot_general`` and ``conv_general_dilated``, one FLOP per output element for elementwise work,
+and recurse through higher-order primitives (a ``scan`` costs ``length`` bodies, a ``cond`` its most
+expensive branch, a ``while`` one body per iteration — its trip count is unknown statically).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kvhoist import compat
+from kvhoist.ir import aval_bytes
+
+#: Primitives that only move, view or re-type data. They are never hoisted on their own, only as
+#: part of a hoisted expensive computation (hoisting a broadcast would just cache a bigger array).
+SHAPE_ONLY = frozenset({
+    "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "convert_element_type",
+    "iota", "slice", "dynamic_slice", "concatenate", "pad", "copy", "copy_p", "rev",
+    "bitcast_convert_type", "device_put", "sharding_constraint", "reduce_precision",
+    "gather", "select_n", "stop_gradient", "split",
+})
+
+
+def _prod(xs) -> int:
+    return int(math.prod(int(x) for x in xs))
+
+
+def _size(aval: Any) -> int:
+    return _prod(getattr(aval, "shape", ()))
+
+
+def dot_general_flops(eqn) -> int:
+    (lc, rc), (lb, _rb) = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    rhs = eqn.invars[1].aval.shape
+    contract = _prod(lhs[d] for d in lc)
+    out = _size(eqn.outvars[0].aval)
+    del rhs, lb
+    return 2 * out * contract
+
+
+def conv_flops(eqn) -> int:
+    rhs = eqn.invars[1].aval.shape
+    dn = eqn.params.get("dimension_numbers")
+    out = _size(eqn.outvars[0].aval)
+    # rhs spec: (out feature, in feature, spatial...); per output element: in_features/groups * window.
+    try:
+        rhs_spec = dn.rhs_spec
+        in_feat = rhs[rhs_spec[1]]
+        window = _prod(rhs[d] for d in rhs_spec[2:])
+    except Exception:
+        in_feat, window = rhs[1], _prod(rhs[2:])
+    return 2 * out * in_feat * window
+
+
+def eqn_flops(eqn) -> int:
+    """Estimated FLOPs of one execution of ``eqn`` (sub-jaxprs included)."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        return dot_general_flops(eqn)
+    if name == "conv_general_dilated":
+        return conv_flops(eqn)
+    if name == "scan":
+        return int(eqn.params["length"]) * jaxpr_flops(eqn.params["jaxpr"])
+    if name == "while":
+        return jaxpr_flops(eqn.params["body_jaxpr"]) + jaxpr_flops(eqn.params["cond_jaxpr"])
+    if name == "cond":
+        return max((jaxpr_flops(b) for b in eqn.params["branches"]), default=0)
+    subs = compat.subjaxprs_of(eqn)
+    if subs:
+        return sum(jaxpr_flops(j) for j in subs[:1])
+    if name in SHAPE_ONLY:
+        return 0
+    if name.startswith("reduce_") or name in ("argmax", "argmin", "cumsum", "cumprod", "cummax"):
+        return sum(_size(a.aval) for a in eqn.invars if hasattr(a, "aval"))
+    return sum(_size(v.aval) for v in eqn.outvars)
+
+
+def jaxpr_flops(j: Any) -> int:
+    """FLOPs of one evaluation of a (closed or open) jaxpr."""
+    _cv, _c, _iv, _ov, eqns = compat.split_closed(j)
+    return sum(eqn_flops(e) for e in eqns)
+
+
+def count_primitives(j: Any, name: str, *, multiply_trips: bool = False) -> int:
+    """How many ``name`` equations a jaxpr holds (recursively); with ``multiply_trips`` how many run."""
+    _cv, _c, _iv, _ov, eqns = compat.split_closed(j)
+    n = 0
+    for e in eqns:
+        if e.primitive.name == name:
+            n += 1
+        subs = compat.subjaxprs_of(e)
+        if not subs:
+            continue
+        mult = int(e.params["length"]) if (multiply_trips and e.primitive.name == "scan") else 1
+        if e.primitive.name == "cond":
+            n += max(count_primitives(b, name, multiply_trips=multiply_trips) for b in subs)
+        else:
+            n += mult * sum(count_primitives(s, name, multiply_trips=multiply_trips) for s in subs)
+    return n
+
+
+def out_bytes(eqn) -> int:
+    return sum(aval_bytes(v.aval) for v in eqn.outvars)
+
+
+def is_shape_only(eqn) -> bool:
+    """Shape-only ops, and calls (``jit`` of ``jnp.pad``, say) whose bodies are all shape-only."""
+    name = eqn.primitive.name
+    if name in SHAPE_ONLY:
+        return True
+    if name in ("jit", "pjit", "closed_call", "remat2", "custom_jvp_call"):
+        subs = compat.subjaxprs_of(eqn)
+        return bool(subs) and all(is_shape_only(e) for e in compat.split_closed(subs[0])[4])
+    return False
+
+
+#: Primitives worth counting in reports.
+COUNTED = ("dot_general", "conv_general_dilated")
+
+
+def primitive_counts(eqn) -> dict:
+    """How many dot_general / conv equations one execution of ``eqn`` runs (loops multiplied)."""
+    name = eqn.primitive.name
+    if name in COUNTED:
+        return {name: 1}
+    subs = compat.subjaxprs_of(eqn)
+    if not subs:
+        return {}
+    mult = int(eqn.params["length"]) if name == "scan" else 1
+    out: dict = {}
+    chosen = subs
+    if name == "cond":
+        chosen = [max(subs, key=jaxpr_flops)]
+    elif name not in ("scan", "while"):
+        chosen = subs[:1]
+    for s in chosen:
+        for e in compat.split_closed(s)[4]:
+            for k, v in primitive_counts(e).items():
+                out[k] = out.get(k, 0) + mult * v
+    return out
+
+
+def jaxpr_flops_run(j) -> int:
+    """FLOPs of one run of a program (static trip counts multiplied; a while body counted once)."""
+    return jaxpr_flops(j)

@@ -1,0 +1,205 @@
+"""``@hoist_invariants``: trace, rewrite, cache per signature, evaluate.
+
+The decorated function behaves like ``jax.jit(fun)``: same results (pytrees in and out), compiled,
+traced once per input signature. Between tracing and compiling, the jaxpr goes through the kvhoist
+pipeline (:mod:`kvhoist.passes.pipeline`): LICM with fission and speculation, and, when a ``target``
+is given, the token re-padding layout pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+
+from kvhoist import compat
+from kvhoist.report import Report
+
+
+class KvhoistError(ValueError):
+    """A usage error with a message that names the fix."""
+
+
+class TraceError(KvhoistError):
+    """The function could not be traced to a jaxpr."""
+
+
+def _normalize_argnums(static_argnums) -> tuple[int, ...]:
+    if static_argnums is None:
+        return ()
+    if isinstance(static_argnums, int):
+        return (static_argnums,)
+    return tuple(static_argnums)
+
+
+def _normalize_argnames(static_argnames) -> tuple[str, ...]:
+    if static_argnames is None:
+        return ()
+    if isinstance(static_argnames, str):
+        return (static_argnames,)
+    return tuple(static_argnames)
+
+
+class _Traced:
+    __slots__ = ("before", "after", "report", "out_tree", "compiled")
+
+    def __init__(self, before, after, report, out_tree, compiled):
+        self.before, self.after, self.report = before, after, report
+        self.out_tree, self.compiled = out_tree, compiled
+
+
+class HoistedFunction:
+    """The result of :func:`hoist_invariants`. Call it like the original function."""
+
+    def __init__(self, fun: Callable, *, target: Any = None, static_argnums=(), static_argnames=(),
+                 max_cache_bytes: int | None = None):
+        if not callable(fun):
+            raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
+        self.fun = fun
+        self.static_argnums = _normalize_argnums(static_argnums)
+        self.static_argnames = _normalize_argnames(static_argnames)
+        self.max_cache_bytes = max_cache_bytes
+        self.target = target
+        if target is not None:
+            from kvhoist.targets import get_target
+
+            self.target = get_target(target)  # an unknown name fails now, listing the known ones
+        try:
+            self._signature = inspect.signature(fun)
+        except (TypeError, ValueError):
+            self._signature = None
+        self._cache: dict = {}
+        functools.update_wrapper(self, fun)
+
+    # -- signature handling ----------------------------------------------------------------------
+    def _split_args(self, args: tuple, kwargs: dict):
+        static_pos = {}
+        dyn_args = list(args)
+        for i in self.static_argnums:
+            j = i if i >= 0 else len(args) + i
+            if j < len(args):
+                static_pos[j] = args[j]
+        static_kw = {k: v for k, v in kwargs.items() if k in self.static_argnames}
+        dyn_kw = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        for name, val in [*((f"argument {j}", v) for j, v in static_pos.items()),
+                          *((f"argument '{k}'", v) for k, v in static_kw.items())]:
+            try:
+                hash(val)
+            except TypeError as err:
+                raise TypeError(
+                    f"hoist_invariants: static {name} of {self.__name__} is not hashable "
+                    f"({type(val).__name__}); pass a hashable value (e.g. a tuple instead of a list) "
+                    f"or make it a traced argument") from err
+        dyn_positions = [j for j in range(len(args)) if j not in static_pos]
+        dyn = ([dyn_args[j] for j in dyn_positions], dyn_kw)
+        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        key_static = (tuple(sorted(static_pos.items())), tuple(sorted(static_kw.items())))
+        return static_pos, static_kw, dyn_positions, leaves, treedef, key_static
+
+    def _key(self, leaves, treedef, key_static, nargs):
+        avals = []
+        for x in leaves:
+            a = jax.core.get_aval(x) if hasattr(jax.core, "get_aval") else None
+            shape = getattr(x, "shape", None)
+            dtype = getattr(x, "dtype", None)
+            weak = getattr(a, "weak_type", None) if a is not None else None
+            avals.append((tuple(shape) if shape is not None else type(x), str(dtype), weak))
+        return (treedef, tuple(avals), key_static, nargs)
+
+    def _trace(self, args, kwargs) -> tuple[_Traced, list]:
+        static_pos, static_kw, dyn_positions, leaves, treedef, key_static = self._split_args(args, kwargs)
+        key = self._key(leaves, treedef, key_static, len(args))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit, leaves
+        nargs = len(args)
+        fun = self.fun
+
+        def flat_fun(*flat):
+            dyn_a, dyn_k = jax.tree_util.tree_unflatten(treedef, flat)
+            full = [None] * nargs
+            for j, v in static_pos.items():
+                full[j] = v
+            for j, v in zip(dyn_positions, dyn_a):
+                full[j] = v
+            return fun(*full, **static_kw, **dyn_k)
+
+        try:
+            before, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*leaves)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError) as err:
+            raise TraceError(
+                f"hoist_invariants could not trace {self.__name__}: it uses Python control flow or a "
+                f"Python conversion on a traced value ({type(err).__name__}). Mark that argument static "
+                f"(static_argnums=/static_argnames=) or use jax.lax.cond / jax.lax.fori_loop. "
+                f"Original error: {str(err).splitlines()[0]}") from err
+        out_tree = jax.tree_util.tree_structure(out_shape)
+        from kvhoist.passes.pipeline import optimize
+
+        after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes)
+        compiled = jax.jit(compat.jaxpr_as_fun(after))
+        traced = _Traced(before, after, report, out_tree, compiled)
+        self._cache[key] = traced
+        return traced, leaves
+
+    # -- public ----------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        traced, leaves = self._trace(args, kwargs)
+        flat = [x for x in leaves]
+        out = traced.compiled(*flat)
+        return jax.tree_util.tree_unflatten(traced.out_tree, list(out))
+
+    def jaxprs(self, *args, **kwargs) -> tuple[Any, Any]:
+        """``(before, after)``: the closed jaxprs traced from ``fun`` and produced by the passes."""
+        traced, _ = self._trace(args, kwargs)
+        return traced.before, traced.after
+
+    def report(self, *args, **kwargs) -> Report:
+        """What the passes did for this input signature (see :class:`kvhoist.Report`)."""
+        traced, _ = self._trace(args, kwargs)
+        return traced.report
+
+    def lower(self, *args, **kwargs):
+        """``jax.jit(...).lower`` of the rewritten program, for inspecting HLO and compile times."""
+        traced, leaves = self._trace(args, kwargs)
+        return traced.compiled.lower(*leaves)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        return f"<hoist_invariants {self.__name__}>"
+
+
+def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_argnums=(),
+                     static_argnames=(), max_cache_bytes: int | None = None):
+    """Compile ``fun`` with loop-invariant work hoisted out of its loops.
+
+    Usable bare (``@hoist_invariants``) or with options (``@hoist_invariants(target="v6e")``).
+
+    Args:
+      fun: the function, typically a diffusion sampler containing a ``lax.scan`` / ``fori_loop`` /
+        ``while_loop`` over steps.
+      target: a TPU generation name or :class:`kvhoist.targets.Target`; when given, image-token
+        padding is re-aligned to the target's MXU tile (see :func:`kvhoist.repad_tokens`).
+      static_argnums, static_argnames: as in ``jax.jit``; static values must be hashable.
+      max_cache_bytes: optional budget for the hoisted values' bytes.
+    Returns:
+      A :class:`HoistedFunction`; also ``.jaxprs(...)``, ``.report(...)``, ``.lower(...)``.
+
+    Example:
+      >>> @kvhoist.hoist_invariants(static_argnames=("steps",))
+      ... def sample(model, latents, context, steps):
+      ...     ...
+      >>> sample(model, latents, context, steps=30)
+      >>> print(sample.report(model, latents, context, steps=30).table())
+    """
+    def wrap(f):
+        return HoistedFunction(f, target=target, static_argnums=static_argnums,
+                               static_argnames=static_argnames, max_cache_bytes=max_cache_bytes)
+
+    if fun is None:
+        return wrap
+    return wrap(fun)

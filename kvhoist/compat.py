@@ -1,0 +1,261 @@
+"""The one module that touches ``jax._src`` and version-specific jaxpr details.
+
+kvhoist rewrites jaxprs, whose internals change between JAX releases. Everything that differs
+between the versions we support (jax 0.10 on Python 3.11, jax 0.12 on Python 3.12) is isolated here:
+
+* jax 0.12 merged ``ClosedJaxpr`` into ``Jaxpr`` (a jaxpr carries its consts; ``.jaxpr`` returns
+  itself), so building and splitting closed jaxprs goes through :func:`split_closed` /
+  :func:`make_closed`.
+* jax 0.12 replaced scan's ``num_consts`` / ``num_carry`` params by ``ft_in`` / ``ft_out`` flat trees;
+  :func:`scan_arity` and :func:`scan_params` read and write both forms.
+* ``jit`` (formerly ``pjit``), ``remat2`` and ``shard_map`` primitives are looked up by name.
+
+Nothing outside this module imports ``jax._src``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.extend.core as jex
+from jax._src import core as _core
+from jax._src import source_info_util as _siu
+
+Var = jex.Var
+Literal = jex.Literal
+DropVar = jex.DropVar
+JaxprEqn = jex.JaxprEqn
+Jaxpr = jex.Jaxpr
+ClosedJaxpr = jex.ClosedJaxpr
+jaxpr_as_fun = jex.jaxpr_as_fun
+new_jaxpr_eqn = jex.new_jaxpr_eqn
+
+JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+_P = jex.primitives
+scan_p = _P.scan_p
+while_p = _P.while_p
+cond_p = _P.cond_p
+jit_p = getattr(_P, "jit_p", None) or getattr(_P, "pjit_p")
+remat_p = _P.remat_p
+closed_call_p = _P.closed_call_p
+custom_jvp_call_p = _P.custom_jvp_call_p
+custom_vjp_call_p = _P.custom_vjp_call_p
+try:  # shard_map moved in and out of jax.experimental over releases.
+    from jax._src.shard_map import shard_map_p  # type: ignore
+except Exception:  # pragma: no cover - depends on the installed jax
+    shard_map_p = None
+
+# `ft_in` / `ft_out` flat trees (jax >= 0.11).
+try:
+    from jax._src import flattree as _ft  # type: ignore
+except Exception:  # pragma: no cover - jax 0.10 has no flattree
+    _ft = None
+
+
+def is_closed(j: Any) -> bool:
+    """Whether ``j`` is a closed jaxpr (has a ``consts`` attribute of its own)."""
+    if JAX_VERSION >= (0, 11):
+        return isinstance(j, Jaxpr)
+    return isinstance(j, ClosedJaxpr)
+
+
+def split_closed(j: Any) -> tuple[list[Var], list[Any], list[Var], list[Any], list[JaxprEqn]]:
+    """``(constvars, consts, invars, outvars, eqns)`` of a closed or open jaxpr of any supported jax."""
+    if JAX_VERSION >= (0, 11):
+        consts = list(getattr(j, "consts", []))
+        return list(j.constvars), consts, list(j.invars), list(j.outvars), list(j.eqns)
+    if isinstance(j, ClosedJaxpr):
+        inner = j.jaxpr
+        return list(inner.constvars), list(j.consts), list(inner.invars), list(inner.outvars), list(inner.eqns)
+    return list(j.constvars), [], list(j.invars), list(j.outvars), list(j.eqns)
+
+
+def _debug_info(n_in: int, n_out: int, name: str = "kvhoist"):
+    return _core.DebugInfo(
+        "kvhoist", name, tuple(f"arg{i}" for i in range(n_in)), tuple(f"out{i}" for i in range(n_out))
+    )
+
+
+def join_effects(eqns: Sequence[JaxprEqn]):
+    return _core.join_effects(*(e.effects for e in eqns)) if eqns else _core.no_effects
+
+
+def _jaxpr_effects(invars, eqns):
+    # Effects that refer to input positions (e.g. refs) are not produced by kvhoist rewrites; the
+    # union of the equations' effects is what jax itself computes for plain programs.
+    return join_effects(eqns)
+
+
+def make_open(invars: Sequence[Var], outvars: Sequence[Any], eqns: Sequence[JaxprEqn]) -> Any:
+    """An open jaxpr (no constvars) — the form of ``remat2``'s ``jaxpr`` param."""
+    return Jaxpr([], list(invars), list(outvars), list(eqns), _jaxpr_effects(invars, eqns),
+                 _debug_info(len(invars), len(outvars)))
+
+
+def make_closed(constvars: Sequence[Var], consts: Sequence[Any], invars: Sequence[Var],
+                outvars: Sequence[Any], eqns: Sequence[JaxprEqn]) -> Any:
+    """A closed jaxpr binding ``constvars`` to ``consts``."""
+    assert len(constvars) == len(consts)
+    eff = _jaxpr_effects(invars, eqns)
+    if JAX_VERSION >= (0, 11):
+        return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), eff,
+                     _debug_info(len(invars), len(outvars)), consts=list(consts))
+    inner = Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), eff,
+                  _debug_info(len(invars), len(outvars)))
+    return ClosedJaxpr(inner, list(consts))
+
+
+def check(j: Any) -> None:
+    """Type-check a (closed or open) jaxpr with JAX's own checker; raises ``JaxprTypeError``."""
+    if JAX_VERSION >= (0, 11):
+        jex.check_jaxpr(j)
+    else:
+        jex.check_jaxpr(j.jaxpr if isinstance(j, ClosedJaxpr) else j)
+
+
+# --- scan params ------------------------------------------------------------------------------
+
+def scan_arity(params: dict) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation's params, for either param layout."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _xs = params["ft_in"].unpack()
+    return len(consts), len(carry)
+
+
+def scan_params_supported(params: dict) -> bool:
+    """False for scans whose flat trees carry structure we do not rebuild (e.g. mutable refs)."""
+    if "num_consts" in params:
+        return True
+    ft_in, ft_out = params["ft_in"], params["ft_out"]
+    return all(v is None for v in ft_in.vals) and all(v is None for v in ft_out.vals)
+
+
+def scan_params(old: dict, *, jaxpr: Any, num_consts: int, num_carry: int, num_xs: int,
+                num_ys: int, length: int | None = None) -> dict:
+    """New scan params with the given body and arities, other params copied from ``old``."""
+    new = dict(old)
+    new["jaxpr"] = jaxpr
+    if length is not None:
+        new["length"] = length
+    if "num_consts" in old:
+        new["num_consts"] = num_consts
+        new["num_carry"] = num_carry
+        if "linear" in old:
+            new["linear"] = (False,) * (num_consts + num_carry + num_xs)
+        return new
+    new["ft_in"] = _ft.pack((_ft.nones(num_consts), _ft.nones(num_carry), _ft.nones(num_xs)))
+    new["ft_out"] = _ft.pack((_ft.nones(num_carry), _ft.nones(num_ys)))
+    return new
+
+
+def while_params(old: dict, *, body_jaxpr: Any, body_nconsts: int) -> dict:
+    new = dict(old)
+    new["body_jaxpr"] = body_jaxpr
+    new["body_nconsts"] = body_nconsts
+    return new
+
+
+def jit_params_plain(params: dict) -> bool:
+    """True when a nested jit carries no shardings, layouts or donation that inlining would drop."""
+    def unspecified(s) -> bool:
+        return s is None or type(s).__name__ == "UnspecifiedValue"
+    for key in ("in_shardings", "out_shardings"):
+        if not all(unspecified(s) for s in params.get(key, ())):
+            return False
+    for key in ("in_layouts", "out_layouts"):
+        if not all(s is None for s in params.get(key, ())):
+            return False
+    if any(params.get("donated_invars", ())):
+        return False
+    return True
+
+
+# --- equations, vars, source info ------------------------------------------------------------
+
+def new_var(aval: Any) -> Var:
+    return Var(aval)
+
+
+def is_literal(atom: Any) -> bool:
+    return isinstance(atom, Literal)
+
+
+def is_dropvar(v: Any) -> bool:
+    return isinstance(v, DropVar)
+
+
+def drop_var(aval: Any) -> Any:
+    return DropVar(aval)
+
+
+def make_eqn(invars, outvars, primitive, params, *, like: JaxprEqn | None = None, effects=None) -> JaxprEqn:
+    """A new equation; source info and context are copied from ``like`` so names survive."""
+    if effects is None:
+        effects = _core.no_effects if like is None else like.effects
+    if like is not None:
+        return like.replace(invars=list(invars), outvars=list(outvars), primitive=primitive,
+                            params=dict(params), effects=effects)
+    return new_jaxpr_eqn(list(invars), list(outvars), primitive, dict(params), effects)
+
+
+def eqn_with_effects_of_jaxprs(eqn: JaxprEqn, *jaxprs: Any) -> JaxprEqn:
+    """Recompute a higher-order equation's effects from its (rewritten) sub-jaxprs."""
+    effs = _core.join_effects(*(j.effects for j in jaxprs)) if jaxprs else _core.no_effects
+    return eqn.replace(effects=effs)
+
+
+def name_stack(eqn: JaxprEqn) -> str:
+    """The ``jax.named_scope`` path of an equation, e.g. ``'blocks/attn2/to_k'``."""
+    try:
+        return str(eqn.source_info.name_stack)
+    except Exception:
+        return ""
+
+
+def source_line(eqn: JaxprEqn) -> str:
+    """``file.py:123`` of the user frame that created the equation, or ``''``."""
+    try:
+        frame = _siu.user_frame(eqn.source_info.traceback)
+    except Exception:
+        frame = None
+    if frame is None:
+        return ""
+    import os
+
+    return f"{os.path.basename(frame.file_name)}:{frame.start_line}"
+
+
+def subjaxprs_of(eqn: JaxprEqn) -> list[Any]:
+    """Every jaxpr in an equation's params (closed or open)."""
+    return list(jex.jaxprs_in_params(eqn.params))
+
+
+def aval_of(atom: Any) -> Any:
+    return atom.aval
+
+
+def stacked_aval(aval: Any, length: int) -> Any:
+    """The aval of ``length`` copies of ``aval`` stacked on a new leading axis (a scan's ys)."""
+    return _core.unmapped_leading_aval(length, aval)
+
+
+def unspecified_sharding() -> Any:
+    from jax._src.sharding_impls import UNSPECIFIED  # type: ignore
+
+    return UNSPECIFIED
+
+
+def extend_call_params(name: str, params: dict, n_new: int) -> dict:
+    """Params of a call-like equation (``jit``, ``closed_call``, ``remat2``) given ``n_new`` extra inputs."""
+    new = dict(params)
+    if name in ("jit", "pjit"):
+        new["in_shardings"] = tuple(params["in_shardings"]) + (unspecified_sharding(),) * n_new
+        if "in_layouts" in params:
+            new["in_layouts"] = tuple(params["in_layouts"]) + (None,) * n_new
+        if "donated_invars" in params:
+            new["donated_invars"] = tuple(params["donated_invars"]) + (False,) * n_new
+    return new

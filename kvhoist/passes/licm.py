@@ -1,0 +1,467 @@
+"""Loop-invariant code motion over jaxprs, with loop fission and speculation out of conds.
+
+The pass visits every loop (``scan``, ``while``), innermost first, so that a value hoisted out of an
+inner loop can keep rising out of the outer one (MLIR LICM's order). For each loop body it
+
+1. marks the body inputs that are the same in every iteration (consts, passed-through carries),
+2. walks the body; an equation is invariant when it is pure and all its inputs are invariant
+   (:mod:`kvhoist.analysis.invariance`); a higher-order equation with *some* invariant inputs is
+   offered to its rule, which may split it (:mod:`kvhoist.rules`): a nested ``scan`` is fissioned
+   into a scan of the invariant part (stacked per inner iteration) and the rest, a ``cond`` has its
+   branches' invariant work speculated in front of it, a ``jit``/``remat``/``closed_call`` has its
+   invariant part lifted out of the call,
+3. selects what to move: every invariant equation that does real work (not a shape-only op) plus
+   what it needs; cheap shape-only ops follow only when they feed from that work and do not grow the
+   data; a ``max_cache_bytes`` budget keeps the most FLOPs per cached byte,
+4. moves the selection in front of the loop and passes the values the body still needs in as new
+   loop consts.
+
+Nothing with effects moves, and nothing moves across an effect in a way that changes how often it
+runs: effectful equations stay where they are; only pure work is moved or speculated.
+
+Example:
+    >>> closed = jax.make_jaxpr(sampler)(params, x, ctx)
+    >>> new_closed, report = kvhoist.licm(closed)
+    >>> print(report.table())
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import networkx as nx
+
+from kvhoist import compat
+from kvhoist.analysis import cost
+from kvhoist.analysis.invariance import atom_invariant, movable
+from kvhoist.ir import Block, aval_bytes, is_var, producers
+from kvhoist.report import HoistedValue, Note, Report, Skipped
+
+
+@dataclasses.dataclass
+class LoopInfo:
+    """A loop being optimised: for reports and trip-count arithmetic."""
+
+    kind: str
+    trip_count: int | None
+    where: str
+
+    def describe(self) -> str:
+        n = "?" if self.trip_count is None else str(self.trip_count)
+        return f"{self.kind}(length={n})" + (f" at {self.where}" if self.where else "")
+
+
+@dataclasses.dataclass
+class Split:
+    """A rule's answer to "take the invariant part out of this equation".
+
+    ``pre`` are invariant equations (all inputs invariant in the enclosing scope) computed in front of
+    ``post``, which replaces the original equation and reads their results. ``kind`` names the
+    rewrite ('fission', 'speculation', 'call') and ``note`` says what was done.
+    """
+
+    pre: list
+    post: list
+    kind: str
+    note: str = ""
+    extra_bytes: int = 0
+
+
+@dataclasses.dataclass
+class Extraction:
+    """The invariant part of a block, ready to be moved one scope out."""
+
+    hoisted: list                 # equations to move, in order; read only `used_invars`, literals, each other
+    residual: list                # equations that stay
+    crossing: list                # variables defined by `hoisted` that the residual block still needs
+    used_invars: list             # the block's (invariant) inputs that `hoisted` reads
+    via: dict                     # crossing var -> tuple of rewrite kinds that produced it
+
+    @property
+    def empty(self) -> bool:
+        return not self.hoisted
+
+
+class PassError(RuntimeError):
+    """A rewrite produced an ill-typed jaxpr (a kvhoist bug): never returned to the user."""
+
+
+class Licm:
+    """One run of the LICM pass. Create, call :meth:`run`, read :attr:`report`."""
+
+    def __init__(self, *, max_cache_bytes: int | None = None, min_flops: int = 1):
+        self.max_cache_bytes = max_cache_bytes
+        self.budget_left = max_cache_bytes
+        self.min_flops = min_flops
+        self.report = Report()
+        self.loops: list[LoopInfo] = []
+        self._charged: set = set()
+
+    # -- entry points ------------------------------------------------------------------------
+    def run(self, closed: Any) -> tuple[Any, Report]:
+        from kvhoist import rules  # noqa: F401  (registers the rules)
+
+        constvars, consts, invars, outvars, eqns = compat.split_closed(closed)
+        block = Block(list(constvars) + list(invars), list(outvars), list(eqns))
+        block = self.optimize_block(block)
+        new = compat.make_closed(constvars, consts, invars, block.outvars, block.eqns)
+        try:
+            compat.check(new)
+        except Exception as err:  # pragma: no cover - a bug in a rule; never hand it out
+            raise PassError(f"kvhoist produced an ill-typed jaxpr; please report this: {err}") from err
+        self.report.total_flops_before = cost.jaxpr_flops_run(closed)
+        self.report.total_flops_after = cost.jaxpr_flops_run(new)
+        return new, self.report
+
+    def optimize_block(self, block: Block) -> Block:
+        """Optimise every loop in ``block`` (recursively); top-level equations do not move."""
+        from kvhoist.rules import get_rule
+
+        eqns = []
+        for e in block.eqns:
+            rule = get_rule(e)
+            eqns.extend(rule.optimize(e, self) if rule is not None else [e])
+        return Block(block.invars, block.outvars, eqns)
+
+    def optimize_sub(self, j: Any) -> Any:
+        """Optimise the loops inside a sub-jaxpr, returning the same kind of jaxpr."""
+        block = Block.from_jaxpr(j)
+        if block is None:
+            return j
+        return self.optimize_block(block).like(j)
+
+    @contextlib.contextmanager
+    def in_loop(self, info: LoopInfo):
+        self.loops.append(info)
+        try:
+            yield
+        finally:
+            self.loops.pop()
+
+    def note(self, kind: str, message: str, nbytes: int = 0) -> None:
+        self.report.notes.append(Note(kind, message, nbytes))
+
+    # -- the analysis + selection core -----------------------------------------------------------
+    def extract(self, block: Block, invariant_invars: Iterable, *,
+                carry_pairs: Sequence = (), charge: bool = False) -> Extraction:
+        """Find, split out and select the invariant part of ``block``.
+
+        Args:
+          block: a loop body (or a branch / call body inside one).
+          invariant_invars: the block inputs that are the same in every iteration of the loop.
+          carry_pairs: ``(carry_in, carry_out)`` of a nested scan's outer-invariant carries; when the
+            selection reads ``carry_in`` it must also compute ``carry_out`` (fission needs both).
+          charge: this extraction moves values across a loop boundary (they become a cache): apply
+            the ``max_cache_bytes`` budget and record :class:`HoistedValue` entries.
+        Returns:
+          The :class:`Extraction` (possibly empty).
+        """
+        from kvhoist.rules import get_rule
+
+        inv_in = set(invariant_invars)
+        inv = set(inv_in)
+        eqns: list = []
+        invariant_idx: set = set()
+        units: list = []            # (original eqn, pre indices, post index, Split)
+        work = collections.deque(block.eqns)
+        while work:
+            e = work.popleft()
+            if movable(e) and all(atom_invariant(a, inv) for a in e.invars):
+                invariant_idx.add(len(eqns))
+                eqns.append(e)
+                inv.update(v for v in e.outvars if is_var(v))
+                continue
+            rule = get_rule(e)
+            mask = [atom_invariant(a, inv) for a in e.invars]
+            split = None
+            if rule is not None and any(mask) and any(is_var(a) for a, m in zip(e.invars, mask) if m):
+                split = rule.split(e, mask, self)
+            if split is None:
+                eqns.append(e)
+                continue
+            pre_idx = list(range(len(eqns), len(eqns) + len(split.pre)))
+            for p in split.pre:
+                invariant_idx.add(len(eqns))
+                eqns.append(p)
+                inv.update(v for v in p.outvars if is_var(v))
+            post_idx = list(range(len(eqns), len(eqns) + len(split.post)))
+            eqns.extend(split.post)
+            units.append((e, pre_idx, post_idx, split))
+
+        selected = self._select(eqns, invariant_idx, inv_in, units, carry_pairs, block.outvars)
+        if charge and self.max_cache_bytes is not None and selected:
+            selected = self._apply_budget(eqns, selected, block.outvars)
+        # Undo splits whose invariant part is not moved: the original equation is never worse.
+        kept_units = []
+        for unit in units:
+            orig, pre_idx, post_idx, split = unit
+            if any(i in selected for i in pre_idx):
+                kept_units.append(unit)
+                self.note(split.kind, split.note, split.extra_bytes)
+            else:
+                for i in pre_idx:
+                    eqns[i] = None
+                eqns[post_idx[0]] = orig
+                for i in post_idx[1:]:
+                    eqns[i] = None
+        hoisted = [eqns[i] for i in sorted(selected)]
+        residual = [e for i, e in enumerate(eqns) if e is not None and i not in selected]
+        defined = {v for e in hoisted for v in e.outvars if is_var(v)}
+        needed = set()
+        for e in residual:
+            needed.update(a for a in e.invars if is_var(a))
+        needed.update(a for a in block.outvars if is_var(a))
+        crossing = [v for e in hoisted for v in e.outvars if is_var(v) and v in needed]
+        read = {a for e in hoisted for a in e.invars if is_var(a)}
+        used_invars = [v for v in block.invars if v in read]
+        assert not (read - defined - inv_in), "hoisted equations read a variant value"
+        via = self._via(hoisted, crossing, kept_units, eqns)
+        ext = Extraction(hoisted, residual, crossing, used_invars, via)
+        if charge and not ext.empty:
+            self._record(ext)
+        return ext
+
+    def _select(self, eqns, invariant_idx, inv_in, units, carry_pairs, block_outvars) -> set:
+        prod = producers([e if e is not None else _NOOP for e in eqns])
+        selected: set = set()
+
+        def close(start: Iterable[int]) -> None:
+            stack = list(start)
+            while stack:
+                k = stack.pop()
+                if k in selected:
+                    continue
+                assert k in invariant_idx
+                selected.add(k)
+                for a in eqns[k].invars:
+                    if is_var(a) and a in prod and prod[a] not in selected:
+                        stack.append(prod[a])
+
+        seeds = [k for k in sorted(invariant_idx)
+                 if not cost.is_shape_only(eqns[k]) and cost.eqn_flops(eqns[k]) >= self.min_flops]
+        close(seeds)
+        # A split is all-or-nothing: its pre-equations only make sense together.
+        for _orig, pre_idx, _post, _split in units:
+            if any(i in selected for i in pre_idx):
+                close(pre_idx)
+        # Cheap shape-only ops follow the hoisted work when they do not grow the data (the cache
+        # then holds e.g. K already split into heads instead of re-splitting it every iteration).
+        changed = True
+        while changed:
+            changed = False
+            for k in sorted(invariant_idx - selected):
+                e = eqns[k]
+                ins = [a for a in e.invars if is_var(a)]
+                from_sel = [a for a in ins if a in prod and prod[a] in selected]
+                if not from_sel:
+                    continue
+                if not all(a in inv_in or (a in prod and prod[a] in selected) for a in ins):
+                    continue
+                if cost.out_bytes(e) <= sum(aval_bytes(a.aval) for a in from_sel):
+                    selected.add(k)
+                    changed = True
+        # Fission: a hoisted part that reads an (outer-invariant) carry must also update it.
+        changed = bool(carry_pairs)
+        while changed:
+            changed = False
+            read = {a for k in selected for a in eqns[k].invars if is_var(a)}
+            for cin, cout in carry_pairs:
+                if cin in read and is_var(cout) and cout in prod and prod[cout] not in selected:
+                    close([prod[cout]])
+                    changed = True
+        return selected
+
+    def _apply_budget(self, eqns, selected: set, block_outvars) -> set:
+        """Keep the groups of hoisted work with the most FLOPs per cached byte within the budget."""
+        idx = sorted(selected)
+        g = nx.Graph()
+        g.add_nodes_from(idx)
+        prod = producers([eqns[k] for k in idx])
+        pos = {i: k for i, k in enumerate(idx)}
+        for k in idx:
+            for a in eqns[k].invars:
+                if is_var(a) and a in prod:
+                    g.add_edge(pos[prod[a]], k)
+        needed = set()
+        for i, e in enumerate(eqns):
+            if e is not None and i not in selected:
+                needed.update(a for a in e.invars if is_var(a))
+        needed.update(a for a in block_outvars if is_var(a))
+        groups = []
+        for comp in nx.connected_components(g):
+            comp = sorted(comp)
+            cross = [v for k in comp for v in eqns[k].outvars if is_var(v) and v in needed]
+            nbytes = sum(aval_bytes(v.aval) for v in cross if v not in self._charged)
+            flops = sum(cost.eqn_flops(eqns[k]) for k in comp)
+            groups.append((flops / max(nbytes, 1), comp, cross, nbytes, flops))
+        groups.sort(key=lambda t: -t[0])
+        keep: set = set()
+        for _value, comp, cross, nbytes, flops in groups:
+            if nbytes <= self.budget_left:
+                self.budget_left -= nbytes
+                self._charged.update(cross)
+                keep.update(comp)
+            else:
+                name, src = _describe(max((eqns[k] for k in comp), key=cost.eqn_flops))
+                self.report.skipped.append(Skipped(
+                    name, src,
+                    f"over the max_cache_bytes budget: needs {nbytes} bytes, {self.budget_left} left",
+                    nbytes, flops, self.loops[-1].describe() if self.loops else ""))
+        return keep
+
+    def _via(self, hoisted, crossing, kept_units, eqns) -> dict:
+        kinds_of_eqn = {}
+        for _orig, pre_idx, _post, split in kept_units:
+            for i in pre_idx:
+                kinds_of_eqn[id(eqns[i])] = split.kind
+        prod = producers(hoisted)
+        via = {}
+        for v in crossing:
+            kinds = set()
+            stack, seen = [prod[v]], set()
+            while stack:
+                k = stack.pop()
+                if k in seen:
+                    continue
+                seen.add(k)
+                e = hoisted[k]
+                if id(e) in kinds_of_eqn:
+                    kinds.add(kinds_of_eqn[id(e)])
+                kinds.update(getattr(e, "_kvhoist_via", ()))
+                stack.extend(prod[a] for a in e.invars if is_var(a) and a in prod)
+            via[v] = ("licm",) + tuple(sorted(kinds))
+        return via
+
+    def _record(self, ext: Extraction) -> None:
+        loop = self.loops[-1] if self.loops else LoopInfo("loop", None, "")
+        outer = 1
+        for info in self.loops[:-1]:
+            outer = None if (outer is None or info.trip_count is None) else outer * info.trip_count
+        prod = producers(ext.hoisted)
+        claimed: set = set()
+        for v in ext.crossing:
+            flops, prims, best = _provenance(ext.hoisted, prod, v, claimed)
+            name, src = _describe_deep(best) if best is not None else ("", "")
+            trips = loop.trip_count
+            saved = None if (trips is None or outer is None) else flops * max(trips - 1, 0) * outer
+            self.report.hoisted.append(HoistedValue(
+                name=name or "(unnamed)", source=src, shape=tuple(int(d) for d in v.aval.shape),
+                dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
+                trip_count=trips, flops_saved=saved, loop=loop.describe(), via=ext.via.get(v, ("licm",)),
+                primitives=prims))
+
+
+class _Noop:
+    outvars: list = []
+    invars: list = []
+
+
+_NOOP = _Noop()
+
+
+def _provenance(hoisted, prod, v, claimed: set):
+    """FLOPs, primitive counts and the most expensive equation behind ``v`` (each eqn counted once)."""
+    flops = 0
+    prims: dict = {}
+    best, best_flops = None, -1
+    stack, seen = [prod[v]], set()
+    while stack:
+        k = stack.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        e = hoisted[k]
+        part = _scan_output_part(e, v) if k == prod[v] else None
+        if part is not None:
+            # One stacked output of a fissioned scan: charge only the body work behind it.
+            f, p, b = part
+            if (k, id(v)) not in claimed:
+                claimed.add((k, id(v)))
+                flops += f
+                for name, n in p.items():
+                    prims[name] = prims.get(name, 0) + n
+            best_eqn, f_best = b, f
+        else:
+            f = cost.eqn_flops(e)
+            if k not in claimed:
+                claimed.add(k)
+                flops += f
+                for name, n in cost.primitive_counts(e).items():
+                    prims[name] = prims.get(name, 0) + n
+            best_eqn, f_best = e, f
+        if f_best > best_flops:
+            best, best_flops = best_eqn, f_best
+        stack.extend(prod[a] for a in e.invars if is_var(a) and a in prod)
+    return flops, prims, best
+
+
+def _scan_output_part(eqn, v):
+    """(FLOPs, primitive counts, main equation) of the body work behind one ys output of a scan."""
+    if eqn.primitive.name != "scan":
+        return None
+    nc, nk = compat.scan_arity(eqn.params)
+    try:
+        i = next(i for i, o in enumerate(eqn.outvars) if o is v)
+    except StopIteration:
+        return None
+    _cv, _c, _iv, outvars, body = compat.split_closed(eqn.params["jaxpr"])
+    bprod = producers(body)
+    target = outvars[i]
+    if not is_var(target) or target not in bprod:
+        return 0, {}, None
+    length = int(eqn.params["length"])
+    flops, prims, best, best_f = 0, {}, None, -1
+    stack, seen = [bprod[target]], set()
+    while stack:
+        k = stack.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        e = body[k]
+        f = cost.eqn_flops(e)
+        flops += f
+        for name, n in cost.primitive_counts(e).items():
+            prims[name] = prims.get(name, 0) + n * length
+        if f > best_f:
+            best, best_f = e, f
+        stack.extend(bprod[a] for a in e.invars if is_var(a) and a in bprod)
+    return flops * length, prims, best
+
+
+def _describe(eqn) -> tuple[str, str]:
+    return compat.name_stack(eqn) or eqn.primitive.name, compat.source_line(eqn)
+
+
+def _describe_deep(eqn) -> tuple[str, str]:
+    """Name the most expensive leaf equation under ``eqn`` (inside a fissioned scan, say)."""
+    while True:
+        subs = compat.subjaxprs_of(eqn)
+        if not subs:
+            return _describe(eqn)
+        inner = []
+        for s in subs:
+            inner.extend(compat.split_closed(s)[4])
+        if not inner:
+            return _describe(eqn)
+        eqn = max(inner, key=cost.eqn_flops)
+
+
+def licm(closed_jaxpr: Any, *, max_cache_bytes: int | None = None) -> tuple[Any, Report]:
+    """Hoist loop-invariant work out of every loop of ``closed_jaxpr``.
+
+    Args:
+      closed_jaxpr: e.g. from ``jax.make_jaxpr(fun)(*args)``.
+      max_cache_bytes: optional budget for the bytes of hoisted values; the most valuable hoists
+        (FLOPs saved per byte) are kept, the rest reported in ``report.skipped``.
+    Returns:
+      ``(new_closed_jaxpr, report)``; the new jaxpr computes the same outputs from the same inputs.
+
+    Example:
+      >>> closed = jax.make_jaxpr(f)(w, x)
+      >>> new, report = licm(closed)
+      >>> jax.extend.core.jaxpr_as_fun(new)(w, x)  # same values as f(w, x)
+    """
+    return Licm(max_cache_bytes=max_cache_bytes).run(closed_jaxpr)

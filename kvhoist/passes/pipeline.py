@@ -1,0 +1,30 @@
+"""The pass pipeline: a short list of named passes run in order.
+
+Order: the layout pass (re-pad image tokens for a target) runs *before* LICM, so that the values
+LICM hoists — the image K/V cache — already have the target's padded length and the cache is built
+once at the right size. Both orders are correct (each pass preserves results on its own); this one
+avoids re-padding a hoisted cache every iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvhoist.report import Report
+
+
+def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = None,
+             hoist: bool = True) -> tuple[Any, Report]:
+    """Run the kvhoist pipeline on a closed jaxpr; returns ``(new_closed, report)``."""
+    report = Report()
+    if target is not None:
+        from kvhoist.passes.layout import repad_tokens
+
+        closed, r = repad_tokens(closed, target)
+        report = report.merge(r)
+    if hoist:
+        from kvhoist.passes.licm import licm
+
+        closed, r = licm(closed, max_cache_bytes=max_cache_bytes)
+        report = report.merge(r)
+    return closed, report

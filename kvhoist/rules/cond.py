@@ -1,0 +1,57 @@
+"""``cond`` / ``switch``: optimise loops inside branches; speculate invariant branch work.
+
+Inside a loop, a ``cond`` whose index changes per iteration (Wan 2.2's expert switch) hides the
+branches' invariant work from XLA. The split computes every branch's invariant work in front of the
+``cond`` — unconditionally, which is *speculation* — and passes the results to all branches (each
+uses its own). Speculation is only proposed while optimising an enclosing loop, so the speculated
+work is then hoisted out of that loop and runs once in total rather than once per iteration; the
+price is memory for every branch's results (both experts' caches), reported as a note.
+
+Safe because only pure equations are speculated, and pure JAX primitives cannot trap.
+"""
+
+from __future__ import annotations
+
+from kvhoist import compat
+from kvhoist.ir import Block, aval_bytes, clone_eqns
+from kvhoist.rules import register
+from kvhoist.rules.common import map_subjaxprs
+
+
+@register("cond")
+class CondRule:
+    def optimize(self, eqn, engine):
+        return [map_subjaxprs(eqn, engine.optimize_sub)]
+
+    def split(self, eqn, mask, engine):
+        from kvhoist.passes.licm import Split
+
+        branches = eqn.params["branches"]
+        ops, opmask = list(eqn.invars[1:]), list(mask[1:])
+        if not any(opmask):
+            return None
+        blocks = [Block.from_jaxpr(b) for b in branches]
+        if any(b is None for b in blocks):
+            return None
+        exts = [engine.extract(b, [v for v, m in zip(b.invars, opmask) if m]) for b in blocks]
+        if all(x.empty for x in exts):
+            return None
+        pre, outer_new = [], []
+        for b, x in zip(blocks, exts):
+            outer_of = {v: o for v, o, m in zip(b.invars, ops, opmask) if m}
+            p, sub = clone_eqns(x.hoisted, outer_of)
+            pre.extend(p)
+            outer_new.append([sub[v] for v in x.crossing])
+        new_branches = []
+        for j, (b, x) in enumerate(zip(blocks, exts)):
+            extra = []
+            for k, xk in enumerate(exts):
+                extra.extend(xk.crossing if k == j else [compat.new_var(v.aval) for v in xk.crossing])
+            new_branches.append(Block(b.invars + extra, b.outvars, x.residual).like(branches[j]))
+        flat_new = [v for vs in outer_new for v in vs]
+        post = eqn.replace(invars=list(eqn.invars) + flat_new,
+                           params={**eqn.params, "branches": tuple(new_branches)})
+        nbytes = sum(aval_bytes(v.aval) for v in flat_new)
+        return Split(pre, [post], "speculation",
+                     f"speculated {len(pre)} invariant equation(s) out of a {len(branches)}-way cond "
+                     f"({nbytes} bytes of results for all branches)", nbytes)

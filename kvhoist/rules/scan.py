@@ -1,0 +1,117 @@
+"""``scan``: hoist invariant work out of the body; fission a nested scan.
+
+*Hoisting* (``optimize``): consts are invariant, xs vary, a carry is invariant when the body passes
+it through unchanged. The body's loops are optimised first (innermost first); then the invariant
+part is moved in front of the scan and its results become new consts.
+
+*Fission* (``split``): the scan sits inside the body of an outer loop and some operands are
+invariant with respect to that outer loop — Wan's layer scan inside the step loop: the layer weights
+(xs) and the text context (a const) do not change between steps. Work in the layer body that depends
+only on such values (the cross-attention K/V projections) differs per layer but not per step. The
+split produces two scans of the same length and direction:
+
+* ``scan_A`` computes that work for every layer and returns it stacked (``[L, ...]``); its operands
+  are all outer-invariant, so the outer loop's LICM then hoists it out entirely;
+* ``scan_B`` is the original scan minus that work, reading the stacked results as extra xs.
+
+Carries of the nested scan that are outer-invariant (a layer counter) are found by a fixpoint
+(:func:`kvhoist.analysis.invariance.outer_invariant_carries`); ``scan_A`` updates its own copies.
+"""
+
+from __future__ import annotations
+
+from kvhoist import compat
+from kvhoist.analysis.invariance import outer_invariant_carries, passthrough_carries
+from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var
+from kvhoist.rules import register
+
+
+def _loop_info(eqn, kind, trips):
+    from kvhoist.passes.licm import LoopInfo
+
+    return LoopInfo(kind, trips, compat.source_line(eqn))
+
+
+@register("scan")
+class ScanRule:
+    def optimize(self, eqn, engine):
+        params = eqn.params
+        body = Block.from_jaxpr(params["jaxpr"])
+        if body is None or not compat.scan_params_supported(params):
+            engine.note("opaque", f"scan at {compat.source_line(eqn)} left alone: its body closes over "
+                        "constants or uses structured (mutable) operands")
+            return [eqn]
+        nc, nk = compat.scan_arity(params)
+        nx = len(eqn.invars) - nc - nk
+        ny = len(eqn.outvars) - nk
+        with engine.in_loop(_loop_info(eqn, "scan", int(params["length"]))):
+            body = engine.optimize_block(body)
+            through = passthrough_carries(body, nc, nk)
+            inv_invars = body.invars[:nc] + [body.invars[nc + k] for k in range(nk) if through[k]]
+            ext = engine.extract(body, inv_invars, charge=True)
+        if ext.empty:
+            new_params = compat.scan_params(params, jaxpr=body.to_closed(), num_consts=nc,
+                                            num_carry=nk, num_xs=nx, num_ys=ny)
+            return [eqn.replace(params=new_params)]
+        outer_of = dict(zip(body.invars[:nc], eqn.invars[:nc]))
+        outer_of.update({body.invars[nc + k]: eqn.invars[nc + k] for k in range(nk) if through[k]})
+        pre, sub = clone_eqns(ext.hoisted, outer_of)
+        new_body = Block(body.invars[:nc] + ext.crossing + body.invars[nc:], body.outvars, ext.residual)
+        new_params = compat.scan_params(params, jaxpr=new_body.to_closed(), num_consts=nc + len(ext.crossing),
+                                        num_carry=nk, num_xs=nx, num_ys=ny)
+        new_eqn = eqn.replace(invars=list(eqn.invars[:nc]) + [sub[v] for v in ext.crossing]
+                              + list(eqn.invars[nc:]), params=new_params)
+        return pre + [new_eqn]
+
+    def split(self, eqn, mask, engine):
+        from kvhoist.passes.licm import Split
+
+        params = eqn.params
+        body = Block.from_jaxpr(params["jaxpr"])
+        if body is None or not compat.scan_params_supported(params):
+            return None
+        nc, nk = compat.scan_arity(params)
+        nx = len(eqn.invars) - nc - nk
+        ny = len(eqn.outvars) - nk
+        length = int(params["length"])
+        consts_b, carry_b, xs_b = body.invars[:nc], body.invars[nc:nc + nk], body.invars[nc + nk:]
+        carry_out = body.outvars[:nk]
+        inv_in = {v for v, m in zip(consts_b, mask[:nc]) if m}
+        inv_in |= {v for v, m in zip(xs_b, mask[nc + nk:]) if m}
+        cinv = outer_invariant_carries(body, inv_in, carry_b, carry_out, mask[nc:nc + nk])
+        inv_carries = [k for k in range(nk) if cinv[k]]
+        inv_all = inv_in | {carry_b[k] for k in inv_carries}
+        ext = engine.extract(body, [v for v in body.invars if v in inv_all],
+                             carry_pairs=[(carry_b[k], carry_out[k]) for k in inv_carries])
+        if ext.empty:
+            return None
+        read = set(ext.used_invars)
+        a_carries = [k for k in inv_carries if carry_b[k] in read]
+        a_carry_outs = [carry_out[k] for k in a_carries]
+        # scan_A's body may also return an invariant input directly (a carry set to a const).
+        direct = {a for a in a_carry_outs if is_var(a) and a in set(body.invars)}
+        a_consts = [k for k, v in enumerate(consts_b) if v in read or v in direct]
+        a_xs = [k for k, v in enumerate(xs_b) if v in read or v in direct]
+        a_body = Block([consts_b[k] for k in a_consts] + [carry_b[k] for k in a_carries]
+                       + [xs_b[k] for k in a_xs],
+                       list(a_carry_outs) + list(ext.crossing), ext.hoisted)
+        # scan_A reuses the body's variables in a new scope; clone so no var is bound twice anywhere.
+        a_eqns, a_sub = clone_eqns(a_body.eqns, {})
+        a_body = Block(a_body.invars, [a_sub.get(v, v) if is_var(v) else v for v in a_body.outvars], a_eqns)
+        stacked = [compat.new_var(compat.stacked_aval(v.aval, length)) for v in ext.crossing]
+        a_operands = ([eqn.invars[k] for k in a_consts] + [eqn.invars[nc + k] for k in a_carries]
+                      + [eqn.invars[nc + nk + k] for k in a_xs])
+        a_params = compat.scan_params(params, jaxpr=a_body.to_closed(), num_consts=len(a_consts),
+                                      num_carry=len(a_carries), num_xs=len(a_xs), num_ys=len(ext.crossing))
+        a_eqn = eqn.replace(invars=a_operands,
+                            outvars=[compat.drop_var(carry_b[k].aval) for k in a_carries] + stacked,
+                            params=a_params, effects=compat.join_effects(a_eqns))
+        b_body = Block(body.invars + list(ext.crossing), body.outvars, ext.residual)
+        b_params = compat.scan_params(params, jaxpr=b_body.to_closed(), num_consts=nc, num_carry=nk,
+                                      num_xs=nx + len(ext.crossing), num_ys=ny)
+        b_eqn = eqn.replace(invars=list(eqn.invars) + stacked, params=b_params)
+        nbytes = sum(aval_bytes(v.aval) for v in stacked)
+        return Split([a_eqn], [b_eqn], "fission",
+                     f"fissioned scan(length={length}) at {compat.source_line(eqn)}: "
+                     f"{len(ext.hoisted)} equation(s) per iteration moved to a separate scan "
+                     f"producing {len(stacked)} stacked value(s), {nbytes} bytes", nbytes)

@@ -1,0 +1,50 @@
+"""``while``: hoist invariant work out of the body.
+
+Body consts are invariant; a carry is invariant when the body passes it through unchanged. The trip
+count is unknown statically (reports say so). ``fori_loop`` with static bounds lowers to ``scan`` and
+is handled there; with traced bounds it lowers to ``while`` and lands here. The ``cond_jaxpr`` is left
+as is (it is typically a comparison). A nested ``while`` inside another loop's body is not fissioned —
+its results cannot be stacked without a static trip count — but moves as a whole when invariant.
+"""
+
+from __future__ import annotations
+
+from kvhoist import compat
+from kvhoist.analysis.invariance import passthrough_carries
+from kvhoist.ir import Block, clone_eqns
+from kvhoist.rules import register
+from kvhoist.rules.common import map_subjaxprs
+
+
+@register("while")
+class WhileRule:
+    def optimize(self, eqn, engine):
+        from kvhoist.passes.licm import LoopInfo
+
+        params = eqn.params
+        body = Block.from_jaxpr(params["body_jaxpr"])
+        if body is None:
+            engine.note("opaque", f"while at {compat.source_line(eqn)} left alone: body closes over constants")
+            return [map_subjaxprs(eqn, engine.optimize_sub)]
+        cn, bn = params["cond_nconsts"], params["body_nconsts"]
+        nk = len(eqn.invars) - cn - bn
+        with engine.in_loop(LoopInfo("while", None, compat.source_line(eqn))):
+            body = engine.optimize_block(body)
+            through = passthrough_carries(body, bn, nk)
+            inv_invars = body.invars[:bn] + [body.invars[bn + k] for k in range(nk) if through[k]]
+            ext = engine.extract(body, inv_invars, charge=True)
+        if ext.empty:
+            return [eqn.replace(params=compat.while_params(params, body_jaxpr=body.like(params["body_jaxpr"]),
+                                                           body_nconsts=bn))]
+        outer_of = dict(zip(body.invars[:bn], eqn.invars[cn:cn + bn]))
+        outer_of.update({body.invars[bn + k]: eqn.invars[cn + bn + k] for k in range(nk) if through[k]})
+        pre, sub = clone_eqns(ext.hoisted, outer_of)
+        new_body = Block(body.invars[:bn] + ext.crossing + body.invars[bn:], body.outvars, ext.residual)
+        new_params = compat.while_params(params, body_jaxpr=new_body.like(params["body_jaxpr"]),
+                                         body_nconsts=bn + len(ext.crossing))
+        new_eqn = eqn.replace(invars=list(eqn.invars[:cn + bn]) + [sub[v] for v in ext.crossing]
+                              + list(eqn.invars[cn + bn:]), params=new_params)
+        return pre + [new_eqn]
+
+    def split(self, eqn, mask, engine):
+        return None
