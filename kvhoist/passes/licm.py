@@ -128,10 +128,15 @@ class Licm:
 
     def optimize_sub(self, j: Any) -> Any:
         """Optimise the loops inside a sub-jaxpr, returning the same kind of jaxpr."""
-        block = Block.from_jaxpr(j)
-        if block is None:
-            return j
-        return self.optimize_block(block).like(j)
+        constvars, consts, invars, outvars, eqns = compat.split_closed(j)
+        if not (constvars or consts):
+            return self.optimize_block(Block(invars, outvars, eqns)).like(j)
+        if not compat.is_closed(j):
+            return j  # an open jaxpr with constvars: nothing binds them here, leave it alone
+        # Closed-over constants are loop-invariant inputs like any other: optimise with them as
+        # leading inputs, then bind them again.
+        block = self.optimize_block(Block(list(constvars) + list(invars), outvars, eqns))
+        return compat.make_closed(constvars, consts, invars, block.outvars, block.eqns)
 
     @contextlib.contextmanager
     def in_loop(self, info: LoopInfo):
@@ -344,7 +349,8 @@ class Licm:
         claimed: set = set()
         for v in ext.crossing:
             flops, prims, best = _provenance(ext.hoisted, prod, v, claimed)
-            name, src = _describe_deep(best) if best is not None else ("", "")
+            nearest = _nearest_work(ext.hoisted, prod, v)
+            name, src = _describe_deep(nearest or best) if (nearest or best) is not None else ("", "")
             trips = loop.trip_count
             saved = None if (trips is None or outer is None) else flops * max(trips - 1, 0) * outer
             self.report.hoisted.append(HoistedValue(
@@ -429,6 +435,25 @@ def _scan_output_part(eqn, v):
             best, best_f = e, f
         stack.extend(bprod[a] for a in e.invars if is_var(a) and a in bprod)
     return flops * length, prims, best
+
+
+def _nearest_work(hoisted, prod, v):
+    """The closest matmul/conv behind ``v`` (breadth first): the value's own projection, not the
+    shared embedder that feeds every layer's projection."""
+    queue, seen = collections.deque([prod[v]]), set()
+    while queue:
+        k = queue.popleft()
+        if k in seen:
+            continue
+        seen.add(k)
+        e = hoisted[k]
+        part = _scan_output_part(e, v) if k == prod[v] else None
+        if part is not None and part[2] is not None:
+            return part[2]
+        if e.primitive.name in cost.COUNTED or (cost.primitive_counts(e) and e.primitive.name != "scan"):
+            return e
+        queue.extend(prod[a] for a in e.invars if is_var(a) and a in prod)
+    return None
 
 
 def _describe(eqn) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from kvhoist import compat
 from kvhoist.analysis.invariance import outer_invariant_carries, passthrough_carries
-from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var
+from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, used_vars
 from kvhoist.rules import register
 
 
@@ -30,6 +30,23 @@ def _loop_info(eqn, kind, trips):
     from kvhoist.passes.licm import LoopInfo
 
     return LoopInfo(kind, trips, compat.source_line(eqn))
+
+
+def prune_scan(eqn):
+    """Drop consts and xs the body no longer reads (e.g. K/V weights after their projection left)."""
+    params = eqn.params
+    nc, nk = compat.scan_arity(params)
+    _cv, _c, invars, outvars, eqns = compat.split_closed(params["jaxpr"])
+    used = used_vars(eqns, outvars)
+    keep = [i for i, v in enumerate(invars) if (nc <= i < nc + nk) or v in used]
+    if len(keep) == len(invars):
+        return eqn
+    new_nc = sum(1 for i in keep if i < nc)
+    new_nx = sum(1 for i in keep if i >= nc + nk)
+    body = Block([invars[i] for i in keep], outvars, eqns)
+    new_params = compat.scan_params(params, jaxpr=body.to_closed(), num_consts=new_nc, num_carry=nk,
+                                    num_xs=new_nx, num_ys=len(eqn.outvars) - nk)
+    return eqn.replace(invars=[eqn.invars[i] for i in keep], params=new_params)
 
 
 @register("scan")
@@ -61,7 +78,7 @@ class ScanRule:
                                         num_carry=nk, num_xs=nx, num_ys=ny)
         new_eqn = eqn.replace(invars=list(eqn.invars[:nc]) + [sub[v] for v in ext.crossing]
                               + list(eqn.invars[nc:]), params=new_params)
-        return pre + [new_eqn]
+        return pre + [prune_scan(new_eqn)]
 
     def split(self, eqn, mask, engine):
         from kvhoist.passes.licm import Split
@@ -109,7 +126,7 @@ class ScanRule:
         b_body = Block(body.invars + list(ext.crossing), body.outvars, ext.residual)
         b_params = compat.scan_params(params, jaxpr=b_body.to_closed(), num_consts=nc, num_carry=nk,
                                       num_xs=nx + len(ext.crossing), num_ys=ny)
-        b_eqn = eqn.replace(invars=list(eqn.invars) + stacked, params=b_params)
+        b_eqn = prune_scan(eqn.replace(invars=list(eqn.invars) + stacked, params=b_params))
         nbytes = sum(aval_bytes(v.aval) for v in stacked)
         return Split([a_eqn], [b_eqn], "fission",
                      f"fissioned scan(length={length}) at {compat.source_line(eqn)}: "
