@@ -174,7 +174,9 @@ class HoistedFunction:
 
 
 def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_argnums=(),
-                     static_argnames=(), max_cache_bytes: int | None = None):
+                     static_argnames=(), max_cache_bytes: int | None = None,
+                     invariant_argnums: int | Sequence[int] | None = None,
+                     invariant_argnames: str | Sequence[str] | None = None):
     """Compile ``fun`` with loop-invariant work hoisted out of its loops.
 
     Usable bare (``@hoist_invariants``) or with options (``@hoist_invariants(target="v6e")``).
@@ -186,8 +188,13 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
         padding is re-aligned to the target's MXU tile (see :func:`kvhoist.repad_tokens`).
       static_argnums, static_argnames: as in ``jax.jit``; static values must be hashable.
       max_cache_bytes: optional budget for the hoisted values' bytes.
+      invariant_argnums, invariant_argnames: host-loop hoisting (docs/host_loop.md): these arguments
+        stay the same across *calls* (weights, prompt/image embeddings). The work that depends only on
+        them runs once per distinct set of them and is cached; later calls run only the rest. Returns a
+        :class:`kvhoist.host.HostHoistedFunction` instead.
     Returns:
-      A :class:`HoistedFunction`; also ``.jaxprs(...)``, ``.report(...)``, ``.lower(...)``.
+      A :class:`HoistedFunction`; also ``.jaxprs(...)``, ``.report(...)``, ``.lower(...)``. With
+      ``invariant_argnums``/``invariant_argnames``: a :class:`kvhoist.host.HostHoistedFunction`.
 
     Example:
       >>> @kvhoist.hoist_invariants(static_argnames=("steps",))
@@ -197,6 +204,13 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
       >>> print(sample.report(model, latents, context, steps=30).table())
     """
     def wrap(f):
+        if invariant_argnums is not None or invariant_argnames is not None:
+            from kvhoist.host import HostHoistedFunction
+
+            return HostHoistedFunction(f, invariant_argnums=invariant_argnums or (),
+                                       invariant_argnames=invariant_argnames or (), target=target,
+                                       static_argnums=static_argnums, static_argnames=static_argnames,
+                                       max_cache_bytes=max_cache_bytes)
         return HoistedFunction(f, target=target, static_argnums=static_argnums,
                                static_argnames=static_argnames, max_cache_bytes=max_cache_bytes)
 
