@@ -1,0 +1,134 @@
+"""The dependence graph of what was hoisted, as Graphviz DOT (and SVG where ``dot`` is installed).
+
+Nodes are the equations that arrived in front of a loop (found as in :func:`kvhoist.diff.moved_marks`),
+the program inputs they read (weights, text embeddings) and the loop that consumes their results.
+A loop created by fission (a scan of only hoisted work) is one node. Matmuls are highlighted.
+
+Example:
+    >>> g = hoisted_graph(before, after)
+    >>> open("kv.dot", "w").write(to_dot(g, title="wan2.1-t2v-14b"))
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+import networkx as nx
+
+from kvhoist import compat
+from kvhoist.diff import LOOPS, _short_type, _walk_eqn, moved_marks
+from kvhoist.ir import dependence_graph, is_var
+
+
+def _hoisted_like(e: Any, marks: dict) -> bool:
+    if id(e) in marks:
+        return True
+    if e.primitive.name not in LOOPS:
+        return False
+    inner = [x for x in _walk_eqn(e) if x is not e]
+    dots = [x for x in inner if x.primitive.name == "dot_general"]
+    return bool(dots) and all(id(x) in marks for x in dots)
+
+
+def _label(e: Any) -> str:
+    name = e.primitive.name
+    if name == "scan":
+        name = f"scan(length={e.params['length']})"
+    outs = ", ".join(_short_type(v.aval) for v in e.outvars[:2]) + (" …" if len(e.outvars) > 2 else "")
+    scope = compat.name_stack(e)
+    return "\\n".join(x for x in (name, scope, outs, compat.source_line(e)) if x)
+
+
+def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
+    """A DiGraph of the hoisted equations, their inputs and their consumers.
+
+    Node attributes: ``label`` (text), ``kind`` (``'hoisted'``, ``'matmul'``, ``'input'``,
+    ``'consumer'``).
+    """
+    _mb, marks = moved_marks(before, after)
+    g = nx.DiGraph()
+    counter = [0]
+
+    def visit(j: Any) -> None:
+        _cv, _c, invars, _ov, eqns = compat.split_closed(j)
+        chosen = [i for i, e in enumerate(eqns) if _hoisted_like(e, marks)]
+        if chosen:
+            add_level(eqns, chosen, set(_cv) | set(invars))
+        for i, e in enumerate(eqns):
+            if i not in chosen:
+                for s in compat.subjaxprs_of(e):
+                    visit(s)
+
+    def add_level(eqns, chosen, level_inputs) -> None:
+        counter[0] += 1
+        lvl = counter[0]
+        dg = dependence_graph(eqns)
+        sel = set(chosen)
+        node = {i: f"L{lvl}e{i}" for i in range(len(eqns))}
+        for i in chosen:
+            e = eqns[i]
+            heavy = any(x.primitive.name in ("dot_general", "conv_general_dilated") for x in _walk_eqn(e))
+            g.add_node(node[i], label=_label(e), kind="matmul" if heavy else "hoisted")
+            for a in e.invars:
+                if is_var(a) and a in level_inputs:
+                    vid = f"L{lvl}v{id(a)}"
+                    g.add_node(vid, label=f"input\\n{_short_type(a.aval)}", kind="input")
+                    g.add_edge(vid, node[i])
+        for i in chosen:
+            for j in dg.successors(i):
+                if j not in sel:
+                    g.add_node(node[j], label=_label(eqns[j]), kind="consumer")
+                g.add_edge(node[i], node[j])
+
+    visit(after)
+    return g
+
+
+_STYLE = {
+    "matmul": 'shape=box style="filled,bold" fillcolor="#ffd27a"',
+    "hoisted": 'shape=box style=filled fillcolor="#fff3b0"',
+    "input": 'shape=ellipse style=filled fillcolor="#e8f0ff"',
+    "consumer": 'shape=box3d style=filled fillcolor="#dddddd"',
+}
+
+
+def to_dot(g: nx.DiGraph, *, title: str = "hoisted") -> str:
+    """Graphviz DOT text for :func:`hoisted_graph`'s result."""
+    out = [f'digraph "{title}" {{', "  rankdir=TB;", '  node [fontname="monospace" fontsize=10];',
+           f'  labelloc=t; label="{title}: what kvhoist hoisted (yellow), its inputs (blue), its consumers (grey)";']
+    for n, attrs in g.nodes(data=True):
+        label = attrs.get("label", n).replace('"', '\\"')
+        out.append(f'  "{n}" [label="{label}" {_STYLE.get(attrs.get("kind"), "")}];')
+    for a, b in g.edges():
+        out.append(f'  "{a}" -> "{b}";')
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def write_graph(g: nx.DiGraph, path: str, *, title: str = "hoisted") -> tuple[str, str]:
+    """Write ``path`` (``.dot``, or ``.svg`` rendered by Graphviz ``dot``).
+
+    Returns ``(written_path, message)``; when ``.svg`` is asked for and ``dot`` is not installed, the
+    DOT text is written to ``path`` with a ``.dot`` suffix instead and the message says so.
+    """
+    text = to_dot(g, title=title)
+    if not path.endswith(".svg"):
+        with open(path, "w") as f:
+            f.write(text)
+        return path, f"wrote {path} ({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)"
+    exe = shutil.which("dot")
+    if exe is None:
+        alt = path[:-4] + ".dot"
+        with open(alt, "w") as f:
+            f.write(text)
+        return alt, (f"Graphviz `dot` is not installed: wrote DOT to {alt} instead of {path} "
+                     f"(render it with `dot -Tsvg {alt} -o {path}`)")
+    proc = subprocess.run([exe, "-Tsvg", "-o", path], input=text, text=True, capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        alt = path[:-4] + ".dot"
+        with open(alt, "w") as f:
+            f.write(text)
+        return alt, f"dot failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}); wrote {alt}"
+    return path, f"wrote {path} ({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)"
