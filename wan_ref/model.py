@@ -442,7 +442,8 @@ class WanModel(nnx.Module):
                 graphdef, state = nnx.split(self.blocks)
 
                 def layer_kv(carry, layer_state):
-                    return carry, nnx.merge(graphdef, layer_state).cross_kv(text, image)
+                    with jax.named_scope("blocks"):
+                        return carry, nnx.merge(graphdef, layer_state).cross_kv(text, image)
 
                 _, (tk, tv, ik, iv) = jax.lax.scan(layer_kv, None, state)
             else:
@@ -461,11 +462,14 @@ class WanModel(nnx.Module):
                 layer_cache = None if cache is None else (cache.text_k, cache.text_v, cache.image_k, cache.image_v)
 
                 def layer(h, xs):
-                    layer_state, kv = xs
-                    block = nnx.merge(graphdef, layer_state)
-                    if kv is None:
-                        kv = block.cross_kv(*context)
-                    return block(h, timestep_proj, rope, kv, image_mask), None
+                    # A scan body starts a fresh name stack; re-enter "blocks" so its equations read
+                    # blocks/attn2/to_k like the unrolled ones (blocks/<i>/attn2/to_k).
+                    with jax.named_scope("blocks"):
+                        layer_state, kv = xs
+                        block = nnx.merge(graphdef, layer_state)
+                        if kv is None:
+                            kv = block.cross_kv(*context)
+                        return block(h, timestep_proj, rope, kv, image_mask), None
 
                 return jax.lax.scan(layer, x, (state, layer_cache))[0]
             for i, block in enumerate(self.blocks):
@@ -543,7 +547,9 @@ class WanModel(nnx.Module):
         padded = -(-true_len // align) * align
         if padded != true_len:
             with jax.named_scope("image_token_pad"):
-                image = jnp.pad(image, ((0, 0), (0, padded - true_len), (0, 0)))
+                # lax.pad (what jnp.pad lowers to) so the jaxpr shows one top-level `pad` equation, not a
+                # pad nested in jnp.pad's jit wrapper.
+                image = jax.lax.pad(image, jnp.zeros((), image.dtype), ((0, 0, 0), (0, padded - true_len, 0), (0, 0, 0)))
         return image, self._image_mask(padded, true_len)
 
     def _check_latents(self, x) -> tuple[int, int, int]:
