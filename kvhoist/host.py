@@ -443,7 +443,7 @@ class HostHoistedFunction:
         var_position = {v: i for i, v in enumerate(var_vars)}
 
         # PROLOGUE: invariant leaves (and constants) -> the values the step still needs.
-        read = {a for e in ext.hoisted for a in e.invars if a in const_of or a in position}
+        read = set(ext.used_invars)  # the block inputs (constants, invariant leaves) the prologue reads
         pro_consts = [v for v in constvars if v in read]
         pro_inv = [v for v in inv_vars if v in read]
         prologue = compat.make_closed(pro_consts, [const_of[v] for v in pro_consts], pro_inv,

@@ -29,7 +29,7 @@ import numpy as np
 
 from wan_ref.schedulers import SCHEDULERS, AnyScheduler, make_scheduler
 
-__all__ = ["LOOPS", "sample"]
+__all__ = ["LOOPS", "one_step", "sample"]
 
 LOOPS: tuple[str, ...] = ("scan", "fori", "python")
 """Loop forms accepted by `sample(loop=...)`."""
@@ -209,8 +209,22 @@ def _one_step(plan: _Plan, expert: _Expert, shared: _Shared, latents: jax.Array,
 _one_step_jit = jax.jit(_one_step, static_argnames=("plan",))
 
 
+# --- hook for host-loop hoisting (kvhoist issue 6): `sample(..., loop="python", step_fn=...)` -------------
+def one_step(plan: Any, expert: Any, shared: Any, latents: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+    """The Python loop's step, undecorated: `(latents, state) -> (latents, state)` for one expert.
+
+    `plan` is static (hashable); `expert` (model, guidance scale, image embeddings, cache) and `shared`
+    (CFG context, condition, mask) are the same in every call of one `sample` run; `latents` and `state`
+    change. Wrap it and pass it as `sample(..., loop="python", step_fn=...)`, e.g.
+    `kvhoist.hoist_invariants(one_step, static_argnames=("plan",), invariant_argnames=("expert", "shared"))`.
+    The default step is `jax.jit(one_step, static_argnames=("plan",))`.
+    """
+    return _one_step(plan, expert, shared, latents, state)
+# ---------------------------------------------------------------------------------------------------------
+
+
 def _python_loop(plan: _Plan, models, guidance, latents, prompt_embeds, negative_prompt_embeds, image_embeds,
-                 condition):
+                 condition, step_fn=None):
     per_expert, shared = _prepare_jit(plan, models, prompt_embeds, negative_prompt_embeds, image_embeds,
                                       condition, latents)
     experts = _experts(models, guidance, per_expert)
@@ -219,7 +233,7 @@ def _python_loop(plan: _Plan, models, guidance, latents, prompt_embeds, negative
     state = plan.scheduler.init(latents)
     for i in range(plan.scheduler.num_inference_steps):
         expert = experts[0] if plan.first_expert is None or plan.first_expert[i] else experts[1]
-        latents, state = _one_step_jit(step_plan, expert, shared, latents, state)
+        latents, state = (_one_step_jit if step_fn is None else step_fn)(step_plan, expert, shared, latents, state)
     return _finish_jit(plan, shared, latents)
 
 
@@ -246,6 +260,7 @@ def sample(
     expand_timesteps: bool = False,
     loop: LoopName = "scan",
     kv_cache: bool = False,
+    step_fn: Any | None = None,
 ) -> jax.Array:
     """Denoises `latents` with a Wan transformer, as diffusers' Wan pipelines with `output_type="latent"`.
 
@@ -275,6 +290,11 @@ def sample(
         one jitted step; for eager use). All three give the same numbers.
       kv_cache: compute each expert's cross-attention K/V once before the loop (`model.compute_kv_cache`)
         instead of in every forward. Same numbers.
+      step_fn: `loop="python"` only: the compiled step to call, with the signature of `one_step`
+        (`step_fn(plan, expert, shared, latents, state)`, `plan` passed positionally and static); default
+        `jax.jit(one_step, static_argnames=("plan",))`. Pass a `kvhoist.hoist_invariants(one_step, ...)` with
+        `invariant_argnames=("expert", "shared")` to compute the text/image K/V once per expert (host-loop
+        hoisting, docs/host_loop.md). Reuse one wrapped step across calls: it caches its compiled programs.
 
     Returns:
       The denoised latents, [B, z, F, H, W] float32.
@@ -366,6 +386,8 @@ def sample(
     latents = latents.astype(jnp.float32)  # diffusers prepares latents in float32 whatever the model dtype
     negative = negative_prompt_embeds if cfg else None
     args = (models, guidance, latents, prompt_embeds, negative, image_embeds, condition)
+    if step_fn is not None and loop != "python":
+        raise ValueError(f"step_fn is only used by loop='python' (got loop={loop!r}); pass loop='python'")
     if loop == "python":
-        return _python_loop(plan, *args)
+        return _python_loop(plan, *args, step_fn=step_fn)
     return _traced_loop_jit(plan, loop, *args)

@@ -1,0 +1,276 @@
+"""Host-loop hoisting (kvhoist.host): a Python loop calling a step whose invariant work is cached.
+
+Each wan_ref test asserts both facts: the latents equal the undecorated Python-loop sampler's, and the
+step's jaxpr holds no cross-attention K/V projection (they moved to the prologue). Small hand-written
+functions test the cache's identity rules. Tiny shapes: the whole file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvhoist
+from kvhoist import compat
+from kvhoist.host import HostHoistedFunction, StaleHandleError
+from wan_ref import WanModel, get_preset
+from wan_ref.sample import one_step, sample
+
+TOL = 1e-5
+KV_NAMES = ("to_k", "to_v", "add_k_proj", "add_v_proj")
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _dots(closed, pred) -> int:
+    """dot_generals (recursively, inside scans/conds/calls) whose name stack satisfies ``pred``."""
+    n = 0
+    for e in compat.split_closed(closed)[4]:
+        if e.primitive.name == "dot_general" and pred(compat.name_stack(e)):
+            n += 1
+        for sub in compat.subjaxprs_of(e):
+            n += _dots(sub, pred)
+    return n
+
+
+def _cross_kv(name: str) -> bool:
+    # Self-attention (attn1) K/V read the latents and must stay; cross-attention's read only the context.
+    return any(k in name for k in KV_NAMES) and "attn1" not in name
+
+
+# ------------------------------------------------------------------------------------- wan_ref
+
+
+@functools.lru_cache(maxsize=None)
+def _models(name: str):
+    preset = get_preset(name)
+    model = WanModel(preset.config, rngs=nnx.Rngs(0))
+    model_2 = WanModel(preset.config_2, rngs=nnx.Rngs(1)) if preset.config_2 is not None else None
+    return model, model_2
+
+
+def _inputs(name: str, seed: int = 0) -> tuple[tuple, dict]:
+    preset = get_preset(name)
+    cfg = preset.config
+    rng = np.random.default_rng(seed)
+
+    def randn(*s):
+        return jnp.asarray(rng.standard_normal(s).astype(np.float32))
+
+    text_len = 512 if cfg.image_dim is not None else 8
+    latents = randn(1, 4, 2, 4, 4)
+    pe, npe = randn(1, text_len, cfg.text_dim), randn(1, text_len, cfg.text_dim)
+    kw = dict(num_inference_steps=4, guidance_scale=preset.guidance_scale, flow_shift=preset.flow_shift,
+              loop="python")
+    model, model_2 = _models(name)
+    if model_2 is not None:
+        kw.update(model_2=model_2, boundary_ratio=preset.boundary_ratio, guidance_scale_2=preset.guidance_scale_2)
+    if cfg.image_dim is not None:
+        mask = jnp.zeros((1, 4, 2, 4, 4)).at[:, :, 0].set(1)
+        kw.update(image_embeds=randn(1, 5, cfg.image_dim),
+                  condition=jnp.concatenate([mask, randn(1, cfg.in_channels - 8, 2, 4, 4)], axis=1))
+    return (model, latents, pe, npe), kw
+
+
+def _hoisted_step() -> HostHoistedFunction:
+    return kvhoist.hoist_invariants(one_step, static_argnames=("plan",), invariant_argnames=("expert", "shared"))
+
+
+class _Spy:
+    """Records the arguments of the first call, so the test can ask for that signature's jaxprs."""
+
+    def __init__(self, fn):
+        self.fn, self.first = fn, None
+
+    def __call__(self, *args, **kwargs):
+        if self.first is None:
+            self.first = (args, kwargs)
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name,experts", [("tiny-t2v", 1), ("tiny-i2v", 1), ("tiny-t2v-a14b", 2)])
+def test_wan_python_loop_same_latents_and_no_kv_in_step(name, experts):
+    args, kw = _inputs(name)
+    ref = sample(*args, **kw)
+    step = _hoisted_step()
+    spy = _Spy(step)
+    got = sample(*args, step_fn=spy, **kw)
+    assert _rel(got, ref) <= TOL
+    # One prologue per expert (the Wan 2.2 experts share one compiled program), the rest cache hits.
+    info = step.cache_info()
+    assert (info.misses, info.hits, info.programs) == (experts, 4 - experts, 1)
+    before, prologue, step_jaxpr = step.jaxprs(*spy.first[0], **spy.first[1])
+    assert _dots(before, _cross_kv) > 0
+    assert _dots(prologue, _cross_kv) == _dots(before, _cross_kv)
+    assert _dots(step_jaxpr, _cross_kv) == 0
+    assert _dots(step_jaxpr, lambda n: "attn1/to_k" in n) > 0  # self-attention K stays in the step
+    report = step.report(*spy.first[0], **spy.first[1])
+    assert report.find("attn2/to_k") and report.cache_bytes > 0
+    if name == "tiny-i2v":
+        assert report.find("add_k_proj")
+
+
+def test_wan_new_prompt_reruns_prologue_and_is_correct():
+    args, kw = _inputs("tiny-t2v")
+    step = _hoisted_step()
+    first = sample(*args, step_fn=step, **kw)
+    assert step.prologue_runs == 1
+    (model, latents, _pe, _npe), _ = _inputs("tiny-t2v", seed=1)
+    new_args = (args[0], args[1], _pe, _npe)
+    got = sample(*new_args, step_fn=step, **kw)
+    assert step.prologue_runs == 2
+    ref = sample(*new_args, **kw)
+    assert _rel(got, ref) <= TOL
+    assert _rel(got, first) > 1e-3  # a stale cache would have returned (close to) the first result
+    assert step.cache_info().programs == 1
+
+
+def test_sample_rejects_step_fn_outside_python_loop():
+    args, kw = _inputs("tiny-t2v")
+    kw["loop"] = "scan"
+    with pytest.raises(ValueError, match="step_fn is only used by loop='python'"):
+        sample(*args, step_fn=_hoisted_step(), **kw)
+
+
+# ------------------------------------------------------------------- small functions: identity
+
+
+def _f(w, ctx, x):
+    kv = jnp.tanh(ctx @ w)          # invariant: depends on w and ctx only
+    return x @ kv.T + x.sum()
+
+
+def _fresh(seed=0):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+    return w, ctx, x
+
+
+def test_small_function_prologue_and_step():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    np.testing.assert_allclose(f(w, ctx, x), _f(w, ctx, x), rtol=1e-6)
+    np.testing.assert_allclose(f(w, ctx, x + 1), _f(w, ctx, x + 1), rtol=1e-6)
+    assert f.prologue_runs == 1 and f.cache_info().hits == 1
+    _before, prologue, step = f.jaxprs(w, ctx, x)
+    assert _dots(prologue, lambda n: True) == 1 and _dots(step, lambda n: True) == 1
+    prims = {e.primitive.name for e in compat.split_closed(step)[4]}
+    assert "tanh" not in prims
+    assert f.cache_bytes == 32 * 16 * 4
+
+
+def test_new_invariant_array_recomputes_and_equal_values_are_not_trusted():
+    f = kvhoist.hoist_invariants(_f, invariant_argnames=("w", "ctx"))
+    w, ctx, x = _fresh()
+    f(w, ctx, x)
+    ctx2 = ctx * 2
+    np.testing.assert_allclose(f(w, ctx2, x), _f(w, ctx2, x), rtol=1e-6)
+    f(w, ctx + 0, x)  # equal values, different object: recomputed (identity, not value, is the key)
+    assert f.prologue_runs == 3
+
+
+def test_dead_arrays_are_evicted_and_lru_is_bounded():
+    f = HostHoistedFunction(_f, invariant_argnums=(0, 1), max_cache_entries=2)
+    w, ctx, x = _fresh()
+    tmp = ctx * 3
+    f(w, tmp, x)
+    assert f.cache_info().entries == 1
+    del tmp
+    gc.collect()
+    assert f.cache_info().entries == 0  # the weakref callback dropped the entry with its argument
+    ctxs = [ctx + i for i in range(4)]
+    for c in ctxs:
+        f(w, c, x)
+    assert f.cache_info().entries == 2
+    f(w, ctxs[-1], x)
+    assert f.cache_info().hits == 1
+    f.clear_cache()
+    assert f.cache_info().entries == 0 and f.cache_bytes == 0 and f.cache_info().programs == 0
+
+
+def test_mutated_numpy_invariant_is_detected():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    ctx_np = np.array(ctx)
+    f(w, ctx_np, x)
+    ctx_np[0, 0] += 10.0
+    np.testing.assert_allclose(f(w, ctx_np, x), _f(w, jnp.asarray(ctx_np), x), rtol=1e-6)
+    assert f.prologue_runs == 2
+    f(w, ctx_np, x)
+    assert f.prologue_runs == 2
+
+
+def test_deleted_invariant_array_is_never_served():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    ctx = ctx + 0
+    f(w, ctx, x)
+    ctx.delete()
+    with pytest.raises(Exception, match="delete"):
+        f(w, ctx, x)
+
+
+def test_under_jit_no_caching_same_values():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    got = jax.jit(f)(w, ctx, x)
+    np.testing.assert_allclose(got, _f(w, ctx, x), rtol=1e-6)
+    assert f.cache_info().entries == 0
+
+
+def test_prepare_handle():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    handle = f.prepare(w, ctx, x)
+    np.testing.assert_allclose(handle(w, ctx, x + 1), _f(w, ctx, x + 1), rtol=1e-6)
+    assert handle.cache_bytes == 32 * 16 * 4 and f.cache_info().entries == 0
+    with pytest.raises(StaleHandleError, match="prepare"):
+        handle(w, ctx * 2, x)
+
+
+def test_kwargs_static_and_pytrees():
+    def g(params, x, *, scale):
+        return x @ (params["a"] @ params["b"]) * scale
+
+    f = kvhoist.hoist_invariants(g, invariant_argnames="params", static_argnames="scale")
+    p = {"a": jnp.ones((8, 8)), "b": jnp.eye(8)}
+    x = jnp.arange(16.0).reshape(2, 8)
+    np.testing.assert_allclose(f(p, x, scale=2.0), g(p, x, scale=2.0))
+    np.testing.assert_allclose(f(params=p, x=x, scale=3.0), g(p, x, scale=3.0))
+    assert f.cache_info().programs == 2 and f.prologue_runs == 2
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_invariant_argnums_out_of_range_names_the_argument():
+    with pytest.raises(ValueError, match=r"invariant_argnums=3 is out of range.*w, ctx, x"):
+        kvhoist.hoist_invariants(_f, invariant_argnums=(3,))
+
+
+def test_invariant_argname_unknown():
+    with pytest.raises(ValueError, match=r"invariant_argnames='params' is not a parameter of _f"):
+        kvhoist.hoist_invariants(_f, invariant_argnames=("params",))
+
+
+def test_invariant_and_static_conflict_names_the_argument():
+    with pytest.raises(ValueError, match=r"argument 0 \('w'\) of _f.* is static"):
+        kvhoist.hoist_invariants(_f, invariant_argnums=(0,), static_argnums=(0,))
+    with pytest.raises(ValueError, match=r"'plan'.* is static"):
+        kvhoist.hoist_invariants(one_step, invariant_argnames=("plan",), static_argnames=("plan",))
+
+
+def test_no_invariant_argument_is_an_error():
+    with pytest.raises(ValueError, match="at least one invariant argument"):
+        kvhoist.hoist_invariants(_f, invariant_argnums=())
