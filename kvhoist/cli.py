@@ -1,13 +1,387 @@
-"""The ``kvhoist`` command line (placeholder until the CLI lands)."""
+"""The ``kvhoist`` command line: ``diff``, ``report``, ``graph``, ``demo`` and ``bench``.
+
+``python -m kvhoist`` and the ``kvhoist`` script both call :func:`main`. Every command that takes a
+SPEC accepts a ``wan_ref`` preset (traced over an abstract model: no weights are allocated) or
+``package.module:function`` returning ``(fun, args, kwargs)`` (see :mod:`kvhoist.specs`).
+
+Errors a user can fix (unknown preset, a SPEC that does not import, a bad factory, an unknown
+target) print one line on stderr and exit with status 2.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import statistics
 import sys
+import time
+from typing import Any, Sequence
+
+from kvhoist.specs import SamplerOptions, SpecError
+
+PROG = "kvhoist"
+EXIT_USAGE = 2
+
+_SPEC_HELP = ("a wan_ref preset (wan2.1-t2v-14b, wan2.1-t2v-1.3b, wan2.1-i2v-14b, wan2.1-flf2v-14b, "
+              "wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-t2v, tiny-i2v, ...; full-size presets are "
+              "traced with abstract shapes, no weights) or package.module:function returning (fun, args, kwargs)")
+
+_EXAMPLES = {
+    "diff": """examples:
+  kvhoist diff wan2.1-t2v-14b                      # summary + unified diff, 14B at 720p, bf16
+  kvhoist diff wan2.2-t2v-a14b --loop fori         # two experts behind a lax.cond
+  kvhoist diff tiny-t2v --no-scan-layers --full    # unrolled layers, nothing folded
+  kvhoist diff wan2.1-i2v-14b --target v6e         # with the image-token re-padding pass
+  kvhoist diff tiny-t2v --side-by-side --columns 220
+  kvhoist diff wan2.1-t2v-14b --html diff.html     # self-contained page, moved equations highlighted
+  kvhoist diff mypkg.samplers:make_sampler         # your own function""",
+    "report": """examples:
+  kvhoist report wan2.1-t2v-14b                    # real-size FLOPs and cache bytes
+  kvhoist report wan2.2-t2v-a14b --json            # machine-readable
+  kvhoist report tiny-i2v --no-cfg --steps 8""",
+    "graph": """examples:
+  kvhoist graph tiny-t2v --out kv.svg              # SVG via Graphviz `dot` (DOT when it is missing)
+  kvhoist graph wan2.2-t2v-a14b --out a14b.dot""",
+    "demo": """examples:
+  kvhoist demo                                     # ~30 s on 2 CPU cores
+  kvhoist demo --steps 20 --layers 8""",
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("usage: kvhoist {demo,diff,report,graph,bench} ...")
+# -- parser -------------------------------------------------------------------------------------------
+
+def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
+    g = p.add_argument_group("sampler options (presets only)")
+    g.add_argument("--loop", choices=("scan", "fori"), default="scan", help="step loop form (default: scan)")
+    g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="blocks as one lax.scan (default) or unrolled")
+    g.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True,
+                   help="classifier-free guidance, both halves in one batch (default: on)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    g.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
+    g.add_argument("--width", type=int, help="video width in pixels")
+    g.add_argument("--frames", type=int, help="video frames, 4k+1 (latent frames = (f-1)//4+1)")
+    g.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
+    g.add_argument("--dtype", choices=("bfloat16", "float32"),
+                   help="parameter/activation dtype (default: bfloat16, float32 for tiny-*)")
+    p.add_argument("--target", help="TPU generation for the token re-padding pass (e.g. v5e, v6e)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``kvhoist`` (every subcommand)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Loop-invariant hoisting for JAX diffusion samplers: see what moves out of the step "
+                    "loop (diff), what it saves (report), how it depends (graph), and run it (demo).",
+        epilog="examples:\n  kvhoist demo\n  kvhoist diff wan2.1-t2v-14b\n  kvhoist report wan2.2-t2v-a14b\n"
+               "  kvhoist graph tiny-t2v --out kv.svg\n  kvhoist <command> --help")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("diff", help="before/after jaxprs of a sampler as a diff", formatter_class=fmt,
+                       description="Trace SPEC, run the kvhoist pipeline, print a summary table and the diff of the "
+                                   "two jaxprs. Moved equations end in '<< moved out of loop' (before) and "
+                                   "'>> hoisted' (after).", epilog=_EXAMPLES["diff"])
+    _add_spec_arguments(p)
+    p.add_argument("--side-by-side", action="store_true", help="two columns instead of a unified diff")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    p.add_argument("--full", action="store_true", help="expand folded layer blocks and call bodies")
+    p.add_argument("--context", type=int, default=3, help="context lines around changes (default 3)")
+    p.add_argument("--columns", type=int, help="line width for --side-by-side (default: the terminal's)")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour (default: on a terminal, unless NO_COLOR is set)")
+    p.add_argument("--no-summary", action="store_true", help="print only the diff")
+
+    p = sub.add_parser("report", help="what was hoisted, what it costs and saves", formatter_class=fmt,
+                       description="The hoisting report: each hoisted value, where it came from, bytes, FLOPs saved "
+                                   "per step and per run, share of the program's FLOPs; skipped candidates with "
+                                   "reasons.", epilog=_EXAMPLES["report"])
+    _add_spec_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    p = sub.add_parser("graph", help="dependence graph of the hoisted values (DOT / SVG)", formatter_class=fmt,
+                       description="Write the dependence graph of what was hoisted: the hoisted equations, the inputs "
+                                   "they read and the loop that consumes them.", epilog=_EXAMPLES["graph"])
+    _add_spec_arguments(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.dot or FILE.svg")
+
+    p = sub.add_parser("demo", help="run a small random Wan three ways and compare", formatter_class=fmt,
+                       description="Build a small random Wan T2V (CFG, scanned layers, 512 text tokens, few latent "
+                                   "tokens), sample it with plain jax.jit, with the hand-written K/V cache and with "
+                                   "@hoist_invariants; check the latents agree and time the three.",
+                       epilog=_EXAMPLES["demo"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("bench", help="benchmarks (kvhoist.bench); `kvhoist bench --help` for its options",
+                   add_help=False)
+    return parser
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+def _options(args: argparse.Namespace) -> SamplerOptions:
+    return SamplerOptions(loop=args.loop, scan_layers=args.scan_layers, cfg=args.cfg, steps=args.steps,
+                          height=args.height, width=args.width, frames=args.frames, scheduler=args.scheduler,
+                          target=args.target, dtype=args.dtype)
+
+
+def _program(args: argparse.Namespace):
+    from kvhoist.specs import resolve
+
+    return resolve(args.spec, _options(args))
+
+
+def _use_color(flag: bool | None, stream: Any) -> bool:
+    if flag is not None:
+        return flag
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+_KV_SCOPE = re.compile(r"(attn2/(to_k|to_v|add_k_proj|add_v_proj))(/|$)")
+
+
+def kv_projection_flops(closed: Any) -> int:
+    """FLOPs of the cross-attention K/V projections (``attn2/to_k|to_v|add_k_proj|add_v_proj`` matmuls)
+    in one run of a program, scan trip counts multiplied (a ``cond`` counts its costliest branch)."""
+    from kvhoist import compat
+    from kvhoist.analysis import cost
+
+    def walk(j: Any) -> int:
+        total = 0
+        for e in compat.split_closed(j)[4]:
+            name = e.primitive.name
+            if name == "dot_general" and _KV_SCOPE.search(compat.name_stack(e)):
+                total += cost.eqn_flops(e)
+            subs = compat.subjaxprs_of(e)
+            if not subs:
+                continue
+            if name == "scan":
+                total += int(e.params["length"]) * walk(subs[0])
+            elif name == "cond":
+                total += max(walk(s) for s in subs)
+            elif name == "while":
+                total += sum(walk(s) for s in subs)
+            else:
+                total += walk(subs[0])
+        return total
+
+    return walk(closed)
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.3f}%"
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from kvhoist.diff import JaxprDiff
+
+    prog = _program(args)
+    t0 = time.perf_counter()
+    before, after, report = prog.optimize()
+    d = JaxprDiff(before, after, report, full=args.full, context=args.context)
+    color = _use_color(args.color, sys.stdout)
+    out = []
+    if not args.no_summary:
+        out += [prog.description, f"(traced and rewritten in {time.perf_counter() - t0:.1f} s)", "",
+                d.summary_table(), ""]
+    if args.side_by_side:
+        import shutil
+
+        out.append(d.side_by_side(width=args.columns or shutil.get_terminal_size((200, 40)).columns, color=color))
+    else:
+        out.append(d.unified(color=color, names=(f"{args.spec} (traced)", f"{args.spec} (kvhoist)")))
+    print("\n".join(out))
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(d.html(title=f"kvhoist diff {args.spec}", description=prog.description))
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0
+
+
+def report_dict(prog: Any, before: Any, after: Any, report: Any) -> dict:
+    """The ``report`` command's data: the :class:`~kvhoist.Report` plus per-step and share figures."""
+    from kvhoist.diff import step_loop
+
+    loop = step_loop(before)
+    steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
+    total = report.total_flops_before or 0
+    kv = kv_projection_flops(before)
+    d = report.to_dict()
+    for row in d["hoisted"]:
+        saved = row["flops_saved"]
+        row["flops_saved_per_step"] = None if (saved is None or not steps) else saved / steps
+        row["share_of_total_flops"] = None if (saved is None or not total) else saved / total
+    d["program"] = {"spec": prog.name, "description": prog.description, "real_size": prog.real_size,
+                    "steps": steps}
+    d["totals"]["kv_projection_flops"] = kv
+    d["totals"]["kv_projection_share"] = kv / total if total else None
+    return d
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from kvhoist.report import _fmt_rows, human_bytes, human_flops
+
+    prog = _program(args)
+    before, after, report = prog.optimize()
+    d = report_dict(prog, before, after, report)
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    steps = d["program"]["steps"]
+    rows = [("value", "from", "shape", "dtype", "bytes", "FLOPs saved/step", "FLOPs saved/run", "share", "via",
+             "loop")]
+    for h in d["hoisted"]:
+        rows.append((h["name"], h["source"], "x".join(map(str, h["shape"])) or "()", h["dtype"],
+                     human_bytes(h["bytes"]), human_flops(h["flops_saved_per_step"]), human_flops(h["flops_saved"]),
+                     _pct(h["share_of_total_flops"]), "+".join(h["via"]), h["loop"]))
+    t = d["totals"]
+    out = [prog.description, "", _fmt_rows(rows) if d["hoisted"] else "nothing was hoisted"]
+    if d["skipped"]:
+        out += ["", "skipped:"] + [f"  {s['name']} ({s['source']}): {s['reason']}" for s in d["skipped"]]
+    if d["notes"]:
+        out += [""] + [f"[{n['kind']}] {n['message']}" for n in d["notes"]]
+    out += ["", f"program: {human_flops(t['total_flops_before'])} FLOPs per run before, "
+                f"{human_flops(t['total_flops_after'])} after"
+                + (f" ({steps} steps, {human_flops((t['total_flops_before'] or 0) / steps)} per step before)"
+                   if steps else ""),
+            f"hoisted: {len(d['hoisted'])} value(s), cache {human_bytes(t['cache_bytes'])} held across the loop, "
+            f"saves {human_flops(t['flops_saved'])} FLOPs per run = {_pct(t['flops_saved_fraction'])} of the total"]
+    if t["kv_projection_flops"]:
+        out.append(f"K/V projections are {_pct(t['kv_projection_share'])} of this sampler's FLOPs; "
+                   f"hoisting saves at most that (plus the context embedders it also moved).")
+    if any("speculation" in h["via"] for h in d["hoisted"]):
+        out.append("Values speculated out of a cond (two experts) are counted as if their branch ran every step: "
+                   "their 'saved' figures are upper bounds; each step runs one branch.")
+    if prog.real_size:
+        out.append("These are real-size numbers: at full resolution self-attention and the FFN dominate, so the "
+                   "gain from hoisting is small; the cache costs memory.")
+    else:
+        out.append("(A tiny/user program: its shares do not represent a real checkpoint; use a full-size preset "
+                   "for those.)")
+    print("\n".join(out))
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from kvhoist.graph import hoisted_graph, write_graph
+
+    if not args.out.endswith((".dot", ".svg")):
+        raise SpecError(f"--out {args.out}: use a .dot or .svg file name")
+    prog = _program(args)
+    before, after, _report = prog.optimize()
+    g = hoisted_graph(before, after)
+    path, message = write_graph(g, args.out, title=args.spec)
+    print(message, file=sys.stderr if path != args.out else sys.stdout)
+    return 0
+
+
+def demo_config(layers: int = 4) -> Any:
+    """The demo model: Wan T2V layout at D=256 (4 heads x 64), 1024-wide text embeddings, FFN 1024."""
+    from wan_ref.config import WanConfig
+
+    return WanConfig(num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=1024,
+                     freq_dim=256, ffn_dim=1024, num_layers=layers, scan_layers=True)
+
+
+def _median_time(fn, repeats: int) -> tuple[Any, float]:
+    import jax
+
+    out = jax.block_until_ready(fn())  # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import kvhoist
+    from wan_ref.model import WanModel
+    from wan_ref.sample import sample
+
+    cfg = demo_config(args.layers)
+    model = WanModel(cfg, rngs=nnx.Rngs(args.seed))
+    keys = jax.random.split(jax.random.key(args.seed), 3)
+    latents = jax.random.normal(keys[0], (1, 16, 2, 8, 8), jnp.float32)   # 2x4x4 = 32 latent tokens
+    pe = jax.random.normal(keys[1], (1, 512, cfg.text_dim), jnp.float32)
+    npe = jax.random.normal(keys[2], (1, 512, cfg.text_dim), jnp.float32)
+    common = dict(num_inference_steps=args.steps, guidance_scale=5.0, flow_shift=3.0)
+    plain = jax.jit(functools.partial(sample, **common))
+    cached = jax.jit(functools.partial(sample, **common, kv_cache=True))
+    hoisted = kvhoist.hoist_invariants(functools.partial(sample, **common))
+    print(f"demo: random Wan T2V, {cfg.num_layers} scanned layers, D={cfg.inner_dim}, 512 text tokens, "
+          f"32 latent tokens, CFG, {args.steps} UniPC steps; median of {args.repeats} runs after a warm-up")
+    results = {}
+    for label, fn in (("plain jax.jit(sample)", plain), ("hand-written cache (kv_cache=True)", cached),
+                      ("@hoist_invariants", hoisted)):
+        out, t = _median_time(lambda fn=fn: fn(model, latents, pe, npe), args.repeats)
+        results[label] = (out, t)
+    ref = results["plain jax.jit(sample)"][0]
+    base = results["plain jax.jit(sample)"][1]
+    worst = 0.0
+    for label, (out, t) in results.items():
+        diff = float(jnp.max(jnp.abs(out - ref)))
+        worst = max(worst, diff)
+        print(f"  {label:<36} {t * 1e3:8.1f} ms  ({base / t:4.2f}x)   max |latents - plain| = {diff:.2e}")
+    tol = 1e-3 * max(1.0, float(jnp.max(jnp.abs(ref))))
+    print(f"latents agree: {'yes' if worst <= tol else 'NO'} (max diff {worst:.2e}, tolerance {tol:.1e})")
+    print(hoisted.report(model, latents, pe, npe).summary())
+    return 0 if worst <= tol else 1
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        from kvhoist import bench
+    except ImportError as err:
+        print(f"{PROG} bench: the benchmark module (kvhoist.bench) is not available in this install ({err})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    parser = argparse.ArgumentParser(prog=f"{PROG} bench", description=(bench.__doc__ or "").strip().split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(parser)
+    return int(bench.main(parser.parse_args(list(argv))) or 0)
+
+
+_COMMANDS = {"diff": cmd_diff, "report": cmd_report, "graph": cmd_graph, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvhoist`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except SpecError as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `kvhoist diff ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
