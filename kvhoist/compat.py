@@ -259,3 +259,32 @@ def extend_call_params(name: str, params: dict, n_new: int) -> dict:
         if "donated_invars" in params:
             new["donated_invars"] = tuple(params["donated_invars"]) + (False,) * n_new
     return new
+
+
+# --- shapes and values (the layout pass) ---------------------------------------------------------
+
+def resize_aval(aval: Any, shape: Sequence[int]) -> Any:
+    """``aval`` with a new shape, keeping dtype, weak type and (jax 0.12) sharding / vma."""
+    return aval.update(shape=tuple(int(d) for d in shape))
+
+
+def literal(value: Any, aval: Any) -> Literal:
+    """A scalar literal atom (e.g. the fill value of a rebuilt ``pad``)."""
+    return Literal(value, aval)
+
+
+def rebuild_like(original: Any, constvars: Sequence[Var], consts: Sequence[Any], invars: Sequence[Var],
+                 outvars: Sequence[Any], eqns: Sequence[JaxprEqn]) -> Any:
+    """A jaxpr of the same kind (closed / open) as ``original`` with new parts."""
+    if is_closed(original):
+        return make_closed(constvars, consts, invars, outvars, eqns)
+    if not constvars:
+        return make_open(invars, outvars, eqns)
+    return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), _jaxpr_effects(invars, eqns),
+                 _debug_info(len(invars), len(outvars)))
+
+
+def eval_primitive(primitive: Any, args: Sequence[Any], params: dict) -> Any:
+    """Evaluate one primitive eagerly on concrete (numpy) values, even if called under a trace."""
+    with jax.ensure_compile_time_eval():
+        return primitive.bind(*args, **params)
