@@ -92,6 +92,7 @@ def test_missing_config_json(tmp_path):
 
 
 def test_missing_weights(tmp_path):
+    pytest.importorskip("safetensors")
     (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny-t2v").config.to_diffusers()))
     with pytest.raises(ValueError, match="safe_serialization"):
         load_diffusers(tmp_path)
@@ -106,6 +107,7 @@ def _edit_checkpoint(path, edit):
 
 
 def test_checkpoint_missing_tensor(tmp_path, t2v):
+    pytest.importorskip("safetensors")
     save_diffusers(t2v, tmp_path)
     _edit_checkpoint(tmp_path, lambda d: d.pop("blocks.1.attn2.to_k.weight"))
     with pytest.raises(ValueError, match=r"'blocks.1.attn2.to_k.weight' \(expected shape \[24, 24\]\)"):
@@ -113,6 +115,7 @@ def test_checkpoint_missing_tensor(tmp_path, t2v):
 
 
 def test_checkpoint_misshaped_tensor(tmp_path, t2v):
+    pytest.importorskip("safetensors")
     save_diffusers(t2v, tmp_path)
     _edit_checkpoint(tmp_path, lambda d: d.update({"proj_out.weight": np.zeros((16, 25), np.float32)}))
     with pytest.raises(ValueError, match=r"'proj_out.weight' has shape \[16, 25\], expected \[16, 24\]"):
