@@ -68,6 +68,7 @@ class CacheInfo(NamedTuple):
       max_entries: the LRU bound.
       bytes: bytes of the prologue results held now.
       programs: compiled (prologue, step) pairs, one per input signature.
+      peak_bytes: the most bytes of prologue results held at once since creation / ``clear_cache``.
     """
 
     hits: int
@@ -76,6 +77,7 @@ class CacheInfo(NamedTuple):
     max_entries: int
     bytes: int
     programs: int
+    peak_bytes: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +248,7 @@ class HostHoistedFunction:
         self._lock = threading.RLock()
         self.prologue_runs = 0
         self._hits = 0
+        self._peak_bytes = 0
 
     # -- validation ------------------------------------------------------------------------------
     def _positional_params(self) -> list:
@@ -515,6 +518,8 @@ class HostHoistedFunction:
             self._entries[entry_key] = entry
             while len(self._entries) > self.max_cache_entries:
                 self._entries.pop(next(iter(self._entries)))
+            held = sum(e.nbytes for e in list(self._entries.values()))
+            self._peak_bytes = max(self._peak_bytes, held)
         return values
 
     def __call__(self, *args, **kwargs):
@@ -562,7 +567,7 @@ class HostHoistedFunction:
         with self._lock:
             entries = list(self._entries.values())
             return CacheInfo(self._hits, self.prologue_runs, len(entries), self.max_cache_entries,
-                             sum(e.nbytes for e in entries), len(self._programs))
+                             sum(e.nbytes for e in entries), len(self._programs), self._peak_bytes)
 
     @property
     def cache_bytes(self) -> int:
@@ -573,6 +578,7 @@ class HostHoistedFunction:
         """Drop every cached prologue result (and, with ``programs=True``, the compiled programs)."""
         with self._lock:
             self._entries.clear()
+            self._peak_bytes = 0
             if programs:
                 self._programs.clear()
 
