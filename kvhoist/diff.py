@@ -596,7 +596,15 @@ table.summary th {{ text-align: left; }}
 <table class="diff"><colgroup><col style="width:50%"><col style="width:50%"></colgroup>
 <tr><th>before</th><th>after</th></tr>
 {rows}
-</table></body></html>
+</table>
+<script>
+// Record what the browser actually rendered for the first moved line (tests read it from the DOM).
+(function () {{
+  var m = document.querySelector("td.moved");
+  document.body.setAttribute("data-moved-count", document.querySelectorAll("td.moved").length);
+  if (m) document.body.setAttribute("data-moved-background", getComputedStyle(m).backgroundColor);
+}})();
+</script></body></html>
 """
 
 

@@ -32,12 +32,18 @@ def _hoisted_like(e: Any, marks: dict) -> bool:
     return bool(dots) and all(id(x) in marks for x in dots)
 
 
-def _label(e: Any) -> str:
+def _label(e: Any, hoisted: bool = True) -> str:
     name = e.primitive.name
     if name == "scan":
         name = f"scan(length={e.params['length']})"
     outs = ", ".join(_short_type(v.aval) for v in e.outvars[:2]) + (" …" if len(e.outvars) > 2 else "")
     scope = compat.name_stack(e)
+    if e.primitive.name in LOOPS and not hoisted:
+        scope = "reads the hoisted values"
+    elif e.primitive.name in LOOPS:  # a fissioned scan: name the projections it computes
+        dots = sorted({compat.name_stack(x) for x in _walk_eqn(e) if x.primitive.name == "dot_general"})
+        if dots:
+            scope = "computes " + ", ".join(dots[:4]) + (" …" if len(dots) > 4 else "")
     return "\\n".join(x for x in (name, scope, outs, compat.source_line(e)) if x)
 
 
@@ -79,7 +85,7 @@ def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
         for i in chosen:
             for j in dg.successors(i):
                 if j not in sel:
-                    g.add_node(node[j], label=_label(eqns[j]), kind="consumer")
+                    g.add_node(node[j], label=_label(eqns[j], hoisted=False), kind="consumer")
                 g.add_edge(node[i], node[j])
 
     visit(after)
