@@ -208,6 +208,18 @@ def join(a, b):
     return ("unknown", "a loop carries the padding index")
 
 
+#: numpy versions of the elementwise primitives the analysis evaluates most (IEEE semantics as XLA's,
+#: except max/min, which propagate nan in both).
+_NUMPY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "neg": np.negative,
+    "exp": np.exp, "exp2": np.exp2, "max": np.maximum, "min": np.minimum, "abs": np.abs,
+    "stop_gradient": lambda x: x, "copy": lambda x: x, "copy_p": lambda x: x,
+    "convert_element_type": lambda x: x,  # the result is cast to the output dtype
+    "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "eq": np.equal,
+    "ne": np.not_equal, "and": np.bitwise_and, "or": np.bitwise_or, "not": np.invert,
+}
+
+
 def _np_dtype(aval):
     return np.dtype(aval.dtype)
 
@@ -360,15 +372,20 @@ class ValueAnalysis:
         if (e.primitive.name in ELEMENTWISE and len(e.outvars) == 1 and not e.outvars[0].aval.shape
                 and ins and all(p[0] == "const" for p in ins)):
             try:
-                args = [np.asarray(p[1], _np_dtype(a.aval)) for p, a in zip(ins, e.invars)]
-                return ("const", np.asarray(compat.eval_primitive(e.primitive, args, e.params)).item())
+                return ("const", self.eval_on(e, [p[1] for p in ins]).item())
             except Exception:
                 return None
         return None
 
     def eval_on(self, e, values):
         args = [np.asarray(v, _np_dtype(a.aval)) for v, a in zip(values, e.invars)]
+        out_dtype = _np_dtype(e.outvars[0].aval)
+        fn = _NUMPY.get(e.primitive.name)
+        if e.primitive.name == "div" and out_dtype.kind != "f":
+            fn = None  # integer division rounds toward zero in lax
         with np.errstate(all="ignore"):
+            if fn is not None:  # numpy for the common cases: no XLA compile per equation
+                return np.asarray(fn(*args)).astype(out_dtype)
             return np.asarray(compat.eval_primitive(e.primitive, args, e.params))
 
     def elementwise(self, e, ins, in_t, out_t):
@@ -434,11 +451,12 @@ class ValueAnalysis:
                 pools.append(list(_SAMPLES))
             else:
                 return None
+        # One vectorised evaluation over the cross product of the pools (eager dispatch is slow).
+        grids = np.meshgrid(*[np.asarray(pl, np.float64) for pl in pools], indexing="ij")
+        got = self.eval_on(e, [g.reshape(-1) for g in grids]).reshape(-1)
         cats = set()
-        import itertools
-
-        for combo in itertools.product(*pools):
-            c = _category(self.eval_on(e, combo).reshape(-1)[0])
+        for x in got:
+            c = _category(x)
             if c is None:
                 return None
             cats.add(c)
