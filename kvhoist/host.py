@@ -95,12 +95,39 @@ class _Layout:
     var_tree: Any
 
 
-@dataclasses.dataclass
 class _Call:
-    layout: _Layout
-    inv_leaves: list
-    var_leaves: list
-    key: tuple               # program key: layout + avals
+    """One call's arguments, flattened. Avals are computed lazily: on a cache hit the invariant
+    leaves' avals are those recorded with the entry (same objects), so the hot path skips them."""
+
+    __slots__ = ("layout", "inv_leaves", "var_leaves", "var_avals", "_inv_avals")
+
+    def __init__(self, layout: _Layout, inv_leaves: list, var_leaves: list):
+        self.layout, self.inv_leaves, self.var_leaves = layout, inv_leaves, var_leaves
+        self.var_avals = _avals(var_leaves)
+        self._inv_avals = None
+
+    @property
+    def inv_avals(self) -> tuple:
+        if self._inv_avals is None:
+            self._inv_avals = _avals(self.inv_leaves)
+        return self._inv_avals
+
+    @property
+    def key(self) -> tuple:
+        """The program key: layout (structure, static values) and every leaf's aval."""
+        return (self.layout, self.inv_avals, self.var_avals)
+
+    @property
+    def entry_key(self) -> tuple:
+        """The cache key of a prologue result (verified by :meth:`_Identity.matches` on a hit)."""
+        return (self.layout, self.var_avals, _Identity.key_of(self.inv_leaves))
+
+
+def _avals(leaves: Sequence) -> tuple:
+    try:
+        return tuple(jax.typeof(x) for x in leaves)
+    except TypeError as err:
+        raise TypeError(f"hoist_invariants: an argument has a leaf that is not an array or scalar: {err}") from err
 
 
 @dataclasses.dataclass
@@ -157,15 +184,16 @@ class _Identity:
 _PY_SCALARS = (bool, int, float, complex)
 
 
-def _leaf_key(x: Any) -> tuple:
-    if isinstance(x, _PY_SCALARS) or isinstance(x, np.generic):
+def _leaf_key(x: Any) -> Any:
+    """The value of an immutable scalar (a tuple), else the object's id (an int; verified on a hit)."""
+    if isinstance(x, (*_PY_SCALARS, np.generic)):
         return ("v", type(x), repr(x) if isinstance(x, _PY_SCALARS) else (str(x.dtype), x.tobytes()))
-    return ("id", id(x))
+    return id(x)
 
 
 def _leaf_identity(x: Any, on_death: Callable | None) -> tuple[tuple, Callable]:
     key = _leaf_key(x)
-    if key[0] == "v":  # immutable scalars: the key is the value
+    if isinstance(key, tuple):  # immutable scalars: the key is the value
         return key, lambda y, key=key: _leaf_key(y) == key
     if isinstance(x, np.ndarray):  # mutable: keep a snapshot, compare contents on every call
         snap = np.array(x, copy=True)
@@ -189,11 +217,12 @@ def _leaf_identity(x: Any, on_death: Callable | None) -> tuple[tuple, Callable]:
 
 
 class _Entry:
-    __slots__ = ("identity", "values", "nbytes")
+    __slots__ = ("identity", "values", "nbytes", "inv_avals")
 
-    def __init__(self, identity: _Identity, values: tuple):
+    def __init__(self, identity: _Identity, values: tuple, inv_avals: tuple):
         self.identity = identity
         self.values = values
+        self.inv_avals = inv_avals
         self.nbytes = sum(int(getattr(v, "nbytes", 0)) for v in values)
 
 
@@ -361,12 +390,7 @@ class HostHoistedFunction:
         inv_leaves, inv_tree = jax.tree_util.tree_flatten([v for _s, v, c in slots if c == _INVARIANT])
         var_leaves, var_tree = jax.tree_util.tree_flatten([v for _s, v, c in slots if c == _VARYING])
         layout = _Layout(tuple((s, c) for s, _v, c in slots), tuple(static), inv_tree, var_tree)
-        try:
-            avals = tuple(jax.typeof(x) for x in inv_leaves), tuple(jax.typeof(x) for x in var_leaves)
-        except TypeError as err:
-            raise TypeError(f"hoist_invariants: an argument of {self.__name__} has a leaf that is not an array "
-                            f"or scalar: {err}") from err
-        return _Call(layout, inv_leaves, var_leaves, (layout, avals))
+        return _Call(layout, inv_leaves, var_leaves)
 
     def _rebuild(self, layout: _Layout, inv_leaves: Sequence, var_leaves: Sequence) -> tuple[tuple, dict]:
         inv = iter(jax.tree_util.tree_unflatten(layout.inv_tree, list(inv_leaves)))
@@ -499,20 +523,28 @@ class HostHoistedFunction:
                 me._entries.pop(entry_key, None)
         return drop
 
-    def _cached_values(self, prog: _Program, call: _Call) -> tuple:
-        if prog.prologue_fn is None:
-            return ()
-        if any(_is_tracer(x) for x in call.inv_leaves):
-            return self._run_prologue(prog, call.inv_leaves)
-        entry_key = (call.key, _Identity.key_of(call.inv_leaves))
+    def _prologue_values(self, call: _Call) -> tuple[_Program, tuple]:
+        """The program for this call and its prologue results: cached, or computed now."""
+        if any(_is_tracer(x) for x in call.inv_leaves):  # under a transformation: nothing to cache
+            prog = self._program(call)
+            return prog, self._run_prologue(prog, call.inv_leaves)
+        entry_key = call.entry_key
         with self._lock:
             entry = self._entries.pop(entry_key, None)
             if entry is not None and entry.identity.matches(call.inv_leaves):
                 self._entries[entry_key] = entry  # most recently used
                 self._hits += 1
-                return entry.values
+                call._inv_avals = entry.inv_avals  # the very same objects: same avals
+                hit = entry
+            else:
+                hit = None
+        if hit is not None:
+            return self._program(call), hit.values
+        prog = self._program(call)
+        if prog.prologue_fn is None:
+            return prog, ()
         values = self._run_prologue(prog, call.inv_leaves)
-        entry = _Entry(_Identity(call.inv_leaves, self._on_death(entry_key)), values)
+        entry = _Entry(_Identity(call.inv_leaves, self._on_death(entry_key)), values, call.inv_avals)
         with self._lock:
             self._entries.pop(entry_key, None)
             self._entries[entry_key] = entry
@@ -520,12 +552,12 @@ class HostHoistedFunction:
                 self._entries.pop(next(iter(self._entries)))
             held = sum(e.nbytes for e in list(self._entries.values()))
             self._peak_bytes = max(self._peak_bytes, held)
-        return values
+        return prog, values
 
     def __call__(self, *args, **kwargs):
         call = self._bind(args, kwargs)
-        prog = self._program(call)
-        return self._run_step(prog, self._cached_values(prog, call), call)
+        prog, values = self._prologue_values(call)
+        return self._run_step(prog, values, call)
 
     # -- public helpers ---------------------------------------------------------------------------
     def prepare(self, *args, **kwargs) -> "PreparedStep":
