@@ -255,7 +255,10 @@ class Renderer:
                     for v in e.outvars:
                         self.names(v)
                 extra = f", {marked} of them {self._fold_mark(folded)}" if marked else ""
-                text = (f"… {j - i - 1} more {family.split('/')[-1]} like {family}/{label[1]} "
+                noun = family.split("/")[-1]
+                if j - i - 1 == 1 and noun.endswith("s"):
+                    noun = noun[:-1]
+                text = (f"… {j - i - 1} more {noun} like {family}/{label[1]} "
                         f"({n_eqns} equations{extra}; folded, --full to expand)")
                 key = f"fold {family} {j - i - 1} {n_eqns} {marked}"
                 mark = self._fold_mark(folded) if marked else ""

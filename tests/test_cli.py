@@ -52,9 +52,9 @@ def test_diff_color_and_side_by_side(capsys):
 def test_diff_folds_unrolled_blocks(capsys):
     rc, out, _ = run(capsys, "diff", "tiny-t2v", "--no-scan-layers", "--no-color", "--context", "1000")
     assert rc == 0
-    assert "more blocks like blocks/0" in out and "--full to expand" in out
+    assert "… 1 more block like blocks/0" in out and "--full to expand" in out
     rc, full, _ = run(capsys, "diff", "tiny-t2v", "--no-scan-layers", "--no-color", "--full")
-    assert rc == 0 and "more blocks like" not in full and "blocks/1/attn2/to_k" in full
+    assert rc == 0 and "more block" not in full and "blocks/1/attn2/to_k" in full
 
 
 def test_diff_fori_and_two_experts(capsys):
