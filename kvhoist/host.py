@@ -544,6 +544,10 @@ class HostHoistedFunction:
         if prog.prologue_fn is None:
             return prog, ()
         values = self._run_prologue(prog, call.inv_leaves)
+        if any(_is_tracer(v) for v in values):
+            # Concrete invariants but called inside a trace (e.g. a jit over the varying arguments): the
+            # prologue's results belong to that trace and must not outlive it.
+            return prog, values
         entry = _Entry(_Identity(call.inv_leaves, self._on_death(entry_key)), values, call.inv_avals)
         with self._lock:
             self._entries.pop(entry_key, None)

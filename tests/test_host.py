@@ -229,6 +229,16 @@ def test_under_jit_no_caching_same_values():
     assert f.cache_info().entries == 0
 
 
+def test_inside_a_trace_with_concrete_invariants_caches_nothing():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    got = jax.jit(lambda x: f(w, ctx, x))(x)  # w, ctx concrete (closed over), x a tracer
+    np.testing.assert_allclose(got, _f(w, ctx, x), rtol=1e-5)
+    assert f.cache_info().entries == 0
+    np.testing.assert_allclose(f(w, ctx, x), _f(w, ctx, x), rtol=1e-6)  # no leaked tracer
+    assert f.cache_info().entries == 1
+
+
 def test_prepare_handle():
     f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
     w, ctx, x = _fresh()
