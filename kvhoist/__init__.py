@@ -9,10 +9,14 @@ Public API:
   hoist_invariants  decorator: trace, rewrite, compile, cache per signature
   licm              the hoisting pass on a ClosedJaxpr
   optimize          the whole pipeline on a ClosedJaxpr
+  repad_tokens      the layout pass: re-pad masked token axes to a target's MXU tile
+  targets           TPU generations and their tiles (get_target, detect_target)
   Report            what a pass did
 """
 
 from kvhoist.api import HoistedFunction, KvhoistError, TraceError, hoist_invariants
+from kvhoist import targets
+from kvhoist.passes.layout import repad_tokens
 from kvhoist.passes.licm import licm
 from kvhoist.passes.pipeline import optimize
 from kvhoist.report import HoistedValue, Note, Report, Skipped
@@ -21,5 +25,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "hoist_invariants", "HoistedFunction", "licm", "optimize", "Report", "HoistedValue", "Skipped",
-    "Note", "KvhoistError", "TraceError",
+    "Note", "KvhoistError", "TraceError", "repad_tokens", "targets",
 ]
