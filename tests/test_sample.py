@@ -6,8 +6,8 @@ Tiny shapes throughout: 2 layers, D = 24, latents [1, 4, 2, 4, 4] (8 tokens), 4 
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from wan_ref import WanModel, get_preset, load_diffusers, save_diffusers
+from wan_ref import WanModel, get_preset, load_diffusers
 from wan_ref.sample import LOOPS, sample
 from wan_ref.schedulers import make_scheduler
 
@@ -69,21 +69,24 @@ def _kwargs(preset, **over):
 VARIANTS = ["tiny-t2v", "tiny-i2v", "tiny-t2v-a14b", "tiny-ti2v"]
 
 
+def _unrolled_copy(model: WanModel) -> WanModel:
+    """The same weights with `scan_layers=False` (no checkpoint round trip: runs without safetensors)."""
+    cfg = model.config
+    unrolled = WanModel(cfg.replace(scan_layers=False), rngs=nnx.Rngs(123))
+    pure = nnx.state(model).to_pure_dict()
+    pure["blocks"] = {i: jax.tree.map(lambda x: x[i], pure["blocks"]) for i in range(cfg.num_layers)}
+    state = nnx.state(unrolled)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(unrolled, state)
+    return unrolled
+
+
 @functools.lru_cache(maxsize=None)
 def _models(name: str, scan_layers: bool = True):
-    """(model, model_2 or None) with random weights; scan_layers=False loads the same weights unrolled."""
+    """(model, model_2 or None) with random weights; scan_layers=False: the same weights, unrolled."""
     preset = get_preset(name)
     if not scan_layers:
-        models = _models(name, True)
-        out = []
-        for m in models:
-            if m is None:
-                out.append(None)
-                continue
-            with tempfile.TemporaryDirectory() as d:
-                save_diffusers(m, d)
-                out.append(load_diffusers(d, scan_layers=False))
-        return tuple(out)
+        return tuple(None if m is None else _unrolled_copy(m) for m in _models(name, True))
     model = WanModel(preset.config, rngs=nnx.Rngs(0))
     model_2 = WanModel(preset.config_2, rngs=nnx.Rngs(1)) if preset.config_2 is not None else None
     return model, model_2
@@ -114,9 +117,9 @@ def _default_run(name, scan_layers=True, loop="scan", kv_cache=False):
 
 
 # Each (loop, kv_cache) form is compared with scan + no cache. Every loop form and both cache settings are
-# covered for each variant; the full cross product only for T2V (compiles dominate the test time).
+# covered for each variant, not their full cross product (compiles dominate the test time).
 _FORMS = {
-    "tiny-t2v": [("fori", False), ("python", False), ("scan", True), ("fori", True), ("python", True)],
+    "tiny-t2v": [("fori", False), ("python", False), ("scan", True), ("python", True)],
     "tiny-i2v": [("fori", False), ("python", False), ("scan", True)],
     "tiny-t2v-a14b": [("fori", False), ("python", False), ("scan", True), ("python", True)],
     "tiny-ti2v": [("fori", False), ("python", False), ("scan", True)],
@@ -132,9 +135,11 @@ def test_loop_forms_and_kv_cache_agree(name):
         assert _rel(got, base) <= FORMS_TOL, (loop, kv_cache, _rel(got, base))
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_scan_layers_on_and_off_agree(name):
-    for kv_cache in (False, True):
+@pytest.mark.parametrize("name,kv_caches", [("tiny-t2v", (False, True)), ("tiny-i2v", (False, True)),
+                                             ("tiny-t2v-a14b", (True,)), ("tiny-ti2v", (False,))])
+def test_scan_layers_on_and_off_agree(name, kv_caches):
+    # Unrolled layers take other model code paths (a Python loop over blocks, per-layer cache tuples).
+    for kv_cache in kv_caches:
         scanned = _default_run(name, kv_cache=kv_cache)
         unrolled = _default_run(name, scan_layers=False, kv_cache=kv_cache)
         assert _rel(unrolled, scanned) <= FORMS_TOL, kv_cache
@@ -256,7 +261,7 @@ def test_jit_of_sample_matches_eager():
 
 
 def test_python_loop_compiles_one_step_and_bakes_no_weights():
-    from wan_ref import sample as sample_module
+    sample_module = importlib.import_module("wan_ref.sample")  # `wan_ref.sample` is the function
 
     _run("tiny-t2v-a14b", loop="python")  # two experts, same structure: one compiled step
     size = sample_module._one_step_jit._cache_size()

@@ -7,14 +7,21 @@ from wan_ref.config import WanConfig
 from wan_ref.load import load_diffusers, save_diffusers
 from wan_ref.model import KVCache, WanModel
 from wan_ref.presets import PRESETS, Preset, get_preset
+from wan_ref.sample import sample
+from wan_ref.schedulers import SCHEDULERS, FlowMatchEuler, UniPCMultistep, make_scheduler
 
 __all__ = [
+    "FlowMatchEuler",
     "KVCache",
     "PRESETS",
     "Preset",
+    "SCHEDULERS",
+    "UniPCMultistep",
     "WanConfig",
     "WanModel",
     "get_preset",
     "load_diffusers",
+    "make_scheduler",
+    "sample",
     "save_diffusers",
 ]
