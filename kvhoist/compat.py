@@ -9,6 +9,8 @@ between the versions we support (jax 0.10 on Python 3.11, jax 0.12 on Python 3.1
 * jax 0.12 replaced scan's ``num_consts`` / ``num_carry`` params by ``ft_in`` / ``ft_out`` flat trees;
   :func:`scan_arity` and :func:`scan_params` read and write both forms.
 * ``jit`` (formerly ``pjit``), ``remat2`` and ``shard_map`` primitives are looked up by name.
+* Resizing avals, building literals and evaluating a primitive eagerly (the layout pass) go through
+  :func:`resize_aval`, :func:`literal`, :func:`rebuild_like`, :func:`eval_primitive`.
 
 Nothing outside this module imports ``jax._src``.
 """

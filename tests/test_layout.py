@@ -278,3 +278,30 @@ def test_pipeline_order_layout_then_licm_equals_licm_then_layout():
     assert 512 in shapes_in(b) and 384 not in shapes_in(b)
     # (a against the untouched program: test_wan_sampler_hoisted_for_v6e; one compile less here)
     assert rel_err(run(b, *args)[0], run(a, *args)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["wrong_mask", "debug_print", "reshape_merge", "padding_removed"])
+def test_refusals(case):
+    q, img = randn(5, (4, 8), (257, 8))
+
+    def f(q, img):
+        k = pad_tokens(img, 384)
+        if case == "wrong_mask":      # iota < 300 keeps 43 padded keys
+            return jax.nn.softmax(jnp.where(jnp.arange(384) < 300, q @ k.T, -jnp.inf), axis=-1) @ k
+        if case == "debug_print":
+            jax.debug.print("{}", k)
+        if case == "reshape_merge":
+            return masked_attention(q, k, k, 257) + k.reshape(-1)[:8].sum()
+        return masked_attention(q, k, k, 257)
+
+    closed = jax.make_jaxpr(f)(q, img)
+    if case == "padding_removed":    # 257 -> 257 at alignment 257: exp(-inf - m) in {0, nan} needs padding
+        new, report = repad_tokens(closed, "gpu", alignment=257)
+        reason = "removes it"
+    else:
+        new, report = repad_tokens(closed, "v6e")
+        reason = {"wrong_mask": "without a mask", "debug_print": "cannot see through",
+                  "reshape_merge": "merges the padded axis"}[case]
+    assert new is closed, report.table()
+    (skip,) = report.skipped
+    assert reason in skip.reason, skip.reason

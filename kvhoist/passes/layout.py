@@ -341,7 +341,8 @@ class ValueAnalysis:
         if name == "pad":
             if in_t[0] is None:
                 self._refuse(e, "a pad creates the padded axis")
-            return [ins[0] if ins[0] == ins[1] or ins[1] == FREE and ins[0][0] == "uniform" else self.uniformish(e, ins[:1])]
+            # A pad on another axis: the new entries hold the fill, still the same at every padded position.
+            return [ins[0] if ins[0] == ins[1] else self.uniformish(e, ins[:1])]
         if name == "concatenate":
             if any(t is None for t in in_t) or out_t[0] is None:
                 self._refuse(e, "a concatenate builds the padded axis")
