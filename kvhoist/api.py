@@ -207,8 +207,9 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
         if invariant_argnums is not None or invariant_argnames is not None:
             from kvhoist.host import HostHoistedFunction
 
-            return HostHoistedFunction(f, invariant_argnums=invariant_argnums or (),
-                                       invariant_argnames=invariant_argnames or (), target=target,
+            return HostHoistedFunction(f, invariant_argnums=() if invariant_argnums is None else invariant_argnums,
+                                       invariant_argnames=() if invariant_argnames is None else invariant_argnames,
+                                       target=target,
                                        static_argnums=static_argnums, static_argnames=static_argnames,
                                        max_cache_bytes=max_cache_bytes)
         return HoistedFunction(f, target=target, static_argnums=static_argnums,

@@ -249,6 +249,23 @@ def test_prepare_handle():
         handle(w, ctx * 2, x)
 
 
+def test_nothing_to_hoist_and_hoisted_value_returned():
+    f = kvhoist.hoist_invariants(lambda w, x: x * 2 + w, invariant_argnums=0)
+    w, _ctx, x = _fresh()
+    np.testing.assert_allclose(f(w[:4], x), x * 2 + w[:4])
+    assert f.prologue_runs == 0 and f.report(w[:4], x).notes[-1].kind == "host"
+
+    def g(w, ctx, x):
+        kv = jnp.tanh(ctx @ w)
+        return kv, x @ kv.T
+
+    h = kvhoist.hoist_invariants(g, invariant_argnums=(0, 1))
+    kv, y = h(w, ctx := _fresh()[1], x)
+    kv_ref, y_ref = g(w, ctx, x)
+    np.testing.assert_allclose(kv, kv_ref, rtol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5)
+
+
 def test_kwargs_static_and_pytrees():
     def g(params, x, *, scale):
         return x @ (params["a"] @ params["b"]) * scale
