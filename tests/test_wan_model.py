@@ -17,7 +17,7 @@ from wan_ref import KVCache, WanConfig, WanModel, get_preset, load_diffusers, sa
 from wan_ref.presets import PRESETS
 
 FP32_TOL = 1e-4  # max |diff| / max |ref| against diffusers in float32
-BF16_TOL = 5e-2  # bf16 wan_ref against float32 diffusers
+BF16_TOL = 2e-2  # bf16 wan_ref against float32 diffusers (observed ~6e-3; torch bf16 itself ~1.2e-2)
 
 
 def _inputs(cfg: WanConfig, *, batch=2, grid=(2, 4, 4), text_len=512, seed=0, per_token=False):
@@ -130,7 +130,7 @@ def test_save_diffusers_loads_in_diffusers(tmp_path):
 
 
 # ---- layout options give the same numbers --------------------------------------------------------------
-@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-i2v"])
+@pytest.mark.parametrize("name", ["tiny-i2v"])
 def test_scan_and_unrolled_layers_agree(tmp_path, name):
     pytest.importorskip("safetensors")
     scanned = _random_model(name)
@@ -142,10 +142,12 @@ def test_scan_and_unrolled_layers_agree(tmp_path, name):
                                rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,alignments", [("tiny-i2v", (1, 128, 256)), ("tiny-flf2v", (1, 256))])
+@pytest.mark.parametrize("name,alignments", [("tiny-i2v", (1, 128, 256)), ("tiny-flf2v", (128, 256))])
 def test_image_token_alignment_does_not_change_output(name, alignments):
     x, t, text, image = _inputs(get_preset(name).config)
-    outs = [np.asarray(_forward(_random_model(name, image_token_alignment=a), x, t, text, image))
+    # Unrolled i2v models and scanned flf2v ones reuse compilations of the parity tests.
+    scan = name == "tiny-flf2v"
+    outs = [np.asarray(_forward(_random_model(name, image_token_alignment=a, scan_layers=scan), x, t, text, image))
             for a in alignments]
     for out in outs[1:]:
         assert _rel(out, outs[0]) <= 1e-5
@@ -154,7 +156,7 @@ def test_image_token_alignment_does_not_change_output(name, alignments):
 def test_image_tokens_are_padded_and_masked_in_the_jaxpr():
     model = _random_model("tiny-i2v")
     x, t, text, image = _inputs(model.config)
-    cache = model.compute_kv_cache(text, image)
+    cache = jax.eval_shape(lambda m: m.compute_kv_cache(text, image), model)
     assert cache.image_k.shape == (2, 2, 384, 24) and cache.image_len == 257
     eqns = list(_all_eqns(jax.make_jaxpr(lambda m: m(x, t, text, image))(model).jaxpr))
     pads = [e for e in eqns if e.primitive.name == "pad"]
@@ -167,24 +169,20 @@ def test_image_tokens_are_padded_and_masked_in_the_jaxpr():
 def test_kv_cache_matches_uncached(name, scan_layers):
     model = _random_model(name, scan_layers=scan_layers)
     x, t, text, image = _inputs(model.config, per_token=name == "tiny-ti2v")
-    cache = jax.jit(lambda m, c, i: m.compute_kv_cache(c, i))(model, text, image)
+
+    @jax.jit  # one compile for cache, cached and uncached forward
+    def run(m, x, t, text, image):
+        cache = m.compute_kv_cache(text, image)
+        return cache, m(x, t, None, kv_cache=cache), m(x, t, text, image)
+
+    cache, out, ref = run(model, x, t, text, image)
     assert isinstance(cache, KVCache)
     if scan_layers:
         assert cache.text_k.shape == (2, 2, 512, 24)
     else:
         assert isinstance(cache.text_k, tuple) and cache.text_k[0].shape == (2, 512, 24)
     assert (cache.image_k is None) == (model.config.image_dim is None)
-    ref = np.asarray(_forward(model, x, t, text, image))
-    out = jax.jit(lambda m, c: m(x, t, None, kv_cache=c))(model, cache)
-    assert _rel(out, ref) <= 1e-6
-
-
-def test_per_token_timesteps_equal_broadcast_timestep():
-    model = _random_model("tiny-ti2v")
-    x, _, text, _ = _inputs(model.config, batch=1)
-    per_token = jnp.full((1, 8), 500.0)
-    np.testing.assert_allclose(_forward(model, x, per_token, text), _forward(model, x, jnp.array([500.0]), text),
-                               atol=1e-6)
+    assert _rel(out, np.asarray(ref)) <= 1e-6
 
 
 # ---- tracing: model as an argument, weights as jaxpr inputs, named scopes --------------------------------

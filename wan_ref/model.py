@@ -38,7 +38,11 @@ IMAGE_TOKENS_PER_FRAME = 257  # CLIP ViT-H/14 penultimate layer: 256 patches + c
 # Layers
 # --------------------------------------------------------------------------------------------------------
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
-    return (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+    # Drawn at a power-of-two length and reshaped: eager init then compiles the RNG for a handful of sizes
+    # instead of once per parameter shape (seconds on CPU for a tiny model).
+    size = math.prod(shape)
+    draw = jax.random.normal(rngs.params(), (1 << max(size - 1, 0).bit_length(),), F32)
+    return (std * draw[:size].reshape(shape)).astype(dtype)
 
 
 class Linear(nnx.Module):
