@@ -245,7 +245,8 @@ class Licm:
                     if is_var(a) and a in prod and prod[a] not in selected:
                         stack.append(prod[a])
 
-        seeds = [k for k in sorted(invariant_idx)
+        live = _live(eqns, block_outvars)
+        seeds = [k for k in sorted(invariant_idx & live)
                  if not cost.is_shape_only(eqns[k]) and cost.eqn_flops(eqns[k]) >= self.min_flops]
         close(seeds)
         # A split is all-or-nothing: its pre-equations only make sense together.
@@ -358,6 +359,20 @@ class Licm:
                 dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
                 trip_count=trips, flops_saved=saved, loop=loop.describe(), via=ext.via.get(v, ("licm",)),
                 primitives=prims))
+
+
+def _live(eqns, outvars) -> set:
+    """Indices of equations whose results reach ``outvars`` or an effect (dead work is XLA's to drop)."""
+    need = {a for a in outvars if is_var(a)}
+    live = set()
+    for k in range(len(eqns) - 1, -1, -1):
+        e = eqns[k]
+        if e is None:
+            continue
+        if e.effects or any(is_var(v) and v in need for v in e.outvars):
+            live.add(k)
+            need.update(a for a in e.invars if is_var(a))
+    return live
 
 
 class _Noop:
