@@ -111,7 +111,7 @@ CONFIGS: dict[str, BenchConfig] = {
         "Wan 2.1 14B 480p proportions (32760 latent : 512 text tokens = 64:1) scaled down 64x: "
         "512 latent tokens vs 8 text tokens, D=128, 4 layers",
         heads=2, head_dim=64, ffn_dim=352, num_layers=4, text_dim=104, text_tokens=8,
-        latent_fhw=(2, 32, 32), steps=6,
+        latent_fhw=(2, 32, 32), steps=4,
         # diffusers' I2V needs exactly 512 text tokens; at 64:1 that is ~32k latent tokens.
         i2v=False),
 }
@@ -474,8 +474,9 @@ def bench_form(cfg: BenchConfig, form: Form, *, repeats: int, warmup: int = 1) -
 
     plain_fn = partial_sample()
     hand_fn = partial_sample(kv_cache=True)
-    flops["plain"] = jaxpr_flops(jax.make_jaxpr(plain_fn)(*args, **traced))
     flops["hand"] = jaxpr_flops(jax.make_jaxpr(hand_fn)(*args, **traced))
+    if form.loop == "python":  # the Python loop traces to one jitted step call per step
+        flops["plain"] = jaxpr_flops(jax.make_jaxpr(plain_fn)(*args, **traced))
 
     if form.loop == "python":
         # The step is jitted inside sample(); the Python loop itself stays Python.
@@ -494,6 +495,7 @@ def bench_form(cfg: BenchConfig, form: Form, *, repeats: int, warmup: int = 1) -
         before, after = hoisted.jaxprs(*args, **traced)
         result["hoist_trace_rewrite_s"] = time.perf_counter() - t0
         report = hoisted.report(*args, **traced)
+        flops["plain"] = jaxpr_flops(before)  # what hoist_invariants traced is exactly jax.jit's program
         flops["hoisted"] = jaxpr_flops(after)
         cache_bytes["hoisted"] = report.cache_bytes
         result["hoisted_values"] = len(report.hoisted)
@@ -537,6 +539,11 @@ def bench_form(cfg: BenchConfig, form: Form, *, repeats: int, warmup: int = 1) -
     result["ratios"] = {"hoisted_over_hand": ratio(med["hoisted"], med["hand"]),
                         "plain_over_hoisted": ratio(med["plain"], med["hoisted"]),
                         "plain_over_hand": ratio(med["plain"], med["hand"])}
+    # The same ratios from the fastest repeat: less sensitive to other processes on a shared machine.
+    best = {n: result["variants"][n].get("min_s") for n in VARIANTS}
+    result["ratios_min"] = {"hoisted_over_hand": ratio(best["hoisted"], best["hand"]),
+                            "plain_over_hoisted": ratio(best["plain"], best["hoisted"]),
+                            "plain_over_hand": ratio(best["plain"], best["hand"])}
     result["predicted"] = {"plain_over_hoisted": ratio(flops.get("plain"), flops.get("hoisted")),
                            "plain_over_hand": ratio(flops.get("plain"), flops.get("hand"))}
     result["peak_rss_mib_after"] = _peak_rss_mib()
@@ -620,23 +627,28 @@ def pass_overhead(*, preset: str = "wan2.1-t2v-14b", num_layers: int | None = No
 
 
 def check_targets(results: list[dict]) -> list[dict]:
-    """The brief's targets, evaluated on measured medians: each row says which held and by how much."""
+    """The brief's targets, on the median ratios (``value``/``ok``) and on the fastest-repeat ratios
+    (``value_min``/``ok_min``); each row says which held and by how much."""
     checks = []
+
+    def add(target, where, test, med, best):
+        checks.append({"target": target, "where": where, "value": med, "ok": None if med is None else test(med),
+                       "value_min": best, "ok_min": None if best is None else test(best)})
+
     for r in results:
-        rat, pred = r["ratios"], r["predicted"]
+        rat, rmin, pred = r["ratios"], r["ratios_min"], r["predicted"]
         where = f"{r['config']} / {r['form']}"
-        hh = rat["hoisted_over_hand"]
-        checks.append({"target": "hoisted <= 1.03x hand-written", "where": where, "value": hh,
-                       "ok": None if hh is None else hh <= 1.03})
+        add("hoisted <= 1.03x hand-written", where, lambda x: x <= 1.03, rat["hoisted_over_hand"],
+            rmin["hoisted_over_hand"])
         ph, pp = rat["plain_over_hoisted"], pred["plain_over_hoisted"]
         if ph is None or pp is None:
             continue
         if r["xla_hoists_expected"]:
-            checks.append({"target": "plain/hoisted ~ 1.0 where XLA hoists (0.95..1.05)", "where": where,
-                           "value": ph, "ok": 0.95 <= ph <= 1.05})
+            add("plain/hoisted ~ 1.0 where XLA hoists (0.95..1.05)", where, lambda x: 0.95 <= x <= 1.05, ph,
+                rmin["plain_over_hoisted"])
         elif r["loop"] != "python":
-            checks.append({"target": "plain/hoisted >= 0.9x predicted where XLA misses", "where": where,
-                           "value": ph / pp, "ok": ph >= 0.9 * pp})
+            add("(plain/hoisted) / predicted >= 0.9 where XLA misses", where, lambda x: x >= 0.9, ph / pp,
+                rmin["plain_over_hoisted"] / pp)
     return checks
 
 
@@ -677,10 +689,11 @@ def render_markdown(data: dict) -> str:
                    f"{c['description']} |")
     out += ["", "## Times and ratios", "",
             "| config | form | layers | plain ms | hand ms | hoisted ms | hoisted/hand | plain/hoisted measured "
-            "| predicted | measured/predicted | plain/hand measured | plain/hand predicted |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| predicted | measured/predicted | plain/hand measured | plain/hand predicted | from fastest repeats: "
+            "hoisted/hand, plain/hoisted |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
-        v, rat, pred = r["variants"], r["ratios"], r["predicted"]
+        v, rat, pred, rm = r["variants"], r["ratios"], r["predicted"], r["ratios_min"]
         eff = None
         if rat["plain_over_hoisted"] is not None and pred["plain_over_hoisted"]:
             eff = rat["plain_over_hoisted"] / pred["plain_over_hoisted"]
@@ -688,7 +701,7 @@ def render_markdown(data: dict) -> str:
         out.append(f"| {r['config']} | {r['form']} | {r['layers']} | {_ms(v['plain'])} | {_ms(v['hand'])} | "
                    f"{hoisted_cell} | {_f(rat['hoisted_over_hand'])} | {_f(rat['plain_over_hoisted'])} | "
                    f"{_f(pred['plain_over_hoisted'])} | {_f(eff)} | {_f(rat['plain_over_hand'])} | "
-                   f"{_f(pred['plain_over_hand'])} |")
+                   f"{_f(pred['plain_over_hand'])} | {_f(rm['hoisted_over_hand'])}, {_f(rm['plain_over_hoisted'])} |")
     out += ["", "## Memory", "",
             "Cache = bytes held across the step loop: `report.cache_bytes` for hoisted, the `KVCache` pytrees "
             "(one per expert) for hand, nothing for plain. XLA temp = `compiled.memory_analysis()."
@@ -717,10 +730,14 @@ def render_markdown(data: dict) -> str:
                        f"{p['xla_lower_s']:.2f} | {p['xla_compile_s']:.2f} | "
                        f"{p['hoisted_lower_s'] + p['hoisted_compile_s']:.2f} | {p['overhead_fraction']:.2f} | "
                        f"{p['hoisted_values']} | {p['cache_bytes'] / 2**20:.0f} MiB | {p['predicted_speedup']:.5f} |")
-    out += ["", "## Targets", "", "| target | where | value | held |", "|---|---|---|---|"]
+    out += ["", "## Targets", "", "| target | where | median value | held | fastest-repeat value | held |",
+            "|---|---|---|---|---|---|"]
+
+    def held(ok):
+        return "n/a" if ok is None else ("yes" if ok else "**no**")
     for c in data["targets"]:
-        held = "n/a" if c["ok"] is None else ("yes" if c["ok"] else "**no**")
-        out.append(f"| {c['target']} | {c['where']} | {_f(c['value'])} | {held} |")
+        out.append(f"| {c['target']} | {c['where']} | {_f(c['value'])} | {held(c['ok'])} | "
+                   f"{_f(c['value_min'])} | {held(c['ok_min'])} |")
     if data.get("notes"):
         out += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     return "\n".join(out) + "\n"
@@ -731,7 +748,7 @@ def render_markdown(data: dict) -> str:
 # ------------------------------------------------------------------------------------------------------
 
 
-def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int = 5, warmup: int = 1,
+def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int = 7, warmup: int = 1,
                    overhead: bool = True, overhead_layers: int | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """Runs every (config, form) and the pass-overhead measurement; returns the JSON-ready dict."""
@@ -849,6 +866,10 @@ def quick(*, repeats: int = 10, log: Callable[[str], None] = lambda s: print(s, 
     cases: list[tuple[str, Callable, tuple, dict, int]] = []
     key = jax.random.key(0)
     d, text, tokens, layers, steps, batch = 1024, 512, 1024, 8, 20, 2
+    if jax.default_backend() == "cpu":  # a smoke-test size: the real sizes are for an accelerator
+        d, text, tokens, layers, steps = 128, 64, 64, 2, 4
+    summary["toy"] = {"d": d, "text_tokens": text, "latent_tokens": tokens, "layers": layers, "steps": steps,
+                      "batch": batch}
     ctx = jax.random.normal(key, (batch, text, d), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (batch, tokens, d), jnp.float32)
     for stacked in (False, True):
@@ -861,6 +882,8 @@ def quick(*, repeats: int = 10, log: Callable[[str], None] = lambda s: print(s, 
     try:
         from wan_ref.sample import sample
         cfg = CONFIGS["small"]
+        if jax.default_backend() == "cpu":
+            cfg = dataclasses.replace(cfg, steps=2, num_layers=2)
         case = build_case(cfg, FORMS["scan x unrolled"])
         static, traced = _split_kwargs(case.kwargs)
 
@@ -919,7 +942,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark config(s) (repeatable; default: all)")
     parser.add_argument("--form", action="append", choices=list(FORMS), default=None,
                         help="sampler form(s) (repeatable; default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after compiling (default 1)")
     parser.add_argument("--no-overhead", dest="overhead", action="store_false",
                         help="skip the pass-overhead measurement on the abstract 14B sampler")
