@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from kvhoist import compat
 
@@ -278,11 +278,13 @@ class DimAnalysis:
 
     # -- union-find ------------------------------------------------------------------------------
     def find(self, s: Slot) -> Slot:
-        p = self._parent.setdefault(s, s)
-        if p is s or p == s:
-            return s
-        root = self.find(p)
-        self._parent[s] = root
+        # Iterative with path compression: classes in a large program form long chains.
+        parent = self._parent
+        root = parent.setdefault(s, s)
+        while parent[root] != root:
+            root = parent[root]
+        while s != root:
+            parent[s], s = root, parent[s]
         return root
 
     def union(self, a: Slot, b: Slot) -> None:
@@ -343,5 +345,3 @@ class DimAnalysis:
 def sub_key(key: ScopeKey, eqn_index: int, param: str, branch: int | None) -> ScopeKey:
     return key + ((eqn_index, param, branch),)
 
-
-EdgeFn = Callable[[Any], "list[Edge] | None"]
