@@ -180,6 +180,7 @@ def _pct(x: float | None) -> str:
 # -- commands ---------------------------------------------------------------------------------------------
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """``kvhoist diff``: summary table, then the unified / side-by-side diff; ``--html`` page."""
     from kvhoist.diff import JaxprDiff
 
     prog = _program(args)
@@ -226,6 +227,7 @@ def report_dict(prog: Any, before: Any, after: Any, report: Any) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``kvhoist report``: the hoisting report as tables (``--json``: :func:`report_dict`)."""
     import json
 
     from kvhoist.report import _fmt_rows, human_bytes, human_flops
@@ -272,6 +274,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
+    """``kvhoist graph``: the dependence graph of the hoisted values to ``--out``."""
     from kvhoist.graph import hoisted_graph, write_graph
 
     if not args.out.endswith((".dot", ".svg")):
@@ -336,6 +339,7 @@ def _median_time(fn, repeats: int) -> tuple[Any, float]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``kvhoist demo``: plain vs hand-written cache vs ``@hoist_invariants`` on a small random Wan."""
     import functools
 
     import jax
@@ -377,6 +381,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
+    """``kvhoist bench``: delegate to :mod:`kvhoist.bench` (imported lazily; exit 2 if missing)."""
     try:
         from kvhoist import bench
     except ImportError as err:

@@ -385,11 +385,13 @@ def dots_per_step(j: Any) -> int | None:
 
 
 def flops_per_step(j: Any) -> int | None:
+    """FLOPs of one iteration of the step loop (:func:`step_loop`), or None without a loop."""
     loop = step_loop(j)
     return None if loop is None else cost.jaxpr_flops(_body(loop))
 
 
 def count_eqns(j: Any) -> int:
+    """Equations of a jaxpr at every nesting level."""
     return sum(1 for _ in _walk(j))
 
 
@@ -440,6 +442,7 @@ class JaxprDiff:
 
     # -- summary ---------------------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str, str]]:
+        """``(label, before, after)`` rows of the summary table."""
         b, a = self.before, self.after
         rows = [("equations (all levels)", f"{count_eqns(b):,}", f"{count_eqns(a):,}"),
                 ("dot_general equations", f"{cost.count_primitives(b, 'dot_general'):,}",
@@ -451,10 +454,12 @@ class JaxprDiff:
         rows.append(("FLOPs per run", human_flops(cost.jaxpr_flops_run(b)), human_flops(cost.jaxpr_flops_run(a))))
         rows.append(("equations moved out of a loop", "", f"{self.hoisted_count:,}"))
         if self.report is not None:
-            rows.append(("hoisted values (cache)", "", f"{len(self.report.hoisted)} ({human_bytes(self.report.cache_bytes)})"))
+            cache = human_bytes(self.report.cache_bytes)
+            rows.append(("hoisted values (cache)", "", f"{len(self.report.hoisted)} ({cache})"))
         return rows
 
     def summary_table(self, max_values: int = 12) -> str:
+        """The summary as text: counts before/after, then the hoisted values grouped by layer-free name."""
         rows = [("", "before", "after")] + self.summary_rows()
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)

@@ -136,5 +136,6 @@ def write_graph(g: nx.DiGraph, path: str, *, title: str = "hoisted") -> tuple[st
         alt = path[:-4] + ".dot"
         with open(alt, "w") as f:
             f.write(text)
-        return alt, f"dot failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}); wrote {alt}"
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        return alt, f"dot failed ({why}); wrote {alt}"
     return path, f"wrote {path} ({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)"
