@@ -161,6 +161,7 @@ _SPECIAL = {"0": 0.0, "-inf": -math.inf, "inf": math.inf, "nan": math.nan}
 _SAMPLES = (-math.inf, -1e30, -1.5, -0.0, 0.0, 1.5, 1e30, math.inf, math.nan)
 _SAMPLED = frozenset({"add", "sub", "mul", "div", "neg", "exp", "exp2", "max", "min", "convert_element_type",
                       "stop_gradient", "copy", "copy_p", "abs"})
+_MIXING = REDUCTIONS | {"dot_general", "slice"}  # rules that check how padding drops out
 _COMPARE = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 FREE = ("free",)  # a value without the padded axis: uniform along it, value unknown
 
@@ -318,6 +319,16 @@ class ValueAnalysis:
             return self.higher(key, i, e, ins, touches)
         if not touches:
             return [self.fold_scalars(e, ins)]
+        outs = self.first_order(key, i, e, ins, in_t, out_t)
+        # Safety net: padded positions may leave the padded axis only through the mixing rules
+        # above, which prove they drop out (reductions, contractions, slices of real positions).
+        if any(t is not None for t in in_t) and name not in _MIXING and \
+                any(is_var(o) and t is None for o, t in zip(e.outvars, out_t)):
+            self._refuse(e, "padded values leave the padded axis")
+        return outs
+
+    def first_order(self, key, i, e, ins, in_t, out_t) -> list:
+        name = e.primitive.name
         if (key, i) in self.cands:
             return [("uniform",)]  # the fill: deliberately not a known value (a zero pad is no mask)
         if name in ELEMENTWISE:
@@ -339,8 +350,8 @@ class ValueAnalysis:
         if name == "slice":
             return [self.slice_(e, ins[0], in_t[0], out_t[0])]
         if name == "pad":
-            if in_t[0] is None:
-                self._refuse(e, "a pad creates the padded axis")
+            if in_t[0] is None or out_t[0] != in_t[0]:
+                self._refuse(e, "a second pad on the padded axis")
             # A pad on another axis: the new entries hold the fill, still the same at every padded position.
             return [ins[0] if ins[0] == ins[1] else self.uniformish(e, ins[:1])]
         if name == "concatenate":
