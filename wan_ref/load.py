@@ -16,7 +16,6 @@ import os
 import warnings
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -553,7 +553,8 @@ class WanModel(nnx.Module):
             with jax.named_scope("image_token_pad"):
                 # lax.pad (what jnp.pad lowers to) so the jaxpr shows one top-level `pad` equation, not a
                 # pad nested in jnp.pad's jit wrapper.
-                image = jax.lax.pad(image, jnp.zeros((), image.dtype), ((0, 0, 0), (0, padded - true_len, 0), (0, 0, 0)))
+                widths = ((0, 0, 0), (0, padded - true_len, 0), (0, 0, 0))
+                image = jax.lax.pad(image, jnp.zeros((), image.dtype), widths)
         return image, self._image_mask(padded, true_len)
 
     def _check_latents(self, x) -> tuple[int, int, int]:
