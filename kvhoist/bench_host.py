@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp

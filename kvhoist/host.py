@@ -142,12 +142,8 @@ class _Program:
     prologue_inv: list       # indices into the invariant leaves read by the prologue
     step_inv: list           # ... read by the step directly
     step_var: list           # indices into the varying leaves read by the step
-    prologue_fn: Callable
+    prologue_fn: Callable | None  # None when nothing was hoisted
     step_fn: Callable
-
-    @property
-    def has_prologue(self) -> bool:
-        return bool(self.prologue_fn is not None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,11 +389,11 @@ class HostHoistedFunction:
         return _Call(layout, inv_leaves, var_leaves)
 
     def _rebuild(self, layout: _Layout, inv_leaves: Sequence, var_leaves: Sequence) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for ``fun`` from the flat leaves (the inverse of :meth:`_bind`)."""
         inv = iter(jax.tree_util.tree_unflatten(layout.inv_tree, list(inv_leaves)))
         var = iter(jax.tree_util.tree_unflatten(layout.var_tree, list(var_leaves)))
         static = dict(layout.static)
-        args, kwargs, star, starstar = [], {}, [], {}
-        values = {}
+        star, starstar, values = [], {}, {}
         for slot, cls in layout.slots:
             v = static[slot] if cls == _STATIC else next(inv) if cls == _INVARIANT else next(var)
             if isinstance(slot, tuple) and slot[0] == "*":
@@ -415,8 +411,7 @@ class HostHoistedFunction:
                 values[p.name] = starstar
         bound = inspect.BoundArguments(self._signature, {k: values[k] for k in self._signature.parameters
                                                          if k in values})
-        args, kwargs = bound.args, bound.kwargs
-        return args, kwargs
+        return bound.args, bound.kwargs
 
     # -- tracing and splitting --------------------------------------------------------------------
     def _program(self, call: _Call) -> _Program:
