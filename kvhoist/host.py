@@ -483,7 +483,8 @@ class HostHoistedFunction:
         report = report.merge(engine.report)
         # One "run" of a host-hoisted step is one call: a hoisted value saves its work on every call after
         # the one that filled the cache.
-        report.hoisted = [dataclasses.replace(h, flops_saved=h.flops_per_iteration) for h in report.hoisted]
+        report.hoisted = [dataclasses.replace(h, flops_saved=h.flops_per_iteration, loop=f"calls of {self.__name__}")
+                          for h in report.hoisted]
         report.total_flops_before = cost.jaxpr_flops_run(before)
         report.total_flops_after = cost.jaxpr_flops_run(step)
         if ext.empty:
