@@ -276,6 +276,21 @@ def test_python_loop_compiles_one_step_and_bakes_no_weights():
     assert not [c for c in _all_consts(closed) if np.size(c) > 64]
 
 
+def test_python_loop_step_fn_hook():
+    """`step_fn` (the host-loop hoisting hook) is called once per step with the undecorated step's signature."""
+    sample_module = importlib.import_module("wan_ref.sample")
+    jitted = jax.jit(sample_module.one_step, static_argnames=("plan",))
+    calls = []
+
+    def step_fn(plan, expert, shared, latents, state):
+        calls.append(plan)
+        return jitted(plan, expert, shared, latents, state)
+
+    got = _run("tiny-t2v-a14b", loop="python", step_fn=step_fn)
+    assert len(calls) == STEPS
+    assert _rel(got, _default_run("tiny-t2v-a14b")) <= FORMS_TOL
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -307,6 +322,8 @@ def test_errors_name_the_fix():
         sample(model, x, pe, condition=jnp.zeros((1, 3, 1, 4, 4)), expand_timesteps=True, **kw)
     with pytest.raises(ValueError, match=r"negative_prompt_embeds .* must have the shape of prompt_embeds"):
         sample(model, x, pe, jnp.zeros((1, 9, 32)), **kw)
+    with pytest.raises(ValueError, match=r"step_fn is only used by loop='python'"):
+        sample(model, x, pe, step_fn=lambda *a: a, **kw)
     with pytest.raises(ValueError, match=r"no model has an image branch"):
         sample(model, x, pe, image_embeds=jnp.zeros((1, 5, 24)), **kw)
     del preset
