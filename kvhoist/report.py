@@ -61,6 +61,10 @@ class HoistedValue:
     loop: str
     via: tuple = ("licm",)
     primitives: dict = dataclasses.field(default_factory=dict)
+    #: True when ``flops_saved`` assumes the value was needed every iteration although it came out
+    #: of a ``cond`` branch (speculation): each branch runs only on some iterations, so the real
+    #: saving is ``flops_per_iteration * (runs of its branch - 1)``, which the pass cannot see.
+    upper_bound: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,10 @@ class Report:
         return sum(h.flops_saved or 0 for h in self.hoisted)
 
     @property
+    def flops_saved_is_upper_bound(self) -> bool:
+        return any(h.upper_bound for h in self.hoisted)
+
+    @property
     def flops_saved_fraction(self) -> float | None:
         if not self.total_flops_before:
             return None
@@ -136,6 +144,7 @@ class Report:
                 "total_flops_before": self.total_flops_before,
                 "total_flops_after": self.total_flops_after,
                 "flops_saved_fraction": self.flops_saved_fraction,
+                "flops_saved_is_upper_bound": self.flops_saved_is_upper_bound,
             },
         }
 
@@ -145,9 +154,10 @@ class Report:
     def summary(self) -> str:
         frac = self.flops_saved_fraction
         share = f" ({100 * frac:.3f}% of the program's FLOPs)" if frac is not None else ""
+        bound = "up to " if self.flops_saved_is_upper_bound else ""
         lines = [
             f"hoisted {len(self.hoisted)} value(s), cache {human_bytes(self.cache_bytes)}, "
-            f"saves {human_flops(self.flops_saved)} FLOPs per run{share}; "
+            f"saves {bound}{human_flops(self.flops_saved)} FLOPs per run{share}; "
             f"skipped {len(self.skipped)}"
         ]
         kinds: dict = {}
@@ -162,7 +172,8 @@ class Report:
         hs = self.hoisted if max_rows is None else self.hoisted[:max_rows]
         for h in hs:
             rows.append((h.name, "x".join(map(str, h.shape)) or "()", h.dtype, human_bytes(h.bytes),
-                         human_flops(h.flops_per_iteration), human_flops(h.flops_saved), h.loop,
+                         human_flops(h.flops_per_iteration),
+                         ("≤" if h.upper_bound else "") + human_flops(h.flops_saved), h.loop,
                          "+".join(h.via), h.source))
         out = [_fmt_rows(rows)]
         if max_rows is not None and len(self.hoisted) > max_rows:
@@ -173,6 +184,9 @@ class Report:
                 out.append(f"  {s.name} ({s.source}): {s.reason}")
         for n in self.notes:
             out.append(f"[{n.kind}] {n.message}")
+        if self.flops_saved_is_upper_bound:
+            out.append("≤: speculated out of a cond branch; counted as if the branch ran every iteration "
+                       "(an upper bound: each branch runs only on its own iterations)")
         out.append(self.summary())
         return "\n".join(out)
 

@@ -68,6 +68,7 @@ class Split:
     kind: str
     note: str = ""
     extra_bytes: int = 0
+    nested: frozenset = frozenset()   # rewrite kinds that happened inside (fission inside a branch, ...)
 
 
 @dataclasses.dataclass
@@ -79,6 +80,7 @@ class Extraction:
     crossing: list                # variables defined by `hoisted` that the residual block still needs
     used_invars: list             # the block's (invariant) inputs that `hoisted` reads
     via: dict                     # crossing var -> tuple of rewrite kinds that produced it
+    kinds: frozenset = frozenset()  # every rewrite kind used, nested ones included
 
     @property
     def empty(self) -> bool:
@@ -224,7 +226,8 @@ class Licm:
         used_invars = [v for v in block.invars if v in read]
         assert not (read - defined - inv_in), "hoisted equations read a variant value"
         via = self._via(hoisted, crossing, kept_units, eqns)
-        ext = Extraction(hoisted, residual, crossing, used_invars, via)
+        kinds = frozenset(k for _o, _p, _q, sp in kept_units for k in ({sp.kind} | set(sp.nested)))
+        ext = Extraction(hoisted, residual, crossing, used_invars, via, kinds)
         if charge and not ext.empty:
             self._record(ext)
         return ext
@@ -322,7 +325,7 @@ class Licm:
         kinds_of_eqn = {}
         for _orig, pre_idx, _post, split in kept_units:
             for i in pre_idx:
-                kinds_of_eqn[id(eqns[i])] = split.kind
+                kinds_of_eqn[id(eqns[i])] = {split.kind} | set(split.nested)
         prod = producers(hoisted)
         via = {}
         for v in crossing:
@@ -335,7 +338,7 @@ class Licm:
                 seen.add(k)
                 e = hoisted[k]
                 if id(e) in kinds_of_eqn:
-                    kinds.add(kinds_of_eqn[id(e)])
+                    kinds.update(kinds_of_eqn[id(e)])
                 kinds.update(getattr(e, "_kvhoist_via", ()))
                 stack.extend(prod[a] for a in e.invars if is_var(a) and a in prod)
             via[v] = ("licm",) + tuple(sorted(kinds))
@@ -358,7 +361,7 @@ class Licm:
                 name=name or "(unnamed)", source=src, shape=tuple(int(d) for d in v.aval.shape),
                 dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
                 trip_count=trips, flops_saved=saved, loop=loop.describe(), via=ext.via.get(v, ("licm",)),
-                primitives=prims))
+                primitives=prims, upper_bound="speculation" in ext.via.get(v, ())))
 
 
 def _live(eqns, outvars) -> set:

@@ -50,7 +50,8 @@ class CallRule(_Recurse):
         params = compat.extend_call_params(name, eqn.params, len(ext.crossing))
         params[key] = new_body.like(body_j)
         post = eqn.replace(invars=list(eqn.invars) + [sub[v] for v in ext.crossing], params=params)
-        return Split(pre, [post], "call", f"lifted {len(pre)} invariant equation(s) out of {name}")
+        return Split(pre, [post], "call", f"lifted {len(pre)} invariant equation(s) out of {name}",
+                     nested=ext.kinds)
 
 
 @register("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map")

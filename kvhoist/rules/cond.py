@@ -54,4 +54,5 @@ class CondRule:
         nbytes = sum(aval_bytes(v.aval) for v in flat_new)
         return Split(pre, [post], "speculation",
                      f"speculated {len(pre)} invariant equation(s) out of a {len(branches)}-way cond "
-                     f"({nbytes} bytes of results for all branches)", nbytes)
+                     f"({nbytes} bytes of results for all branches)", nbytes,
+                     frozenset().union(*(x.kinds for x in exts)))

@@ -131,4 +131,4 @@ class ScanRule:
         return Split([a_eqn], [b_eqn], "fission",
                      f"fissioned scan(length={length}) at {compat.source_line(eqn)}: "
                      f"{len(ext.hoisted)} equation(s) per iteration moved to a separate scan "
-                     f"producing {len(stacked)} stacked value(s), {nbytes} bytes", nbytes)
+                     f"producing {len(stacked)} stacked value(s), {nbytes} bytes", nbytes, ext.kinds)
