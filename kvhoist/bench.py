@@ -26,6 +26,7 @@ reported (``targets`` in the JSON) so a reader sees which held.
 Example:
     $ python -m kvhoist.bench --out docs/benchmarks.json --markdown docs/benchmarks.md
     $ python -m kvhoist.bench --quick            # on a GPU/TPU machine
+    $ python kvhoist/bench.py --quick            # the same, with only jax installed (no kvhoist deps)
 """
 
 from __future__ import annotations
@@ -1016,4 +1017,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if __package__ in (None, ""):
+        # Run as a file (`python kvhoist/bench.py --quick`): importing the kvhoist package needs networkx
+        # and flax, which a bare accelerator machine may lack; the file itself needs only jax + numpy.
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+        sys.path.insert(0, os.path.dirname(here))
     sys.exit(_cli())
