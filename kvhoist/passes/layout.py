@@ -416,7 +416,8 @@ class ValueAnalysis:
         if any(p[0] == "iota" for p in ins):
             return self.iota_compare(e, ins)
         if any(p[0] == "masked" for p in ins):
-            if name in ("add", "sub") and ins[0][0] == "masked" and ins[1][0] in ("uniform", "free", "masked"):
+            # (masked - masked cancels the bias: not masked any more)
+            if name in ("add", "sub") and ins[0][0] == "masked" and ins[1][0] in ("uniform", "free"):
                 return ins[0]
             if name == "add" and ins[1][0] == "masked" and ins[0][0] in ("uniform", "free"):
                 return ins[1]
@@ -498,8 +499,6 @@ class ValueAnalysis:
             s = _as_set(pv)
             if s is not None and name in ("reduce_sum", "reduce_max", "reduce_min"):
                 return ("set", s | {"nan"})
-            if name in ("argmax", "argmin"):
-                return self.uniformish(e, [pv])
             return self.uniformish(e, [pv])
         # Positions mix along the padded axis: the padding must drop out.
         if pv[0] in ("unknown", "iota", "uniform", "free"):
