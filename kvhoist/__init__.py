@@ -6,15 +6,19 @@ not depend on the loop, and moves it out — including out of nested layer scans
 ``cond``s (speculation), which XLA's own loop-invariant code motion never touches.
 
 Public API:
-  hoist_invariants  decorator: trace, rewrite, compile, cache per signature
+  hoist_invariants  decorator: trace, rewrite, compile, cache per signature; with
+                    invariant_argnums/argnames, a host-loop step split into a cached prologue
   licm              the hoisting pass on a ClosedJaxpr
   optimize          the whole pipeline on a ClosedJaxpr
   repad_tokens      the layout pass: re-pad masked token axes to a target's MXU tile
   targets           TPU generations and their tiles (get_target, detect_target)
+  repad_tokens      the layout pass (image-token padding for a target's MXU tile)
+  targets           TPU generations and their MXU tiles
   Report            what a pass did
 """
 
 from kvhoist.api import HoistedFunction, KvhoistError, TraceError, hoist_invariants
+from kvhoist.host import HostHoistedFunction
 from kvhoist import targets
 from kvhoist.passes.layout import repad_tokens
 from kvhoist.passes.licm import licm
@@ -24,6 +28,6 @@ from kvhoist.report import HoistedValue, Note, Report, Skipped
 __version__ = "0.1.0"
 
 __all__ = [
-    "hoist_invariants", "HoistedFunction", "licm", "optimize", "Report", "HoistedValue", "Skipped",
+    "hoist_invariants", "HoistedFunction", "HostHoistedFunction", "licm", "optimize", "Report", "HoistedValue", "Skipped",
     "Note", "KvhoistError", "TraceError", "repad_tokens", "targets",
 ]
