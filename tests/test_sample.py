@@ -128,6 +128,8 @@ _FORMS = {
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_loop_forms_and_kv_cache_agree(name):
+    assert {loop for loop, _ in _FORMS[name]} | {"scan"} == set(LOOPS)
+    assert {kv for _, kv in _FORMS[name]} == {False, True}
     base = _default_run(name)
     assert np.all(np.isfinite(base))
     for loop, kv_cache in _FORMS[name]:
