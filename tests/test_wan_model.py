@@ -258,6 +258,12 @@ def test_real_preset_dimensions():
     assert get_preset("tiny-t2v").latent_shape() == (1, 4, 2, 4, 4)
 
 
+def test_real_preset_parameter_count():
+    # Abstract build only; diffusers' Wan2.1-T2V-1.3B transformer has ~1.42e9 parameters.
+    abstract = nnx.eval_shape(lambda: WanModel(get_preset("wan2.1-t2v-1.3b").config, rngs=nnx.Rngs(0)))
+    assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(abstract)) == 1_418_996_800
+
+
 @pytest.mark.parametrize("name", sorted(p for p in PRESETS if p.startswith("tiny")))
 def test_tiny_presets_trace(name):
     preset = get_preset(name)

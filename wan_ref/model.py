@@ -37,19 +37,35 @@ IMAGE_TOKENS_PER_FRAME = 257  # CLIP ViT-H/14 penultimate layer: 256 patches + c
 # --------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+class KeyStream:
+    """Fresh PRNG keys by `fold_in` on one key drawn from the user's `nnx.Rngs`.
+
+    Drawing every parameter's key from `nnx.Rngs` costs ~40 ms per draw under `nnx.eval_shape` (flax updates
+    a traced counter variable), i.e. ~30 s to build a 14B model abstractly; one draw plus fold_in is cheap.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key = key
+        self.count = 0
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def _normal(keys: KeyStream, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
     # Drawn at a power-of-two length and reshaped: eager init then compiles the RNG for a handful of sizes
     # instead of once per parameter shape (seconds on CPU for a tiny model).
     size = math.prod(shape)
-    draw = jax.random.normal(rngs.params(), (1 << max(size - 1, 0).bit_length(),), F32)
+    draw = jax.random.normal(keys(), (1 << max(size - 1, 0).bit_length(),), F32)
     return (std * draw[:size].reshape(shape)).astype(dtype)
 
 
 class Linear(nnx.Module):
     """`torch.nn.Linear` with the kernel stored [in, out] (diffusers' weight transposed); computes in `dtype`."""
 
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), in_features ** -0.5, param_dtype))
+    def __init__(self, in_features: int, out_features: int, *, keys: KeyStream, param_dtype: Any, dtype: Any):
+        self.kernel = nnx.Param(_normal(keys, (in_features, out_features), in_features ** -0.5, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
         self.dtype = dtype
 
@@ -95,10 +111,10 @@ class RMSNorm(nnx.Module):
 class FeedForward(nnx.Module):
     """diffusers `FeedForward`: `net.0.proj` -> GELU -> `net.2` (tanh GELU in blocks, exact in the image embedder)."""
 
-    def __init__(self, dim: int, inner: int, dim_out: int, *, approximate: bool, rngs: nnx.Rngs, param_dtype: Any,
+    def __init__(self, dim: int, inner: int, dim_out: int, *, approximate: bool, keys: KeyStream, param_dtype: Any,
                  dtype: Any):
-        self.net_0_proj = Linear(dim, inner, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.net_2 = Linear(inner, dim_out, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.net_0_proj = Linear(dim, inner, keys=keys, param_dtype=param_dtype, dtype=dtype)
+        self.net_2 = Linear(inner, dim_out, keys=keys, param_dtype=param_dtype, dtype=dtype)
         self.approximate = approximate
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -133,18 +149,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
 class WanAttention(nnx.Module):
     """diffusers `WanAttention` + `WanAttnProcessor` (q/k RMSNorm across heads, optional image K/V branch)."""
 
-    def __init__(self, cfg: WanConfig, *, added_kv_proj_dim: int | None, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, added_kv_proj_dim: int | None, keys: KeyStream):
         d, pd, dt = cfg.inner_dim, cfg.param_dtype, cfg.dtype
         self.heads = cfg.num_attention_heads
-        self.to_q = Linear(d, d, rngs=rngs, param_dtype=pd, dtype=dt)
-        self.to_k = Linear(d, d, rngs=rngs, param_dtype=pd, dtype=dt)
-        self.to_v = Linear(d, d, rngs=rngs, param_dtype=pd, dtype=dt)
-        self.to_out = Linear(d, d, rngs=rngs, param_dtype=pd, dtype=dt)
+        self.to_q = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
+        self.to_k = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
+        self.to_v = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
+        self.to_out = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
         self.norm_q = RMSNorm(d, cfg.eps, param_dtype=pd)
         self.norm_k = RMSNorm(d, cfg.eps, param_dtype=pd)
         if added_kv_proj_dim is not None:
-            self.add_k_proj = Linear(added_kv_proj_dim, d, rngs=rngs, param_dtype=pd, dtype=dt)
-            self.add_v_proj = Linear(added_kv_proj_dim, d, rngs=rngs, param_dtype=pd, dtype=dt)
+            self.add_k_proj = Linear(added_kv_proj_dim, d, keys=keys, param_dtype=pd, dtype=dt)
+            self.add_v_proj = Linear(added_kv_proj_dim, d, keys=keys, param_dtype=pd, dtype=dt)
             self.norm_added_k = RMSNorm(d, cfg.eps, param_dtype=pd)
         else:
             self.add_k_proj = self.add_v_proj = self.norm_added_k = None
@@ -193,15 +209,15 @@ class WanAttention(nnx.Module):
 class WanTransformerBlock(nnx.Module):
     """diffusers `WanTransformerBlock`: modulated self-attention, cross-attention, modulated FFN."""
 
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, keys: KeyStream):
         d = cfg.inner_dim
         self.eps = cfg.eps
-        self.attn1 = WanAttention(cfg, added_kv_proj_dim=None, rngs=rngs)
-        self.attn2 = WanAttention(cfg, added_kv_proj_dim=cfg.added_kv_proj_dim, rngs=rngs)
+        self.attn1 = WanAttention(cfg, added_kv_proj_dim=None, keys=keys)
+        self.attn2 = WanAttention(cfg, added_kv_proj_dim=cfg.added_kv_proj_dim, keys=keys)
         self.norm2 = LayerNorm(d, cfg.eps, affine=True) if cfg.cross_attn_norm else None
-        self.ffn = FeedForward(d, cfg.ffn_dim, d, approximate=True, rngs=rngs, param_dtype=cfg.param_dtype,
+        self.ffn = FeedForward(d, cfg.ffn_dim, d, approximate=True, keys=keys, param_dtype=cfg.param_dtype,
                                dtype=cfg.dtype)
-        self.scale_shift_table = nnx.Param(_normal(rngs, (1, 6, d), d ** -0.5, F32))
+        self.scale_shift_table = nnx.Param(_normal(keys, (1, 6, d), d ** -0.5, F32))
 
     def cross_kv(self, text: jax.Array, image: jax.Array | None) -> tuple[jax.Array, ...]:
         with jax.named_scope("attn2"):
@@ -246,10 +262,10 @@ def timestep_sinusoid(t: jax.Array, dim: int) -> jax.Array:
 class PatchEmbedding(nnx.Module):
     """`nn.Conv3d(kernel=stride=patch)` as patchify + one matmul; kernel stored [kt, kh, kw, C_in, D]."""
 
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, keys: KeyStream):
         pt, ph, pw = cfg.patch_size
         fan_in = cfg.in_channels * pt * ph * pw
-        self.kernel = nnx.Param(_normal(rngs, (pt, ph, pw, cfg.in_channels, cfg.inner_dim), fan_in ** -0.5,
+        self.kernel = nnx.Param(_normal(keys, (pt, ph, pw, cfg.in_channels, cfg.inner_dim), fan_in ** -0.5,
                                         cfg.param_dtype))
         self.bias = nnx.Param(jnp.zeros((cfg.inner_dim,), cfg.param_dtype))
         self.patch_size = cfg.patch_size
@@ -268,9 +284,9 @@ class PatchEmbedding(nnx.Module):
 class TimestepEmbedding(nnx.Module):
     """diffusers `TimestepEmbedding`: linear_1 -> SiLU -> linear_2 (a float32 island)."""
 
-    def __init__(self, freq_dim: int, dim: int, *, rngs: nnx.Rngs):
-        self.linear_1 = Linear(freq_dim, dim, rngs=rngs, param_dtype=F32, dtype=F32)
-        self.linear_2 = Linear(dim, dim, rngs=rngs, param_dtype=F32, dtype=F32)
+    def __init__(self, freq_dim: int, dim: int, *, keys: KeyStream):
+        self.linear_1 = Linear(freq_dim, dim, keys=keys, param_dtype=F32, dtype=F32)
+        self.linear_2 = Linear(dim, dim, keys=keys, param_dtype=F32, dtype=F32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return _scoped("linear_2", self.linear_2, jax.nn.silu(_scoped("linear_1", self.linear_1, x)))
@@ -279,9 +295,9 @@ class TimestepEmbedding(nnx.Module):
 class TextProjection(nnx.Module):
     """diffusers `PixArtAlphaTextProjection(act_fn="gelu_tanh")`."""
 
-    def __init__(self, text_dim: int, dim: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
-        self.linear_1 = Linear(text_dim, dim, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.linear_2 = Linear(dim, dim, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    def __init__(self, text_dim: int, dim: int, *, keys: KeyStream, param_dtype: Any, dtype: Any):
+        self.linear_1 = Linear(text_dim, dim, keys=keys, param_dtype=param_dtype, dtype=dtype)
+        self.linear_2 = Linear(dim, dim, keys=keys, param_dtype=param_dtype, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.gelu(_scoped("linear_1", self.linear_1, x), approximate=True)
@@ -291,12 +307,12 @@ class TextProjection(nnx.Module):
 class WanImageEmbedding(nnx.Module):
     """diffusers `WanImageEmbedding`: [+pos_embed (FLF2V)] -> LayerNorm -> linear, exact GELU, linear -> LayerNorm."""
 
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, keys: KeyStream):
         c, d, pd, dt = cfg.image_dim, cfg.inner_dim, cfg.param_dtype, cfg.dtype
         self.norm1 = LayerNorm(c, 1e-5, affine=True)
-        self.ff = FeedForward(c, c, d, approximate=False, rngs=rngs, param_dtype=pd, dtype=dt)
+        self.ff = FeedForward(c, c, d, approximate=False, keys=keys, param_dtype=pd, dtype=dt)
         self.norm2 = LayerNorm(d, 1e-5, affine=True)
-        self.pos_embed = (nnx.Param(_normal(rngs, (1, cfg.pos_embed_seq_len, c), 0.02, pd))
+        self.pos_embed = (nnx.Param(_normal(keys, (1, cfg.pos_embed_seq_len, c), 0.02, pd))
                           if cfg.pos_embed_seq_len is not None else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -310,14 +326,14 @@ class WanImageEmbedding(nnx.Module):
 class WanTimeTextImageEmbedding(nnx.Module):
     """diffusers `WanTimeTextImageEmbedding` (`condition_embedder`)."""
 
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, keys: KeyStream):
         d, pd, dt = cfg.inner_dim, cfg.param_dtype, cfg.dtype
         self.freq_dim = cfg.freq_dim
         self.dtype = dt
-        self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, rngs=rngs)
-        self.time_proj = Linear(d, 6 * d, rngs=rngs, param_dtype=pd, dtype=dt)
-        self.text_embedder = TextProjection(cfg.text_dim, d, rngs=rngs, param_dtype=pd, dtype=dt)
-        self.image_embedder = WanImageEmbedding(cfg, rngs=rngs) if cfg.image_dim is not None else None
+        self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, keys=keys)
+        self.time_proj = Linear(d, 6 * d, keys=keys, param_dtype=pd, dtype=dt)
+        self.text_embedder = TextProjection(cfg.text_dim, d, keys=keys, param_dtype=pd, dtype=dt)
+        self.image_embedder = WanImageEmbedding(cfg, keys=keys) if cfg.image_dim is not None else None
 
     def time(self, timestep: jax.Array) -> tuple[jax.Array, jax.Array]:
         """timestep [B, T] (T = 1, or tokens for TI2V) -> temb [B, T, D] and timestep_proj [B, T, 6, D]."""
@@ -374,14 +390,15 @@ class WanModel(nnx.Module):
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
         cfg = config
         d = cfg.inner_dim
+        keys = KeyStream(rngs.params())
         self.config = cfg
-        self.patch_embedding = PatchEmbedding(cfg, rngs=rngs)
-        self.condition_embedder = WanTimeTextImageEmbedding(cfg, rngs=rngs)
-        blocks = [WanTransformerBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.patch_embedding = PatchEmbedding(cfg, keys=keys)
+        self.condition_embedder = WanTimeTextImageEmbedding(cfg, keys=keys)
+        blocks = [WanTransformerBlock(cfg, keys=keys) for _ in range(cfg.num_layers)]
         self.blocks = _stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
-        self.proj_out = Linear(d, cfg.out_channels * math.prod(cfg.patch_size), rngs=rngs,
+        self.proj_out = Linear(d, cfg.out_channels * math.prod(cfg.patch_size), keys=keys,
                                param_dtype=cfg.param_dtype, dtype=cfg.dtype)
-        self.scale_shift_table = nnx.Param(_normal(rngs, (1, 2, d), d ** -0.5, F32))
+        self.scale_shift_table = nnx.Param(_normal(keys, (1, 2, d), d ** -0.5, F32))
 
     # ---- public API ----------------------------------------------------------------------------------
     def __call__(self, hidden_states: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array | None,
