@@ -54,13 +54,16 @@ class HoistedFunction:
     """The result of :func:`hoist_invariants`. Call it like the original function."""
 
     def __init__(self, fun: Callable, *, target: Any = None, static_argnums=(), static_argnames=(),
-                 max_cache_bytes: int | None = None):
+                 max_cache_bytes: int | None = None, fission: str = "scan"):
         if not callable(fun):
             raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
         self.fun = fun
         self.static_argnums = _normalize_argnums(static_argnums)
         self.static_argnames = _normalize_argnames(static_argnames)
         self.max_cache_bytes = max_cache_bytes
+        if fission not in ("scan", "vmap"):
+            raise ValueError(f"hoist_invariants: fission must be 'scan' or 'vmap', got {fission!r}")
+        self.fission = fission
         self.target = target
         if target is not None:
             from kvhoist.targets import get_target
@@ -138,7 +141,8 @@ class HoistedFunction:
         out_tree = jax.tree_util.tree_structure(out_shape)
         from kvhoist.passes.pipeline import optimize
 
-        after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes)
+        after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes,
+                                 fission=self.fission)
         compiled = jax.jit(compat.jaxpr_as_fun(after))
         traced = _Traced(before, after, report, out_tree, compiled)
         self._cache[key] = traced
@@ -176,7 +180,7 @@ class HoistedFunction:
 def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_argnums=(),
                      static_argnames=(), max_cache_bytes: int | None = None,
                      invariant_argnums: int | Sequence[int] | None = None,
-                     invariant_argnames: str | Sequence[str] | None = None):
+                     invariant_argnames: str | Sequence[str] | None = None, fission: str = "scan"):
     """Compile ``fun`` with loop-invariant work hoisted out of its loops.
 
     Usable bare (``@hoist_invariants``) or with options (``@hoist_invariants(target="v6e")``).
@@ -188,6 +192,8 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
         padding is re-aligned to the target's MXU tile (see :func:`kvhoist.repad_tokens`).
       static_argnums, static_argnames: as in ``jax.jit``; static values must be hashable.
       max_cache_bytes: optional budget for the hoisted values' bytes.
+      fission: ``"scan"`` (default) or ``"vmap"``: how per-layer invariant work split out of a nested
+        layer scan is computed (a separate scan, or one batched computation); see :func:`kvhoist.licm`.
       invariant_argnums, invariant_argnames: host-loop hoisting (docs/host_loop.md): these arguments
         stay the same across *calls* (weights, prompt/image embeddings). The work that depends only on
         them runs once per distinct set of them and is cached; later calls run only the rest. Returns a
@@ -213,7 +219,8 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
                                        static_argnums=static_argnums, static_argnames=static_argnames,
                                        max_cache_bytes=max_cache_bytes)
         return HoistedFunction(f, target=target, static_argnums=static_argnums,
-                               static_argnames=static_argnames, max_cache_bytes=max_cache_bytes)
+                               static_argnames=static_argnames, max_cache_bytes=max_cache_bytes,
+                               fission=fission)
 
     if fun is None:
         return wrap

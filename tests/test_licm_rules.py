@@ -127,6 +127,28 @@ def test_nested_scan_fission_moves_per_layer_projections_out_of_step_loop():
     assert any(n.kind == "fission" for n in report.notes)
 
 
+def test_fission_vmap_mode_batches_the_projections():
+    ws = (rand(3, 8, 8, seed=5), rand(3, 8, 8, seed=6))
+
+    def f(ws, ctx, x):
+        def step(h, t):
+            def layer(h, w):
+                wk, wv = w
+                a = jax.nn.softmax(h @ (ctx @ wk).T, axis=-1) @ (ctx @ wv)
+                return h + a * t, None
+            return jax.lax.scan(layer, h, ws)[0], None
+        return jax.lax.scan(step, x, jnp.arange(4.0))[0]
+
+    _, after, report = licm_and_compare(f, ws, CTX, X, fission="vmap")
+    assert len(find_eqns(after, "scan")) == 1            # no separate K/V scan ...
+    # ... but one matmul per projection over all layers at once (the [3, 8, 8] weights stacked).
+    top = find_eqns(after, "dot_general")
+    assert len(top) == 2 and all(any(a.aval.shape == (3, 8, 8) for a in e.invars) for e in top)
+    assert all("fission" in h.via for h in report.hoisted)
+    with pytest.raises(ValueError, match="fission"):
+        licm(jax.make_jaxpr(f)(ws, CTX, X), fission="unroll")
+
+
 def test_fission_with_layer_counter_carry_fori_inner_loop():
     wk = rand(3, 8, 8, seed=8)
 

@@ -94,7 +94,11 @@ class PassError(RuntimeError):
 class Licm:
     """One run of the LICM pass. Create, call :meth:`run`, read :attr:`report`."""
 
-    def __init__(self, *, max_cache_bytes: int | None = None, min_flops: int = 1):
+    def __init__(self, *, max_cache_bytes: int | None = None, min_flops: int = 1,
+                 fission: str = "scan"):
+        if fission not in ("scan", "vmap"):
+            raise ValueError(f"fission must be 'scan' or 'vmap', got {fission!r}")
+        self.fission = fission
         self.max_cache_bytes = max_cache_bytes
         self.budget_left = max_cache_bytes
         self.min_flops = min_flops
@@ -492,13 +496,18 @@ def _describe_deep(eqn) -> tuple[str, str]:
         eqn = max(inner, key=cost.eqn_flops)
 
 
-def licm(closed_jaxpr: Any, *, max_cache_bytes: int | None = None) -> tuple[Any, Report]:
+def licm(closed_jaxpr: Any, *, max_cache_bytes: int | None = None,
+         fission: str = "scan") -> tuple[Any, Report]:
     """Hoist loop-invariant work out of every loop of ``closed_jaxpr``.
 
     Args:
       closed_jaxpr: e.g. from ``jax.make_jaxpr(fun)(*args)``.
       max_cache_bytes: optional budget for the bytes of hoisted values; the most valuable hoists
         (FLOPs saved per byte) are kept, the rest reported in ``report.skipped``.
+      fission: how the invariant part of a nested scan is computed for all its iterations:
+        ``"scan"`` (a separate scan of the same length) or ``"vmap"`` (the body slice vectorised
+        over the scanned axis: one batched matmul instead of L small ones; falls back to a scan when
+        the slice carries state, e.g. a layer counter). See docs/design.md for measurements.
     Returns:
       ``(new_closed_jaxpr, report)``; the new jaxpr computes the same outputs from the same inputs.
 
@@ -507,4 +516,4 @@ def licm(closed_jaxpr: Any, *, max_cache_bytes: int | None = None) -> tuple[Any,
       >>> new, report = licm(closed)
       >>> jax.extend.core.jaxpr_as_fun(new)(w, x)  # same values as f(w, x)
     """
-    return Licm(max_cache_bytes=max_cache_bytes).run(closed_jaxpr)
+    return Licm(max_cache_bytes=max_cache_bytes, fission=fission).run(closed_jaxpr)

@@ -14,7 +14,7 @@ from kvhoist.report import Report
 
 
 def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = None,
-             hoist: bool = True) -> tuple[Any, Report]:
+             hoist: bool = True, fission: str = "scan") -> tuple[Any, Report]:
     """Run the kvhoist pipeline on a closed jaxpr; returns ``(new_closed, report)``."""
     report = Report()
     if target is not None:
@@ -25,6 +25,6 @@ def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = N
     if hoist:
         from kvhoist.passes.licm import licm
 
-        closed, r = licm(closed, max_cache_bytes=max_cache_bytes)
+        closed, r = licm(closed, max_cache_bytes=max_cache_bytes, fission=fission)
         report = report.merge(r)
     return closed, report

@@ -118,17 +118,52 @@ class ScanRule:
         stacked = [compat.new_var(compat.stacked_aval(v.aval, length)) for v in ext.crossing]
         a_operands = ([eqn.invars[k] for k in a_consts] + [eqn.invars[nc + k] for k in a_carries]
                       + [eqn.invars[nc + nk + k] for k in a_xs])
+        pre = None
+        if engine.fission == "vmap" and not a_carries:
+            pre = _vmapped(a_body, len(a_consts), a_operands, length)
+            if pre is not None:
+                pre, stacked = pre
         a_params = compat.scan_params(params, jaxpr=a_body.to_closed(), num_consts=len(a_consts),
                                       num_carry=len(a_carries), num_xs=len(a_xs), num_ys=len(ext.crossing))
-        a_eqn = eqn.replace(invars=a_operands,
-                            outvars=[compat.drop_var(carry_b[k].aval) for k in a_carries] + stacked,
-                            params=a_params, effects=compat.join_effects(a_eqns))
+        if pre is None:
+            pre = [eqn.replace(invars=a_operands,
+                               outvars=[compat.drop_var(carry_b[k].aval) for k in a_carries] + stacked,
+                               params=a_params, effects=compat.join_effects(a_eqns))]
         b_body = Block(body.invars + list(ext.crossing), body.outvars, ext.residual)
         b_params = compat.scan_params(params, jaxpr=b_body.to_closed(), num_consts=nc, num_carry=nk,
                                       num_xs=nx + len(ext.crossing), num_ys=ny)
         b_eqn = prune_scan(eqn.replace(invars=list(eqn.invars) + stacked, params=b_params))
         nbytes = sum(aval_bytes(v.aval) for v in stacked)
-        return Split([a_eqn], [b_eqn], "fission",
+        return Split(pre, [b_eqn], "fission",
                      f"fissioned scan(length={length}) at {compat.source_line(eqn)}: "
                      f"{len(ext.hoisted)} equation(s) per iteration moved to a separate scan "
                      f"producing {len(stacked)} stacked value(s), {nbytes} bytes", nbytes, ext.kinds)
+
+
+def _vmapped(a_body: Block, n_consts: int, operands: list, length: int):
+    """The invariant slice as one vectorised computation over the scanned axis, or ``None``.
+
+    Traces ``jax.vmap`` of the slice (consts unbatched, xs batched on axis 0) and inlines it. The
+    ys of a scan are stacked on axis 0 in xs order whatever the scan direction, so the result is
+    the same stacked array.
+    """
+    import jax
+
+    closed = a_body.to_closed()
+    in_axes = [None] * n_consts + [0] * (len(a_body.invars) - n_consts)
+    if n_consts == len(a_body.invars):
+        return None  # nothing batched: vmap needs an axis size from somewhere
+    avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in operands]
+    try:
+        vm = jax.make_jaxpr(jax.vmap(compat.jaxpr_as_fun(closed), in_axes=in_axes, out_axes=0,
+                                     axis_size=length))(*avals)
+    except Exception:
+        return None
+    constvars, consts, invars, outvars, eqns = compat.split_closed(vm)
+    if constvars or consts:
+        return None
+    pre, sub = clone_eqns(eqns, dict(zip(invars, operands)))
+    outs = [sub.get(v, v) if is_var(v) else v for v in outvars]
+    if not all(is_var(v) for v in outs):
+        return None
+    return pre, outs
