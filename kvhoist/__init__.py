@@ -12,8 +12,6 @@ Public API:
   optimize          the whole pipeline on a ClosedJaxpr
   repad_tokens      the layout pass: re-pad masked token axes to a target's MXU tile
   targets           TPU generations and their tiles (get_target, detect_target)
-  repad_tokens      the layout pass (image-token padding for a target's MXU tile)
-  targets           TPU generations and their MXU tiles
   Report            what a pass did
 """
 

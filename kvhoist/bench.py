@@ -454,7 +454,7 @@ def _host_hoisted(case: Case) -> tuple[Callable[[], Any] | None, Callable[[], in
         jax.block_until_ready(run())  # fail here, not in the timing loop
     except Exception as err:  # an API still in flux must not break the whole run
         return unavailable(f"host-loop hoisting failed: {type(err).__name__}: {str(err).splitlines()[0]}")
-    return run, lambda: getattr(step, "cache_bytes", None), ""
+    return run, lambda: step.cache_info().peak_bytes, ""
 
 
 def bench_form(cfg: BenchConfig, form: Form, *, repeats: int, warmup: int = 1) -> dict:

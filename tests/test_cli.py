@@ -59,7 +59,7 @@ def test_diff_folds_unrolled_blocks(capsys):
 
 def test_diff_fori_and_two_experts(capsys):
     rc, out, _ = run(capsys, "diff", "tiny-t2v-a14b", "--loop", "fori", "--no-color")
-    assert rc == 0 and "to_k" in out and "licm+speculation" in out
+    assert rc == 0 and "to_k" in out and "speculation" in out and "fission" in out
 
 
 def test_diff_user_function(capsys):
