@@ -208,11 +208,11 @@ IMAGE_TOKENS = {"tiny-i2v": (257, 384, 512), "tiny-flf2v": (514, 640, 768)}  # n
 
 
 @functools.lru_cache(maxsize=None)
-def _wan(preset_name):
+def _wan(preset_name, dtype=jnp.float32):
     from wan_ref import WanModel, get_preset
 
     preset = get_preset(preset_name)
-    cfg = dataclasses.replace(preset.config, image_token_alignment=128)
+    cfg = dataclasses.replace(preset.config, image_token_alignment=128, dtype=dtype, param_dtype=dtype)
     # Shapes from WanModel(cfg, rngs=nnx.Rngs(0)), weights from numpy: eager init compiles every small
     # random op separately, which takes tens of seconds on a busy CPU.
     graphdef, state = nnx.split(nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0))))
@@ -240,6 +240,18 @@ def test_wan_forward_repadded_for_v6e(preset_name):
     (note,) = repad_notes(report)
     assert f"{n} tokens padded to {old} (128-aligned) -> {new_len} (256-aligned for v6e)" in note.message
     assert rel_err(run(new, *args)[0], run(closed, *args)[0]) <= 1e-5
+
+
+def test_wan_forward_repadded_in_bf16():
+    """The real checkpoints run in bf16: its casts (probabilities to bf16 before P @ V) must not hide
+    that padded positions are zero."""
+    model, cfg, d = _wan("tiny-i2v", jnp.bfloat16)
+    x = jnp.concatenate([d["latents"], d["condition"]], axis=1)
+    args = (model, x, jnp.array([500.0]), d["pe"], d["image"])
+    closed = jax.make_jaxpr(lambda m, *a: m(*a))(*args)
+    new, report = repad_tokens(closed, "v6e")
+    assert pad_lengths(closed) == {384} and pad_lengths(new) == {512}, report.table()
+    assert rel_err(run(new, *args)[0], run(closed, *args)[0]) <= 1e-3   # measured: 0.0
 
 
 @pytest.mark.parametrize("preset_name", list(IMAGE_TOKENS))

@@ -42,6 +42,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from kvhoist import compat
@@ -225,6 +226,11 @@ def _np_dtype(aval):
     return np.dtype(aval.dtype)
 
 
+def _is_float(dtype) -> bool:
+    """Floating point, bfloat16 included (numpy sees ml_dtypes' bfloat16 as kind 'V', not 'f')."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 # --- the value analysis ----------------------------------------------------------------------------------
 
 class ValueAnalysis:
@@ -299,7 +305,7 @@ class ValueAnalysis:
             return ("const", arr.item()) if arr.ndim == 0 else None
         tail = np.take(arr, np.arange(self.n, arr.shape[ax]), axis=ax)
         first = np.take(arr, [self.n], axis=ax)
-        same = (tail == first) | (np.isnan(tail) & np.isnan(first)) if arr.dtype.kind == "f" else tail == first
+        same = (tail == first) | (np.isnan(tail) & np.isnan(first)) if _is_float(arr.dtype) else tail == first
         if not np.all(same):
             return ("unknown", "a constant differs across padded positions")
         flat = first.reshape(-1)
@@ -393,7 +399,7 @@ class ValueAnalysis:
         args = [np.asarray(v, _np_dtype(a.aval)) for v, a in zip(values, e.invars)]
         out_dtype = _np_dtype(e.outvars[0].aval)
         fn = _NUMPY.get(e.primitive.name)
-        if e.primitive.name == "div" and out_dtype.kind != "f":
+        if e.primitive.name == "div" and not _is_float(out_dtype):
             fn = None  # integer division rounds toward zero in lax
         with np.errstate(all="ignore"):
             if fn is not None:  # numpy for the common cases: no XLA compile per equation
@@ -435,7 +441,7 @@ class ValueAnalysis:
                 return ("const", self.eval_on(e, [p[1] for p in ins]).reshape(-1)[0].item())
             except Exception:
                 return ("uniform",)
-        if name in ("add", "sub") and e.outvars[0].aval.dtype.kind == "f":
+        if name in ("add", "sub") and _is_float(e.outvars[0].aval.dtype):
             # logits + bias, with the bias very negative at padded positions: an additive mask.
             a, b = ins
             if name == "add" and a[0] == "const" and b[0] in ("uniform", "free"):
@@ -443,7 +449,7 @@ class ValueAnalysis:
             if b[0] == "const" and a[0] in ("uniform", "free") and np.isfinite(b[1]) and \
                     (b[1] <= LARGE_NEGATIVE_BIAS if name == "add" else -b[1] <= LARGE_NEGATIVE_BIAS):
                 return ("masked", b[1] if name == "add" else -b[1])
-        if name in _SAMPLED and np.dtype(e.outvars[0].aval.dtype).kind == "f":
+        if name in _SAMPLED and _is_float(e.outvars[0].aval.dtype):
             got = self.sampled(e, ins)
             if got is not None:
                 return got
@@ -453,7 +459,7 @@ class ValueAnalysis:
         """Categories of the result over representative operand values (IEEE special-value algebra)."""
         pools = []
         for p, a in zip(ins, e.invars):
-            if np.dtype(a.aval.dtype).kind != "f":
+            if not _is_float(a.aval.dtype):
                 return None
             s = _as_set(p)
             if p[0] == "const":
