@@ -42,6 +42,23 @@ def _normalize_argnames(static_argnames) -> tuple[str, ...]:
     return tuple(static_argnames)
 
 
+_TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                 jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError)
+
+
+def trace_to_jaxpr(flat_fun: Callable, leaves: Sequence, name: str, *, return_shape: bool = False):
+    """``jax.make_jaxpr(flat_fun)(*leaves)``, turning tracing errors into one :class:`TraceError`
+    that names the function and the fix."""
+    try:
+        return jax.make_jaxpr(flat_fun, return_shape=return_shape)(*leaves)
+    except _TRACE_ERRORS as err:
+        raise TraceError(
+            f"hoist_invariants could not trace {name}: it uses Python control flow or a Python "
+            f"conversion on a traced value ({type(err).__name__}). Mark that argument static "
+            f"(static_argnums=/static_argnames=) or use jax.lax.cond / jax.lax.fori_loop. "
+            f"Original error: {str(err).splitlines()[0]}") from err
+
+
 class _Traced:
     __slots__ = ("before", "after", "report", "out_tree", "compiled")
 
@@ -129,15 +146,7 @@ class HoistedFunction:
                 full[j] = v
             return fun(*full, **static_kw, **dyn_k)
 
-        try:
-            before, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*leaves)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
-                jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError) as err:
-            raise TraceError(
-                f"hoist_invariants could not trace {self.__name__}: it uses Python control flow or a "
-                f"Python conversion on a traced value ({type(err).__name__}). Mark that argument static "
-                f"(static_argnums=/static_argnames=) or use jax.lax.cond / jax.lax.fori_loop. "
-                f"Original error: {str(err).splitlines()[0]}") from err
+        before, out_shape = trace_to_jaxpr(flat_fun, leaves, self.__name__, return_shape=True)
         out_tree = jax.tree_util.tree_structure(out_shape)
         from kvhoist.passes.pipeline import optimize
 

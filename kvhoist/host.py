@@ -45,7 +45,7 @@ import numpy as np
 
 from kvhoist import compat
 from kvhoist.analysis import cost
-from kvhoist.api import KvhoistError, TraceError, _normalize_argnames, _normalize_argnums
+from kvhoist.api import KvhoistError, _normalize_argnames, _normalize_argnums, trace_to_jaxpr
 from kvhoist.ir import Block, used_vars
 from kvhoist.report import Report
 
@@ -437,15 +437,7 @@ class HostHoistedFunction:
             out_store.append(tree)
             return leaves
 
-        try:
-            before = jax.make_jaxpr(flat_fun)(*call.inv_leaves, *call.var_leaves)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
-                jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError) as err:
-            raise TraceError(
-                f"hoist_invariants could not trace {self.__name__}: it uses Python control flow or a Python "
-                f"conversion on a traced value ({type(err).__name__}). Mark that argument static "
-                f"(static_argnums=/static_argnames=) or use jax.lax.cond / jax.lax.fori_loop. "
-                f"Original error: {str(err).splitlines()[0]}") from err
+        before = trace_to_jaxpr(flat_fun, [*call.inv_leaves, *call.var_leaves], self.__name__)
         out_tree = out_store[-1]
         report = Report()
         closed = before

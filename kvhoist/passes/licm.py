@@ -334,17 +334,8 @@ class Licm:
         via = {}
         for v in crossing:
             kinds = set()
-            stack, seen = [prod[v]], set()
-            while stack:
-                k = stack.pop()
-                if k in seen:
-                    continue
-                seen.add(k)
-                e = hoisted[k]
-                if id(e) in kinds_of_eqn:
-                    kinds.update(kinds_of_eqn[id(e)])
-                kinds.update(getattr(e, "_kvhoist_via", ()))
-                stack.extend(prod[a] for a in e.invars if is_var(a) and a in prod)
+            for k in _ancestors(hoisted, prod, prod[v]):
+                kinds.update(kinds_of_eqn.get(id(hoisted[k]), ()))
             via[v] = ("licm",) + tuple(sorted(kinds))
         return via
 
@@ -366,6 +357,18 @@ class Licm:
                 dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
                 trip_count=trips, flops_saved=saved, loop=loop.describe(), via=ext.via.get(v, ("licm",)),
                 primitives=prims, upper_bound="speculation" in ext.via.get(v, ())))
+
+
+def _ancestors(eqns, prod, start: int):
+    """Indices of ``eqns[start]`` and every equation it transitively reads, each once."""
+    stack, seen = [start], set()
+    while stack:
+        k = stack.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        yield k
+        stack.extend(prod[a] for a in eqns[k].invars if is_var(a) and a in prod)
 
 
 def _live(eqns, outvars) -> set:
@@ -395,12 +398,7 @@ def _provenance(hoisted, prod, v, claimed: set):
     flops = 0
     prims: dict = {}
     best, best_flops = None, -1
-    stack, seen = [prod[v]], set()
-    while stack:
-        k = stack.pop()
-        if k in seen:
-            continue
-        seen.add(k)
+    for k in _ancestors(hoisted, prod, prod[v]):
         e = hoisted[k]
         part = _scan_output_part(e, v) if k == prod[v] else None
         if part is not None:
@@ -422,7 +420,6 @@ def _provenance(hoisted, prod, v, claimed: set):
             best_eqn, f_best = e, f
         if f_best > best_flops:
             best, best_flops = best_eqn, f_best
-        stack.extend(prod[a] for a in e.invars if is_var(a) and a in prod)
     return flops, prims, best
 
 
@@ -442,12 +439,7 @@ def _scan_output_part(eqn, v):
         return 0, {}, None
     length = int(eqn.params["length"])
     flops, prims, best, best_f = 0, {}, None, -1
-    stack, seen = [bprod[target]], set()
-    while stack:
-        k = stack.pop()
-        if k in seen:
-            continue
-        seen.add(k)
+    for k in _ancestors(body, bprod, bprod[target]):
         e = body[k]
         f = cost.eqn_flops(e)
         flops += f
@@ -455,7 +447,6 @@ def _scan_output_part(eqn, v):
             prims[name] = prims.get(name, 0) + n * length
         if f > best_f:
             best, best_f = e, f
-        stack.extend(bprod[a] for a in e.invars if is_var(a) and a in bprod)
     return flops * length, prims, best
 
 
