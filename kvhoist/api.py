@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from kvhoist import compat
-from kvhoist.report import Report
+from kvhoist.report import Note, Report
 
 
 class KvhoistError(ValueError):
@@ -57,6 +57,15 @@ def trace_to_jaxpr(flat_fun: Callable, leaves: Sequence, name: str, *, return_sh
             f"conversion on a traced value ({type(err).__name__}). Mark that argument static "
             f"(static_argnums=/static_argnames=) or use jax.lax.cond / jax.lax.fori_loop. "
             f"Original error: {str(err).splitlines()[0]}") from err
+
+
+def _has_loop(j) -> bool:
+    for e in compat.split_closed(j)[4]:
+        if e.primitive.name in ("scan", "while"):
+            return True
+        if any(_has_loop(s) for s in compat.subjaxprs_of(e)):
+            return True
+    return False
 
 
 class _Traced:
@@ -152,6 +161,11 @@ class HoistedFunction:
 
         after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes,
                                  fission=self.fission)
+        if not report.hoisted and not _has_loop(before):
+            report.notes.append(Note("hint", (
+                f"{self.__name__} traces to a program without a scan/fori_loop/while_loop, so there is no loop "
+                "to hoist out of. If the denoising loop is a Python loop that calls a jitted step, decorate the "
+                "step with hoist_invariants(step, invariant_argnames=(...)) instead (host-loop hoisting).")))
         compiled = jax.jit(compat.jaxpr_as_fun(after))
         traced = _Traced(before, after, report, out_tree, compiled)
         self._cache[key] = traced

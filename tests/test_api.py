@@ -114,3 +114,13 @@ def test_licm_function_alone():
     assert isinstance(report, kvhoist.Report) and report.hoisted
     out = kvhoist.compat.jaxpr_as_fun(new)(*jax.tree_util.tree_leaves((PARAMS, X)))
     np.testing.assert_allclose(out[0], sampler(PARAMS, X)["h"], rtol=1e-5, atol=1e-6)
+
+
+def test_loopless_function_gets_a_hint_about_host_loops():
+    def step(w, ctx, x):
+        return jnp.tanh(x @ (ctx @ w).T)
+
+    report = kvhoist.hoist_invariants(step).report(W, CTX, X)
+    assert not report.hoisted
+    assert any(n.kind == "hint" and "invariant_argnames" in n.message for n in report.notes)
+    assert all(n.kind != "hint" for n in kvhoist.hoist_invariants(sampler).report(PARAMS, X).notes)
