@@ -59,6 +59,13 @@ def trace_to_jaxpr(flat_fun: Callable, leaves: Sequence, name: str, *, return_sh
             f"Original error: {str(err).splitlines()[0]}") from err
 
 
+def function_name(fun: Callable) -> str:
+    """A readable name for messages, also for ``functools.partial`` objects and callable instances."""
+    while isinstance(fun, functools.partial):
+        fun = fun.func
+    return getattr(fun, "__name__", None) or type(fun).__name__
+
+
 def _has_loop(j) -> bool:
     for e in compat.split_closed(j)[4]:
         if e.primitive.name in ("scan", "while"):
@@ -101,6 +108,7 @@ class HoistedFunction:
             self._signature = None
         self._cache: dict = {}
         functools.update_wrapper(self, fun)
+        self.__name__ = function_name(fun)
 
     # -- signature handling ----------------------------------------------------------------------
     def _split_args(self, args: tuple, kwargs: dict):

@@ -45,7 +45,8 @@ import numpy as np
 
 from kvhoist import compat
 from kvhoist.analysis import cost
-from kvhoist.api import KvhoistError, _normalize_argnames, _normalize_argnums, trace_to_jaxpr
+from kvhoist.api import (KvhoistError, _normalize_argnames, _normalize_argnums, function_name,
+                         trace_to_jaxpr)
 from kvhoist.ir import Block, used_vars
 from kvhoist.report import Report
 
@@ -262,6 +263,7 @@ class HostHoistedFunction:
         except (TypeError, ValueError):
             self._signature = None
         functools.update_wrapper(self, fun)
+        self.__name__ = function_name(fun)
         self.__name__ = getattr(fun, "__name__", type(fun).__name__)
         (self.invariant_argnums, self.invariant_argnames, self.static_argnums,
          self.static_argnames) = self._resolve(_normalize_argnums(invariant_argnums),

@@ -124,3 +124,20 @@ def test_loopless_function_gets_a_hint_about_host_loops():
     assert not report.hoisted
     assert any(n.kind == "hint" and "invariant_argnames" in n.message for n in report.notes)
     assert all(n.kind != "hint" for n in kvhoist.hoist_invariants(sampler).report(PARAMS, X).notes)
+
+
+def test_functools_partial_and_callable_objects():
+    import functools
+
+    hf = kvhoist.hoist_invariants(functools.partial(sampler, steps=3))
+    np.testing.assert_allclose(hf(PARAMS, X)["h"], sampler(PARAMS, X, 3)["h"], rtol=1e-5, atol=1e-6)
+    assert "sampler" in repr(hf)
+
+    class Step:
+        def __call__(self, params, x):
+            return sampler(params, x)["h"]
+
+    hc = kvhoist.hoist_invariants(Step())
+    np.testing.assert_allclose(hc(PARAMS, X), sampler(PARAMS, X)["h"], rtol=1e-5, atol=1e-6)
+    host = kvhoist.hoist_invariants(functools.partial(sampler, steps=2), invariant_argnums=0)
+    np.testing.assert_allclose(host(PARAMS, X)["h"], sampler(PARAMS, X, 2)["h"], rtol=1e-5, atol=1e-6)
