@@ -102,14 +102,14 @@ def _inputs(seed):
     return [jnp.asarray(rng.standard_normal((D, D)) * 0.5, jnp.float32) for _ in range(N_INPUTS)]
 
 
-def _check(program, seed=0):
+def _check(program, seed=0, budget=None, fission="scan"):
     args = _inputs(seed)
 
     def f(*xs):
         return _run(program, list(xs))[-1]
 
     before = jax.make_jaxpr(f)(*args)
-    after, _report = licm(before)
+    after, _report = licm(before, max_cache_bytes=budget, fission=fission)
     compat.check(after)
     # One XLA compile per example for both programs (eager evaluation would compile every loop
     # separately, several times slower).
@@ -125,17 +125,21 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 EXAMPLES = int(os.environ.get("KVHOIST_PROPERTY_EXAMPLES", "200"))
 
 
+# A budget exercises partial selection and the undoing of splits whose work is not hoisted.
+BUDGETS = st.sampled_from([None, None, 0, 64, 200])
+
+
 @settings(max_examples=EXAMPLES, **_COMMON)
-@given(PROGRAMS)
-def test_random_programs_same_values(program):
-    _check(program)
+@given(PROGRAMS, BUDGETS, st.sampled_from(["scan", "vmap"]))
+def test_random_programs_same_values(program, budget, fission):
+    _check(program, budget=budget, fission=fission)
 
 
 @pytest.mark.slow
 @settings(max_examples=2000, **_COMMON)
-@given(PROGRAMS, st.integers(0, 10))
-def test_random_programs_same_values_long(program, seed):
-    _check(program, seed)
+@given(PROGRAMS, st.integers(0, 10), BUDGETS, st.sampled_from(["scan", "vmap"]))
+def test_random_programs_same_values_long(program, seed, budget, fission):
+    _check(program, seed, budget, fission)
 
 
 def test_generator_produces_hoistable_work():
