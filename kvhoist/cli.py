@@ -260,9 +260,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if t["kv_projection_flops"]:
         out.append(f"K/V projections are {_pct(t['kv_projection_share'])} of this sampler's FLOPs; "
                    f"hoisting saves at most that (plus the context embedders it also moved).")
-    if any("speculation" in h["via"] for h in d["hoisted"]):
+    if any(h.get("upper_bound") for h in d["hoisted"]):
         out.append("Values speculated out of a cond (two experts) are counted as if their branch ran every step: "
                    "their 'saved' figures are upper bounds; each step runs one branch.")
+    elif any("speculation" in h["via"] for h in d["hoisted"]):
+        out.append("Values speculated out of a cond (two experts): 'saved' counts each branch's own runs, "
+                   "replayed from the static schedule (see the [speculation] note); a branch that runs once "
+                   "saves nothing.")
     if prog.real_size:
         out.append("These are real-size numbers: at full resolution self-attention and the FFN dominate, so the "
                    "gain from hoisting is small; the cache costs memory.")

@@ -201,6 +201,34 @@ def test_cond_speculation_hoists_both_experts():
     assert len(report.hoisted) == 2 and all("speculation" in h.via for h in report.hoisted)
 
 
+def test_speculation_savings_counted_per_branch_from_static_schedule():
+    """The index comes from the loop's xs (a static schedule): each branch's runs are replayed, so the
+    savings are exact; an index that depends on data keeps the upper bound."""
+    def expert(w, ctx, h, t):
+        return jnp.tanh(h + t * (h @ (ctx @ w).T).sum(-1, keepdims=True))
+
+    def f(w1, w2, ctx, x):
+        def step(h, t):           # t = 0, 1, 2, 3, 4: branch 1 (w1) for t > 2.5, i.e. twice
+            return jax.lax.cond(t > 2.5, lambda h: expert(w1, ctx, h, t), lambda h: expert(w2, ctx, h, t), h), None
+        return jax.lax.scan(step, x, jnp.arange(5.0))[0]
+
+    _, _, report = licm_and_compare(f, W, W2, CTX, X)
+    per_branch = 2 * 6 * 8 * 8
+    assert all(not h.upper_bound for h in report.hoisted)
+    assert sorted(h.flops_saved for h in report.hoisted) == [per_branch * (2 - 1), per_branch * (3 - 1)]
+    assert any("branch runs per loop: {0: 3, 1: 2}" in n.message for n in report.notes)
+
+    def g(w1, w2, ctx, x):
+        def step(h, t):           # the branch depends on the carried latents: unknowable
+            return jax.lax.cond(h.sum() > 0, lambda h: expert(w1, ctx, h, t), lambda h: expert(w2, ctx, h, t), h), None
+        return jax.lax.scan(step, x, jnp.arange(5.0))[0]
+
+    _, _, report = licm_and_compare(g, W, W2, CTX, X)
+    assert report.hoisted and all(h.upper_bound for h in report.hoisted)
+    assert all(h.flops_saved == h.flops_per_iteration * 4 for h in report.hoisted)
+    assert "up to" in report.summary()
+
+
 def test_switch_three_branches():
     ws = [rand(8, 8, seed=s) for s in (10, 11, 12)]
 

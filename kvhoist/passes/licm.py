@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import networkx as nx
 
 from kvhoist import compat
-from kvhoist.analysis import cost
+from kvhoist.analysis import branches, cost
 from kvhoist.analysis.invariance import atom_invariant, movable
 from kvhoist.ir import Block, aval_bytes, is_var, producers
 from kvhoist.report import HoistedValue, Note, Report, Skipped
@@ -69,6 +69,7 @@ class Split:
     note: str = ""
     extra_bytes: int = 0
     nested: frozenset = frozenset()   # rewrite kinds that happened inside (fission inside a branch, ...)
+    branch_of: dict = dataclasses.field(default_factory=dict)  # speculation: id(pre eqn) -> branch info
 
 
 @dataclasses.dataclass
@@ -105,12 +106,18 @@ class Licm:
         self.report = Report()
         self.loops: list[LoopInfo] = []
         self._charged: set = set()
+        # Values known at trace time (closed-over constants, small folds): only used to count how
+        # often each cond branch runs (kvhoist.analysis.branches), never to change the program.
+        self.known: dict = {}
+        self.branch_runs: dict = {}    # id(cond eqn) -> (eqn, {branch: runs})
+        self.branch_of: dict = {}      # id(speculated eqn) -> (eqn, id(cond eqn), branch, runs or None)
 
     # -- entry points ------------------------------------------------------------------------
     def run(self, closed: Any) -> tuple[Any, Report]:
         from kvhoist import rules  # noqa: F401  (registers the rules)
 
         constvars, consts, invars, outvars, eqns = compat.split_closed(closed)
+        self.known.update(zip(constvars, consts))
         block = Block(list(constvars) + list(invars), list(outvars), list(eqns))
         block = self.optimize_block(block)
         new = compat.make_closed(constvars, consts, invars, block.outvars, block.eqns)
@@ -128,6 +135,7 @@ class Licm:
 
         eqns = []
         for e in block.eqns:
+            branches.fold(e, self.known)
             rule = get_rule(e)
             eqns.extend(rule.optimize(e, self) if rule is not None else [e])
         return Block(block.invars, block.outvars, eqns)
@@ -141,8 +149,22 @@ class Licm:
             return j  # an open jaxpr with constvars: nothing binds them here, leave it alone
         # Closed-over constants are loop-invariant inputs like any other: optimise with them as
         # leading inputs, then bind them again.
+        self.known.update(zip(constvars, consts))
         block = self.optimize_block(Block(list(constvars) + list(invars), outvars, eqns))
         return compat.make_closed(constvars, consts, invars, block.outvars, block.eqns)
+
+    def value_of(self, atom: Any) -> Any:
+        """The trace-time value of ``atom`` if known (a literal or a known variable), else ``None``."""
+        if not is_var(atom):
+            return atom.val
+        return self.known.get(atom)
+
+    def bind_known(self, inner_invars: Sequence, outer_atoms: Sequence) -> None:
+        """A call's body inputs take the known values of the call's operands."""
+        for v, a in zip(inner_invars, outer_atoms):
+            val = self.value_of(a)
+            if val is not None:
+                self.known[v] = val
 
     @contextlib.contextmanager
     def in_loop(self, info: LoopInfo):
@@ -212,6 +234,7 @@ class Licm:
             if any(i in selected for i in pre_idx):
                 kept_units.append(unit)
                 self.note(split.kind, split.note, split.extra_bytes)
+                self.branch_of.update(split.branch_of)
             else:
                 for i in pre_idx:
                     eqns[i] = None
@@ -352,11 +375,27 @@ class Licm:
             name, src = _describe_deep(nearest or best) if (nearest or best) is not None else ("", "")
             trips = loop.trip_count
             saved = None if (trips is None or outer is None) else flops * max(trips - 1, 0) * outer
+            via = ext.via.get(v, ("licm",))
+            upper = "speculation" in via
+            if upper:
+                runs = self._branch_runs_of(ext.hoisted, prod, v)
+                if runs is not None and outer is not None:
+                    # Exact: the branch ran `runs` times before, once now (a loss if it never ran).
+                    saved, upper = flops * (runs - 1) * outer, False
             self.report.hoisted.append(HoistedValue(
                 name=name or "(unnamed)", source=src, shape=tuple(int(d) for d in v.aval.shape),
                 dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
-                trip_count=trips, flops_saved=saved, loop=loop.describe(), via=ext.via.get(v, ("licm",)),
-                primitives=prims, upper_bound="speculation" in ext.via.get(v, ())))
+                trip_count=trips, flops_saved=saved, loop=loop.describe(), via=via,
+                primitives=prims, upper_bound=upper))
+
+    def _branch_runs_of(self, hoisted, prod, v) -> int | None:
+        """How often the one cond branch that ``v`` was speculated out of ran, if known."""
+        infos = {self.branch_of[id(hoisted[k])][1:] for k in _ancestors(hoisted, prod, prod[v])
+                 if id(hoisted[k]) in self.branch_of}
+        if len(infos) != 1:
+            return None
+        _cond, _branch, runs = next(iter(infos))
+        return runs
 
 
 def _ancestors(eqns, prod, start: int):

@@ -24,6 +24,9 @@ _BODY_PARAM = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "re
 
 class _Recurse:
     def optimize(self, eqn, engine):
+        key = _BODY_PARAM.get(eqn.primitive.name)
+        if key is not None:  # known operand values flow into the body (for branch counting)
+            engine.bind_known(compat.split_closed(eqn.params[key])[2], eqn.invars)
         return [map_subjaxprs(eqn, engine.optimize_sub)]
 
     def split(self, eqn, mask, engine):

@@ -36,10 +36,13 @@ class CondRule:
         exts = [engine.extract(b, [v for v, m in zip(b.invars, opmask) if m]) for b in blocks]
         if all(x.empty for x in exts):
             return None
-        pre, outer_new = [], []
-        for b, x in zip(blocks, exts):
+        pre, outer_new, branch_of = [], [], {}
+        known_runs = engine.branch_runs.get(id(eqn))
+        for j, (b, x) in enumerate(zip(blocks, exts)):
             outer_of = {v: o for v, o, m in zip(b.invars, ops, opmask) if m}
             p, sub = clone_eqns(x.hoisted, outer_of)
+            runs = None if known_runs is None else known_runs[1].get(j)
+            branch_of.update({id(q): (q, id(eqn), j, runs) for q in p})
             pre.extend(p)
             outer_new.append([sub[v] for v in x.crossing])
         new_branches = []
@@ -54,5 +57,6 @@ class CondRule:
         nbytes = sum(aval_bytes(v.aval) for v in flat_new)
         return Split(pre, [post], "speculation",
                      f"speculated {len(pre)} invariant equation(s) out of a {len(branches)}-way cond "
-                     f"({nbytes} bytes of results for all branches)", nbytes,
-                     frozenset().union(*(x.kinds for x in exts)))
+                     f"({nbytes} bytes of results for all branches"
+                     + (f"; branch runs per loop: {known_runs[1]}" if known_runs else "") + ")", nbytes,
+                     frozenset().union(*(x.kinds for x in exts)), branch_of)

@@ -21,6 +21,7 @@ Carries of the nested scan that are outer-invariant (a layer counter) are found 
 from __future__ import annotations
 
 from kvhoist import compat
+from kvhoist.analysis import branches
 from kvhoist.analysis.invariance import outer_invariant_carries, passthrough_carries
 from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, used_vars
 from kvhoist.rules import register
@@ -61,8 +62,19 @@ class ScanRule:
         nc, nk = compat.scan_arity(params)
         nx = len(eqn.invars) - nc - nk
         ny = len(eqn.outvars) - nk
-        with engine.in_loop(_loop_info(eqn, "scan", int(params["length"]))):
+        length = int(params["length"])
+        engine.bind_known(body.invars[:nc], eqn.invars[:nc])
+        with engine.in_loop(_loop_info(eqn, "scan", length)):
             body = engine.optimize_block(body)
+            for be in body.eqns:
+                if be.primitive.name == "cond":
+                    try:
+                        runs = branches.branch_runs(body, nc, nk, length, bool(params["reverse"]), be,
+                                                    lambda i: engine.value_of(eqn.invars[i]))
+                    except Exception:  # counting is best effort: the report keeps its upper bound
+                        runs = None
+                    if runs is not None:
+                        engine.branch_runs[id(be)] = (be, runs)
             through = passthrough_carries(body, nc, nk)
             inv_invars = body.invars[:nc] + [body.invars[nc + k] for k in range(nk) if through[k]]
             ext = engine.extract(body, inv_invars, charge=True)
