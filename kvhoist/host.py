@@ -451,9 +451,13 @@ class HostHoistedFunction:
         constvars, consts, invars, outvars, eqns = compat.split_closed(closed)
         inv_vars, var_vars = invars[:n_inv], invars[n_inv:]
         engine = Licm(max_cache_bytes=self.max_cache_bytes)
+        # Loops inside the step first (innermost-first LICM, as for traced loops), then the split
+        # across calls: work invariant to an inner loop but not across calls still leaves that loop.
+        block = engine.optimize_block(Block(list(constvars) + list(invars), list(outvars), list(eqns)))
+        n_inner = len(engine.report.hoisted)
         with engine.in_loop(LoopInfo("host loop", None, f"calls of {self.__name__}")):
-            ext = engine.extract(Block(list(constvars) + list(invars), list(outvars), list(eqns)),
-                                 set(constvars) | set(inv_vars), charge=True)
+            ext = engine.extract(block, set(constvars) | set(inv_vars), charge=True)
+        outvars = block.outvars
         const_of = dict(zip(constvars, consts))
         position = {v: i for i, v in enumerate(inv_vars)}
         var_position = {v: i for i, v in enumerate(var_vars)}
@@ -474,11 +478,13 @@ class HostHoistedFunction:
         for j in (prologue, step):
             compat.check(j)
 
+        # One "run" of a host-hoisted step is one call: a value moved into the prologue saves its work on
+        # every call after the one that filled the cache (values hoisted out of loops *inside* the step
+        # keep their own figures).
+        engine.report.hoisted = engine.report.hoisted[:n_inner] + [
+            dataclasses.replace(h, flops_saved=h.flops_per_iteration, loop=f"calls of {self.__name__}")
+            for h in engine.report.hoisted[n_inner:]]
         report = report.merge(engine.report)
-        # One "run" of a host-hoisted step is one call: a hoisted value saves its work on every call after
-        # the one that filled the cache.
-        report.hoisted = [dataclasses.replace(h, flops_saved=h.flops_per_iteration, loop=f"calls of {self.__name__}")
-                          for h in report.hoisted]
         report.total_flops_before = cost.jaxpr_flops_run(before)
         report.total_flops_after = cost.jaxpr_flops_run(step)
         if ext.empty:

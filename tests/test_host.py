@@ -301,3 +301,26 @@ def test_invariant_and_static_conflict_names_the_argument():
 def test_no_invariant_argument_is_an_error():
     with pytest.raises(ValueError, match="at least one invariant argument"):
         kvhoist.hoist_invariants(_f, invariant_argnums=())
+
+
+def test_loops_inside_the_step_are_also_optimised():
+    """Work invariant to a loop *inside* the step (but depending on the varying argument) leaves that
+    loop, on top of the prologue split."""
+    import kvhoist
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)
+
+    def step(w, x):
+        y = jnp.tanh(x @ w)                      # varies per call, invariant to the inner loop
+        def body(h, t):
+            return jnp.tanh(h + t * (y @ w).sum()), None
+        return jax.lax.scan(body, x, jnp.arange(3.0))[0]
+
+    hs = kvhoist.hoist_invariants(step, invariant_argnums=0)
+    x = jnp.ones((2, 8), jnp.float32)
+    np.testing.assert_allclose(hs(w, x), step(w, x), rtol=1e-5, atol=1e-6)
+    _before, _prologue, step_jaxpr = hs.jaxprs(w, x)
+    (loop,) = [e for e in step_jaxpr.eqns if e.primitive.name == "scan"]
+    inner = [e.primitive.name for e in compat.split_closed(loop.params["jaxpr"])[4]]
+    assert "dot_general" not in inner
+    assert any(h.loop.startswith("scan") for h in hs.report(w, x).hoisted)
