@@ -231,6 +231,17 @@ def source_line(eqn: JaxprEqn) -> str:
     return f"{os.path.basename(frame.file_name)}:{frame.start_line}"
 
 
+def source_stack(eqn: JaxprEqn, depth: int = 4) -> tuple[str, ...]:
+    """Up to ``depth`` user frames behind an equation, innermost first: ``'model.py:187 (project_kv)'``."""
+    import os
+
+    try:
+        frames = list(_siu.user_frames(eqn.source_info.traceback))[:depth]
+    except Exception:
+        return ()
+    return tuple(f"{os.path.basename(f.file_name)}:{f.start_line} ({f.function_name})" for f in frames)
+
+
 def subjaxprs_of(eqn: JaxprEqn) -> list[Any]:
     """Every jaxpr in an equation's params (closed or open)."""
     return list(jex.jaxprs_in_params(eqn.params))

@@ -65,6 +65,9 @@ class HoistedValue:
     #: of a ``cond`` branch (speculation): each branch runs only on some iterations, so the real
     #: saving is ``flops_per_iteration * (runs of its branch - 1)``, which the pass cannot see.
     upper_bound: bool = False
+    #: The user frames behind the value's main equation, innermost first (``source`` is the first):
+    #: ``('model.py:74 (Linear.__call__)', 'model.py:187 (WanAttention.project_kv)', ...)``.
+    stack: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,6 +113,9 @@ def test_sampler_kv_leaves_step_loop(preset, scan_layers, loop):
     report = hoisted.report(*args)
     names = {h.name for h in report.hoisted}
     assert any(n.endswith("attn2/to_k") for n in names) and any(n.endswith("attn2/to_v") for n in names)
+    to_k = next(h for h in report.hoisted if h.name.endswith("attn2/to_k"))
+    assert to_k.source.startswith("model.py:") and to_k.stack[0].startswith(to_k.source)
+    assert any("project_kv" in frame for frame in to_k.stack)      # the call site, not just the Linear
     if cfg.image_dim is not None:
         assert any(n.endswith("add_k_proj") for n in names)
     if scan_layers:

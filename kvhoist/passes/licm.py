@@ -372,7 +372,8 @@ class Licm:
         for v in ext.crossing:
             flops, prims, best = _provenance(ext.hoisted, prod, v, claimed)
             nearest = _nearest_work(ext.hoisted, prod, v)
-            name, src = _describe_deep(nearest or best) if (nearest or best) is not None else ("", "")
+            main = _deepest(nearest or best) if (nearest or best) is not None else None
+            name, src = _describe(main) if main is not None else ("", "")
             trips = loop.trip_count
             saved = None if (trips is None or outer is None) else flops * max(trips - 1, 0) * outer
             via = ext.via.get(v, ("licm",))
@@ -386,7 +387,8 @@ class Licm:
                 name=name or "(unnamed)", source=src, shape=tuple(int(d) for d in v.aval.shape),
                 dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
                 trip_count=trips, flops_saved=saved, loop=loop.describe(), via=via,
-                primitives=prims, upper_bound=upper))
+                primitives=prims, upper_bound=upper,
+                stack=compat.source_stack(main) if main is not None else ()))
 
     def _branch_runs_of(self, hoisted, prod, v) -> int | None:
         """How often the one cond branch that ``v`` was speculated out of ran, if known."""
@@ -512,17 +514,17 @@ def _describe(eqn) -> tuple[str, str]:
     return compat.name_stack(eqn) or eqn.primitive.name, compat.source_line(eqn)
 
 
-def _describe_deep(eqn) -> tuple[str, str]:
-    """Name the most expensive leaf equation under ``eqn`` (inside a fissioned scan, say)."""
+def _deepest(eqn):
+    """The most expensive leaf equation under ``eqn`` (inside a fissioned scan, say)."""
     while True:
         subs = compat.subjaxprs_of(eqn)
         if not subs:
-            return _describe(eqn)
+            return eqn
         inner = []
         for s in subs:
             inner.extend(compat.split_closed(s)[4])
         if not inner:
-            return _describe(eqn)
+            return eqn
         eqn = max(inner, key=cost.eqn_flops)
 
 
