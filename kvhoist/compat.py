@@ -17,7 +17,6 @@ Nothing outside this module imports ``jax._src``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -161,19 +160,6 @@ def while_params(old: dict, *, body_jaxpr: Any, body_nconsts: int) -> dict:
     return new
 
 
-def jit_params_plain(params: dict) -> bool:
-    """True when a nested jit carries no shardings, layouts or donation that inlining would drop."""
-    def unspecified(s) -> bool:
-        return s is None or type(s).__name__ == "UnspecifiedValue"
-    for key in ("in_shardings", "out_shardings"):
-        if not all(unspecified(s) for s in params.get(key, ())):
-            return False
-    for key in ("in_layouts", "out_layouts"):
-        if not all(s is None for s in params.get(key, ())):
-            return False
-    if any(params.get("donated_invars", ())):
-        return False
-    return True
 
 
 # --- equations, vars, source info ------------------------------------------------------------
@@ -204,10 +190,6 @@ def make_eqn(invars, outvars, primitive, params, *, like: JaxprEqn | None = None
     return new_jaxpr_eqn(list(invars), list(outvars), primitive, dict(params), effects)
 
 
-def eqn_with_effects_of_jaxprs(eqn: JaxprEqn, *jaxprs: Any) -> JaxprEqn:
-    """Recompute a higher-order equation's effects from its (rewritten) sub-jaxprs."""
-    effs = _core.join_effects(*(j.effects for j in jaxprs)) if jaxprs else _core.no_effects
-    return eqn.replace(effects=effs)
 
 
 def name_stack(eqn: JaxprEqn) -> str:
@@ -247,8 +229,6 @@ def subjaxprs_of(eqn: JaxprEqn) -> list[Any]:
     return list(jex.jaxprs_in_params(eqn.params))
 
 
-def aval_of(atom: Any) -> Any:
-    return atom.aval
 
 
 def stacked_aval(aval: Any, length: int) -> Any:

@@ -58,13 +58,6 @@ def subst_atom(atom: Atom, subst: dict) -> Atom:
     return atom
 
 
-def substitute(eqns: Iterable, subst: dict) -> list:
-    """Equations with their inputs renamed through ``subst`` (outputs untouched)."""
-    out = []
-    for e in eqns:
-        new_in = [subst_atom(a, subst) for a in e.invars]
-        out.append(e if all(a is b for a, b in zip(new_in, e.invars)) else e.replace(invars=new_in))
-    return out
 
 
 def clone_eqns(eqns: Sequence, subst: dict) -> tuple[list, dict]:

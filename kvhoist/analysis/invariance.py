@@ -57,12 +57,9 @@ def propagate(eqns: Iterable, inv: set) -> set:
     return inv
 
 
-def passthrough_carries(body: Block, first_carry: int, num_carry: int, first_out: int = 0) -> list[bool]:
+def passthrough_carries(body: Block, first_carry: int, num_carry: int) -> list[bool]:
     """Carries whose body output is exactly the body input: they keep their initial value."""
-    return [
-        body.outvars[first_out + k] is body.invars[first_carry + k]
-        for k in range(num_carry)
-    ]
+    return [body.outvars[k] is body.invars[first_carry + k] for k in range(num_carry)]
 
 
 def outer_invariant_carries(body: Block, inv_inputs: set, carry_invars: Sequence,

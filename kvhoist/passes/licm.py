@@ -260,7 +260,7 @@ class Licm:
         return ext
 
     def _select(self, eqns, invariant_idx, inv_in, units, carry_pairs, block_outvars) -> set:
-        prod = producers([e if e is not None else _NOOP for e in eqns])
+        prod = producers(eqns)
         selected: set = set()
 
         def close(start: Iterable[int]) -> None:
@@ -323,7 +323,7 @@ class Licm:
                     g.add_edge(pos[prod[a]], k)
         needed = set()
         for i, e in enumerate(eqns):
-            if e is not None and i not in selected:
+            if i not in selected:
                 needed.update(a for a in e.invars if is_var(a))
         needed.update(a for a in block_outvars if is_var(a))
         groups = []
@@ -418,20 +418,10 @@ def _live(eqns, outvars) -> set:
     live = set()
     for k in range(len(eqns) - 1, -1, -1):
         e = eqns[k]
-        if e is None:
-            continue
         if e.effects or any(is_var(v) and v in need for v in e.outvars):
             live.add(k)
             need.update(a for a in e.invars if is_var(a))
     return live
-
-
-class _Noop:
-    outvars: list = []
-    invars: list = []
-
-
-_NOOP = _Noop()
 
 
 def _provenance(hoisted, prod, v, claimed: set):

@@ -39,8 +39,4 @@ def get_rule(eqn) -> Rule | None:
     return _RULES.get(eqn.primitive.name)
 
 
-def registered() -> dict:
-    return dict(_RULES)
-
-
 from kvhoist.rules import call, cond, scan, while_  # noqa: E402,F401  (registration)
