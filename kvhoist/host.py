@@ -428,6 +428,7 @@ class HostHoistedFunction:
     def _build(self, call: _Call) -> _Program:
         from kvhoist import rules  # noqa: F401  (registers the LICM rules)
         from kvhoist.passes.licm import Licm, LoopInfo
+        from kvhoist.passes.pipeline import optimize
 
         layout, n_inv = call.layout, len(call.inv_leaves)
         out_store = []
@@ -441,13 +442,9 @@ class HostHoistedFunction:
 
         before = trace_to_jaxpr(flat_fun, [*call.inv_leaves, *call.var_leaves], self.__name__)
         out_tree = out_store[-1]
-        report = Report()
-        closed = before
-        if self.target is not None:
-            from kvhoist.passes.layout import repad_tokens
-
-            closed, r = repad_tokens(closed, self.target)
-            report = report.merge(r)
+        # The pipeline's passes before hoisting (the layout pass, with a target); the split below is
+        # this module's hoisting.
+        closed, report = optimize(before, target=self.target, hoist=False)
         constvars, consts, invars, outvars, eqns = compat.split_closed(closed)
         inv_vars, var_vars = invars[:n_inv], invars[n_inv:]
         engine = Licm(max_cache_bytes=self.max_cache_bytes)
