@@ -116,11 +116,7 @@ class Licm:
     def run(self, closed: Any) -> tuple[Any, Report]:
         from kvhoist import rules  # noqa: F401  (registers the rules)
 
-        constvars, consts, invars, outvars, eqns = compat.split_closed(closed)
-        self.known.update(zip(constvars, consts))
-        block = Block(list(constvars) + list(invars), list(outvars), list(eqns))
-        block = self.optimize_block(block)
-        new = compat.make_closed(constvars, consts, invars, block.outvars, block.eqns)
+        new = self.optimize_sub(closed)
         try:
             compat.check(new)
         except Exception as err:  # pragma: no cover - a bug in a rule; never hand it out
