@@ -34,10 +34,8 @@ def _value(atom, known: dict):
 
 def fold(eqn, known: dict) -> None:
     """Record the value of a small, pure, first-order equation whose inputs are all known."""
-    if eqn.effects or compat.subjaxprs_of(eqn):
-        return
     vals = [_value(a, known) for a in eqn.invars]
-    if any(v is None for v in vals):
+    if any(v is None for v in vals) or eqn.effects or compat.subjaxprs_of(eqn):
         return
     size = sum(int(np.prod(v.aval.shape)) for v in eqn.outvars if is_var(v))
     if size > MAX_FOLD_ELEMENTS:
