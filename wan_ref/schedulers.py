@@ -138,8 +138,22 @@ def _bh_coefficients(
     return _BhCoefficients(ratio, alpha_t * h_phi_1, alpha_t * b_h, rk, rhos)
 
 
+class _ByConfig:
+    """Equal and hashable by (type, steps, shift, train timesteps), so a scheduler can ride along as a
+    static jit argument (its numpy tables are derived from those)."""
+
+    def _config(self) -> tuple:
+        return (type(self), self.num_inference_steps, self.flow_shift, self.num_train_timesteps)
+
+    def __hash__(self) -> int:
+        return hash(self._config())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByConfig) and self._config() == other._config()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class UniPCMultistep:
+class UniPCMultistep(_ByConfig):
     """diffusers' `UniPCMultistepScheduler` for Wan (flow prediction, flow sigmas, order 2, bh2).
 
     Args:
@@ -260,14 +274,6 @@ class UniPCMultistep:
         new_state = UniPCState(i + 1, x0.astype(state.x0_prev.dtype), state.x0_prev, sample)
         return prev_sample, new_state
 
-    def __hash__(self) -> int:  # hashable by value so it can ride along as a static jit argument
-        return hash((type(self), self.num_inference_steps, self.flow_shift, self.num_train_timesteps))
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and (
-            (self.num_inference_steps, self.flow_shift, self.num_train_timesteps)
-            == (other.num_inference_steps, other.flow_shift, other.num_train_timesteps)
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +288,7 @@ class EulerState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class FlowMatchEuler:
+class FlowMatchEuler(_ByConfig):
     """diffusers' `FlowMatchEulerDiscreteScheduler(shift=flow_shift)` with its defaults.
 
     Note diffusers applies the shift twice to the smallest sigma: once in `__init__` (to find
@@ -339,14 +345,6 @@ class FlowMatchEuler:
         prev = prev.astype(model_output.dtype).astype(sample.dtype)
         return prev, EulerState(i + 1)
 
-    def __hash__(self) -> int:
-        return hash((type(self), self.num_inference_steps, self.flow_shift, self.num_train_timesteps))
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and (
-            (self.num_inference_steps, self.flow_shift, self.num_train_timesteps)
-            == (other.num_inference_steps, other.flow_shift, other.num_train_timesteps)
-        )
 
 
 # --------------------------------------------------------------------------------------------------
