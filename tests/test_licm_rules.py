@@ -100,6 +100,17 @@ def test_shape_only_ops_are_not_hoisted_alone():
     assert report.hoisted == []
 
 
+def test_dead_invariant_work_is_not_hoisted():
+    def f(w, ctx, x):
+        def step(h, t):
+            _unused = ctx @ w                     # invariant but dead: XLA deletes it; we leave it
+            return jnp.tanh(h * t), None
+        return jax.lax.scan(step, x, jnp.arange(3.0))[0]
+
+    _, after, report = licm_and_compare(f, W, CTX, X)
+    assert report.hoisted == [] and direct_count(after, "dot_general") == 0
+
+
 def test_nested_scan_fission_moves_per_layer_projections_out_of_step_loop():
     ws = (rand(3, 8, 8, seed=5), rand(3, 8, 8, seed=6), rand(3, 8, 8, seed=7))
 
