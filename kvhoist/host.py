@@ -33,9 +33,12 @@ explicit :class:`PreparedStep` handle whose prologue results live as long as the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
+import itertools
+import operator
 import threading
 import weakref
 from typing import Any, Callable, NamedTuple, Sequence
@@ -53,6 +56,10 @@ from kvhoist.report import Report
 __all__ = ["HostHoistedFunction", "PreparedStep", "CacheInfo", "StaleHandleError"]
 
 _STATIC, _INVARIANT, _VARYING = "static", "invariant", "varying"
+_tree_flatten = jax.tree_util.tree_flatten
+# What jax.jit keys its traces on (x64, default device, ...); older compat modules lack it: x64 only.
+_trace_context: Callable[[], Any] = getattr(compat, "trace_context", None) or (
+    lambda: (bool(jax.config.jax_enable_x64),))
 
 
 class StaleHandleError(KvhoistError):
@@ -65,7 +72,8 @@ class CacheInfo(NamedTuple):
     Attributes:
       hits: calls served from a cached prologue.
       misses: calls that ran the prologue (``prologue_runs``), including calls with tracers.
-      entries: prologue results held now (at most ``max_entries``).
+      entries: prologue results held now (at most ``max_entries``; a signature with nothing to hoist
+        holds a 0-byte entry, which lets its calls take the fast path too).
       max_entries: the LRU bound.
       bytes: bytes of the prologue results held now.
       programs: compiled (prologue, step) pairs, one per input signature.
@@ -81,29 +89,75 @@ class CacheInfo(NamedTuple):
     peak_bytes: int
 
 
+class _Retrace(Exception):
+    """Raised while ``jax.jit`` traces a program's step for varying arguments of another signature:
+    the call falls back to the slow path, which picks (or builds) the program for them."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Argument layout: which argument is static / invariant / varying
 # --------------------------------------------------------------------------------------------------
 
 
+def _picker(sources: Sequence) -> Callable[[tuple, dict], tuple]:
+    """``(args, kwargs) -> values`` at ``sources`` (an int: a position; a str: a keyword)."""
+    sources = tuple(sources)
+    if all(isinstance(s, int) for s in sources):
+        if not sources:
+            return lambda args, kwargs: ()
+        if len(sources) == 1:
+            (i,) = sources
+            return lambda args, kwargs: (args[i],)
+        get = operator.itemgetter(*sources)
+        return lambda args, kwargs: get(args)
+    return lambda args, kwargs: tuple(args[s] if isinstance(s, int) else kwargs[s] for s in sources)
+
+
+class _ArgPlan:
+    """Where the static, invariant and varying values of one call shape (number of positional
+    arguments, keyword names) come from. Built once per call shape with ``inspect.Signature.bind``;
+    calls of that shape then pick their values with ``operator.itemgetter``.
+
+    ``canon`` is shared by the plans of every call shape that binds the same slots (``f(a, b=1)`` and
+    ``f(b=1, a=a)`` are the same program), so it can stand for the slots in a dictionary key.
+    """
+
+    __slots__ = ("slots", "canon", "static_slots", "static", "inv", "var")
+
+    def __init__(self, slots: tuple, sources: Sequence, canon: object):
+        self.slots = slots          # ((slot id, class), ...) in canonical (signature) order
+        self.canon = canon
+        self.static_slots = tuple(s for s, c in slots if c == _STATIC)
+        self.static = _picker([src for (_s, c), src in zip(slots, sources) if c == _STATIC])
+        self.inv = _picker([src for (_s, c), src in zip(slots, sources) if c == _INVARIANT])
+        self.var = _picker([src for (_s, c), src in zip(slots, sources) if c == _VARYING])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How the arguments of one call are classified; from :meth:`HostHoistedFunction._bind`."""
+    """The structure of one call: its slots, static values, and the pytree structures of the rest."""
 
     slots: tuple            # ((slot id, class), ...) in call order; a slot id is a name or ("*", k) / ("**", key)
     static: tuple           # ((slot id, value), ...): hashable
+    static_types: tuple     # type of each static value: like jax.jit, f(x, 2) and f(x, 2.0) differ
     inv_tree: Any
     var_tree: Any
 
 
+def _static_key(values: tuple) -> tuple:
+    """Static values keyed by value AND type (``2 == 2.0 == True`` but they trace differently)."""
+    return tuple([(v.__class__, v) for v in values]) if values else ()
+
+
 class _Call:
-    """One call's arguments, flattened. Avals are computed lazily: on a cache hit the invariant
-    leaves' avals are those recorded with the entry (same objects), so the hot path skips them."""
+    """One call's arguments, flattened (the slow path). Avals are computed lazily: on a cache hit the
+    invariant leaves' avals are those recorded with the entry (same objects)."""
 
-    __slots__ = ("layout", "inv_leaves", "var_leaves", "var_avals", "_inv_avals")
+    __slots__ = ("layout", "inv_leaves", "var_leaves", "var_args", "context", "var_avals", "_inv_avals")
 
-    def __init__(self, layout: _Layout, inv_leaves: list, var_leaves: list):
+    def __init__(self, layout: _Layout, inv_leaves: list, var_leaves: list, var_args: tuple, context: tuple):
         self.layout, self.inv_leaves, self.var_leaves = layout, inv_leaves, var_leaves
+        self.var_args, self.context = var_args, context
         self.var_avals = _avals(var_leaves)
         self._inv_avals = None
 
@@ -115,13 +169,14 @@ class _Call:
 
     @property
     def key(self) -> tuple:
-        """The program key: layout (structure, static values) and every leaf's aval."""
-        return (self.layout, self.inv_avals, self.var_avals)
+        """The program key: layout (structure, static values and types), jax's trace context (x64,
+        ...) and every leaf's aval."""
+        return (self.layout, self.context, self.inv_avals, self.var_avals)
 
     @property
     def entry_key(self) -> tuple:
         """The cache key of a prologue result (verified by :meth:`_Identity.matches` on a hit)."""
-        return (self.layout, self.var_avals, _Identity.key_of(self.inv_leaves))
+        return (self.layout, self.context, self.var_avals, _Identity.key_of(self.inv_leaves))
 
 
 def _avals(leaves: Sequence) -> tuple:
@@ -129,6 +184,22 @@ def _avals(leaves: Sequence) -> tuple:
         return tuple(jax.typeof(x) for x in leaves)
     except TypeError as err:
         raise TypeError(f"hoist_invariants: an argument has a leaf that is not an array or scalar: {err}") from err
+
+
+def _signature(leaves: Sequence) -> tuple:
+    """Shape, dtype and weak type of each leaf (concrete or traced): what the step was traced for."""
+    return tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in map(jax.typeof, leaves))
+
+
+def _taker(indices: Sequence[int]) -> Callable[[Sequence], tuple]:
+    """``leaves -> tuple(leaves[i] for i in indices)``, with ``operator.itemgetter`` (C speed)."""
+    indices = tuple(indices)
+    if not indices:
+        return lambda leaves: ()
+    if len(indices) == 1:
+        (i,) = indices
+        return lambda leaves: (leaves[i],)
+    return operator.itemgetter(*indices)
 
 
 @dataclasses.dataclass
@@ -144,7 +215,32 @@ class _Program:
     step_inv: list           # ... read by the step directly
     step_var: list           # indices into the varying leaves read by the step
     prologue_fn: Callable | None  # None when nothing was hoisted
-    step_fn: Callable
+    step_call: Callable      # jax.jit: (cached values, step_inv leaves, *varying arguments) -> outputs
+    step_flat: Callable      # jax.jit: (*cached values, *step_inv leaves, *step_var leaves) -> flat outputs
+    take_step_inv: Callable  # invariant leaves -> the step_inv ones (a tuple)
+
+
+def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature: tuple,
+               step_var: Sequence[int]) -> Callable:
+    """The step as ``jax.jit(run)(values, inv, *varying arguments as passed)``.
+
+    jit's C++ fast path then flattens and checks the varying arguments itself (no ``jax.typeof`` per
+    leaf in Python) and unflattens the outputs. When it retraces for varying arguments of another
+    structure or signature (they no longer match this program), :class:`_Retrace` sends the call to the
+    slow path instead.
+    """
+    step_fun = compat.jaxpr_as_fun(step)
+    take_var = _taker(step_var)
+
+    def run(values, inv, *var_args):
+        leaves, tree = _tree_flatten(var_args)
+        if tree != var_tree or _signature(leaves) != var_signature:
+            raise _Retrace()
+        out = step_fun(*values, *inv, *take_var(leaves))
+        return jax.tree_util.tree_unflatten(out_tree, list(out))
+
+    run.__name__ = run.__qualname__ = f"{name}_step"
+    return jax.jit(run)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,16 +255,19 @@ def _is_tracer(x: Any) -> bool:
 class _Identity:
     """What must hold for a cached prologue result to be valid for new invariant leaves."""
 
-    __slots__ = ("key", "_checks", "__weakref__")
+    __slots__ = ("key", "_checks", "snapshots", "__weakref__")
 
     def __init__(self, leaves: Sequence, on_death: Callable | None = None):
-        keys, checks = [], []
-        for x in leaves:
-            k, check = _leaf_identity(x, on_death)
+        keys, checks, snapshots = [], [], []
+        for i, x in enumerate(leaves):
+            k, check, snap = _leaf_identity(x, on_death)
             keys.append(k)
             checks.append(check)
+            if snap is not None:
+                snapshots.append((i, snap))
         self.key = tuple(keys)
         self._checks = checks
+        self.snapshots = tuple(snapshots)  # ((index, private copy), ...) of the numpy leaves
 
     @staticmethod
     def key_of(leaves: Sequence) -> tuple:
@@ -179,48 +278,89 @@ class _Identity:
 
 
 _PY_SCALARS = (bool, int, float, complex)
+_SCALARS = (*_PY_SCALARS, np.generic)
 
 
 def _leaf_key(x: Any) -> Any:
     """The value of an immutable scalar (a tuple), else the object's id (an int; verified on a hit)."""
-    if isinstance(x, (*_PY_SCALARS, np.generic)):
+    if isinstance(x, _SCALARS):
         return ("v", type(x), repr(x) if isinstance(x, _PY_SCALARS) else (str(x.dtype), x.tobytes()))
     return id(x)
 
 
-def _leaf_identity(x: Any, on_death: Callable | None) -> tuple[tuple, Callable]:
+def _same_numpy(y: Any, snap: np.ndarray) -> bool:
+    return (y.shape == snap.shape and y.dtype == snap.dtype
+            and np.ascontiguousarray(y).tobytes() == snap.tobytes())
+
+
+def _leaf_identity(x: Any, on_death: Callable | None) -> tuple[Any, Callable, np.ndarray | None]:
     key = _leaf_key(x)
     if isinstance(key, tuple):  # immutable scalars: the key is the value
-        return key, lambda y, key=key: _leaf_key(y) == key
+        return key, lambda y, key=key: _leaf_key(y) == key, None
     if isinstance(x, np.ndarray):  # mutable: keep a snapshot, compare contents on every call
         snap = np.array(x, copy=True)
         ref = weakref.ref(x, on_death) if on_death is not None else weakref.ref(x)
-
-        def check_np(y, snap=snap, ref=ref):
-            return (ref() is y and y.shape == snap.shape and y.dtype == snap.dtype
-                    and np.ascontiguousarray(y).tobytes() == snap.tobytes())
-        return key, check_np
+        return key, lambda y, snap=snap, ref=ref: ref() is y and _same_numpy(y, snap), snap
     try:  # jax.Array and other immutable objects: the very same object, alive and not deleted
         ref = weakref.ref(x, on_death) if on_death is not None else weakref.ref(x)
     except TypeError:  # not weak-referenceable: hold it (the entry keeps it alive; LRU-bounded)
-        return key, lambda y, x=x: y is x
+        return key, lambda y, x=x: y is x, None
 
     def check_obj(y, ref=ref):
         if ref() is not y:
             return False
         deleted = getattr(y, "is_deleted", None)
         return not (deleted is not None and deleted())
-    return key, check_obj
+    return key, check_obj, None
 
 
-class _Entry:
-    __slots__ = ("identity", "values", "nbytes", "inv_avals")
+class _Cached:
+    """Prologue results for one set of invariant leaves, and what a fast-path hit must still check.
 
-    def __init__(self, identity: _Identity, values: tuple, inv_avals: tuple):
-        self.identity = identity
+    The fast path finds this object by the ``id``s of the invariant leaves (``fast_key``). An id is
+    only trusted while the object is known alive: jax/numpy arrays are watched by weak references whose
+    callbacks drop this object from every index when one dies (so a recycled id is never matched), and
+    scalar leaves, compared by value in the slow path, are pinned here (``pins``) for as long as the
+    fast key refers to their ids. Same objects then leave only two things to check per call: numpy
+    leaves were not mutated (their snapshots) and arrays the step does not receive (jit would reject
+    a deleted one it receives) were not deleted.
+    """
+
+    __slots__ = ("program", "values", "identity", "snapshots", "deletable", "fast_key", "pins", "__weakref__")
+
+    def __init__(self, program: _Program, values: tuple, leaves: Sequence, on_death: Callable | None):
+        self.program = program
         self.values = values
-        self.inv_avals = inv_avals
+        self.identity = _Identity(leaves, on_death)
+        self.snapshots = self.identity.snapshots
+        passed = set(program.step_inv)
+        self.deletable = tuple(i for i, x in enumerate(leaves)
+                               if i not in passed and hasattr(x, "is_deleted") and not isinstance(x, np.ndarray))
+        self.fast_key: tuple | None = None
+        self.pins: tuple = ()
+
+    def still_valid(self, leaves: Sequence) -> bool:
+        """For leaves whose ids equal those of ``fast_key``'s: not mutated, not deleted."""
+        for i, snap in self.snapshots:
+            if not _same_numpy(leaves[i], snap):
+                return False
+        for i in self.deletable:
+            if leaves[i].is_deleted():
+                return False
+        return True
+
+
+class _Entry(_Cached):
+    __slots__ = ("serial", "key", "nbytes", "inv_avals")
+
+    def __init__(self, serial: int, key: tuple, program: _Program, values: tuple, leaves: Sequence,
+                 inv_avals: tuple, on_death: Callable | None):
+        super().__init__(program, values, leaves, on_death)
+        self.serial, self.key, self.inv_avals = serial, key, inv_avals
         self.nbytes = sum(int(getattr(v, "nbytes", 0)) for v in values)
+
+
+_MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,14 +404,18 @@ class HostHoistedFunction:
             self._signature = None
         functools.update_wrapper(self, fun)
         self.__name__ = function_name(fun)
-        self.__name__ = getattr(fun, "__name__", type(fun).__name__)
         (self.invariant_argnums, self.invariant_argnames, self.static_argnums,
          self.static_argnames) = self._resolve(_normalize_argnums(invariant_argnums),
                                                _normalize_argnames(invariant_argnames),
                                                _normalize_argnums(static_argnums),
                                                _normalize_argnames(static_argnames))
-        self._programs: dict = {}
-        self._entries: dict = {}          # (program key, identity key) -> _Entry; insertion order = LRU order
+        self._programs: dict = {}         # program key -> _Program
+        self._entries: collections.OrderedDict = collections.OrderedDict()  # serial -> _Entry, LRU order
+        self._index: dict = {}            # entry key (program key, identity key) -> _Entry (slow path)
+        self._fast: dict = {}             # fast key (shape, statics, treedef, context, ids) -> _Entry
+        self._plans: dict = {}            # call shape (len(args), *kwargs names) -> _ArgPlan
+        self._canon: dict = {}            # slots -> token shared by the plans binding the same slots
+        self._serials = itertools.count()
         self._lock = threading.RLock()
         self.prologue_runs = 0
         self._hits = 0
@@ -348,47 +492,67 @@ class HostHoistedFunction:
             return _INVARIANT
         return _VARYING
 
-    def _slots(self, args: tuple, kwargs: dict) -> list:
-        """``[(slot id, value, class)]`` in a canonical order."""
+    def _plan(self, args: tuple, kwargs: dict) -> _ArgPlan:
+        """The :class:`_ArgPlan` of this call's shape: cached, or bound now (raising the signature's
+        ``TypeError`` for a call that does not fit)."""
+        shape = (len(args), *kwargs) if kwargs else len(args)
+        plan = self._plans.get(shape)
+        if plan is not None:
+            return plan
         sig = self._signature
+        slots, sources = [], []
         if sig is None:
             if kwargs:
                 raise TypeError(f"{self.__name__} has no inspectable signature; pass arguments positionally")
-            return [(("*", i), v, self._classify(("*", i), i)) for i, v in enumerate(args)]
-        try:
-            bound = sig.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{self.__name__}{sig}: {err}") from None
-        out = []
-        pos_index = {p.name: i for i, p in enumerate(self._positional_params())}
-        npos = len(pos_index)
-        for name, value in bound.arguments.items():
-            kind = sig.parameters[name].kind
-            if kind == inspect.Parameter.VAR_POSITIONAL:
-                for k, v in enumerate(value):
-                    out.append((("*", k), v, self._classify(("*", k), npos + k)))
-            elif kind == inspect.Parameter.VAR_KEYWORD:
-                for key, v in value.items():
-                    out.append((("**", key), v, self._classify(("**", key), None)))
-            else:
-                out.append((name, value, self._classify(name, pos_index.get(name))))
-        return out
+            for i in range(len(args)):
+                slots.append((("*", i), self._classify(("*", i), i)))
+                sources.append(i)
+        else:
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"{self.__name__}{sig}: {err}") from None
+            pos_index = {p.name: i for i, p in enumerate(self._positional_params())}
+            npos = len(pos_index)
+            for name, value in bound.arguments.items():
+                kind = sig.parameters[name].kind
+                if kind == inspect.Parameter.VAR_POSITIONAL:
+                    for k in range(len(value)):
+                        slots.append((("*", k), self._classify(("*", k), npos + k)))
+                        sources.append(npos + k)
+                elif kind == inspect.Parameter.VAR_KEYWORD:
+                    for key in value:
+                        slots.append((("**", key), self._classify(("**", key), None)))
+                        sources.append(key)
+                else:
+                    i = pos_index.get(name)
+                    slots.append((name, self._classify(name, i)))
+                    sources.append(i if i is not None and i < len(args) else name)
+        slots = tuple(slots)
+        with self._lock:
+            canon = self._canon.setdefault(slots, object())
+            plan = _ArgPlan(slots, sources, canon)
+            if len(self._plans) >= 256:  # call shapes are few; bound the table anyway
+                self._plans.clear()
+            self._plans[shape] = plan
+        return plan
 
-    def _bind(self, args: tuple, kwargs: dict) -> _Call:
-        slots = self._slots(args, kwargs)
-        static = []
-        for slot, v, cls in slots:
-            if cls == _STATIC:
-                try:
-                    hash(v)
-                except TypeError as err:
-                    raise TypeError(f"hoist_invariants: static argument {slot!r} of {self.__name__} is not "
-                                    f"hashable ({type(v).__name__}); pass a hashable value") from err
-                static.append((slot, v))
-        inv_leaves, inv_tree = jax.tree_util.tree_flatten([v for _s, v, c in slots if c == _INVARIANT])
-        var_leaves, var_tree = jax.tree_util.tree_flatten([v for _s, v, c in slots if c == _VARYING])
-        layout = _Layout(tuple((s, c) for s, _v, c in slots), tuple(static), inv_tree, var_tree)
-        return _Call(layout, inv_leaves, var_leaves)
+    def _bind(self, args: tuple, kwargs: dict, plan: _ArgPlan | None = None,
+              inv_flat: tuple | None = None) -> _Call:
+        plan = self._plan(args, kwargs) if plan is None else plan
+        statics = plan.static(args, kwargs)
+        for slot, v in zip(plan.static_slots, statics):
+            try:
+                hash(v)
+            except TypeError as err:
+                raise TypeError(f"hoist_invariants: static argument {slot!r} of {self.__name__} is not "
+                                f"hashable ({type(v).__name__}); pass a hashable value") from err
+        inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs)) if inv_flat is None else inv_flat
+        var_args = plan.var(args, kwargs)
+        var_leaves, var_tree = _tree_flatten(var_args)
+        layout = _Layout(plan.slots, tuple(zip(plan.static_slots, statics)), tuple(type(v) for v in statics),
+                         inv_tree, var_tree)
+        return _Call(layout, inv_leaves, var_leaves, var_args, _trace_context())
 
     def _rebuild(self, layout: _Layout, inv_leaves: Sequence, var_leaves: Sequence) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for ``fun`` from the flat leaves (the inverse of :meth:`_bind`)."""
@@ -422,7 +586,7 @@ class HostHoistedFunction:
         if prog is None:
             prog = self._build(call)
             with self._lock:
-                self._programs[call.key] = prog
+                prog = self._programs.setdefault(call.key, prog)
         return prog
 
     def _build(self, call: _Call) -> _Program:
@@ -487,12 +651,15 @@ class HostHoistedFunction:
         if ext.empty:
             report.notes.append(_note("host", f"nothing in {self.__name__} depends only on the invariant "
                                               "arguments; every call runs the whole step"))
+        step_inv = [position[v] for v in st_inv]
+        step_var = [var_position[v] for v in st_var]
         return _Program(
             before=before, prologue=prologue, step=step, report=report, out_tree=out_tree,
-            prologue_inv=[position[v] for v in pro_inv], step_inv=[position[v] for v in st_inv],
-            step_var=[var_position[v] for v in st_var],
+            prologue_inv=[position[v] for v in pro_inv], step_inv=step_inv, step_var=step_var,
             prologue_fn=None if ext.empty else jax.jit(compat.jaxpr_as_fun(prologue)),
-            step_fn=jax.jit(compat.jaxpr_as_fun(step)))
+            step_call=_step_call(self.__name__, step, out_tree, layout.var_tree, _signature(call.var_leaves),
+                                 step_var),
+            step_flat=jax.jit(compat.jaxpr_as_fun(step)), take_step_inv=_taker(step_inv))
 
     # -- running -------------------------------------------------------------------------------
     def _run_prologue(self, prog: _Program, inv_leaves: Sequence) -> tuple:
@@ -503,57 +670,117 @@ class HostHoistedFunction:
         return tuple(prog.prologue_fn(*(inv_leaves[i] for i in prog.prologue_inv)))
 
     def _run_step(self, prog: _Program, values: Sequence, call: _Call):
-        out = prog.step_fn(*values, *(call.inv_leaves[i] for i in prog.step_inv),
-                           *(call.var_leaves[i] for i in prog.step_var))
-        return jax.tree_util.tree_unflatten(prog.out_tree, list(out))
+        try:
+            return prog.step_call(tuple(values), prog.take_step_inv(call.inv_leaves), *call.var_args)
+        except _Retrace:
+            # The program was built for these very arguments, so this means jit's view of them differs
+            # from jax.typeof's; run the flat form, which takes the leaves as traced.
+            out = prog.step_flat(*values, *prog.take_step_inv(call.inv_leaves),
+                                 *(call.var_leaves[i] for i in prog.step_var))
+            return jax.tree_util.tree_unflatten(prog.out_tree, list(out))
 
-    def _on_death(self, entry_key):
+    def _fast_key(self, plan: _ArgPlan, args: tuple, kwargs: dict) -> tuple[list, Any, tuple]:
+        """``(invariant leaves, their treedef, fast key)``: the key names the call shape, static values
+        and types, the invariant arguments' structure, jax's trace context and the leaves' ids."""
+        inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs))
+        key = (plan.canon, _static_key(plan.static(args, kwargs)), inv_tree, _trace_context(),
+               tuple(map(id, inv_leaves)))
+        return inv_leaves, inv_tree, key
+
+    def _forget(self, entry: _Entry) -> None:
+        """Drop ``entry`` from every index. Runs in weakref callbacks too: no lock, atomic pops only."""
+        self._entries.pop(entry.serial, None)
+        try:
+            if self._index.get(entry.key) is entry:
+                self._index.pop(entry.key, None)
+            if entry.fast_key is not None and self._fast.get(entry.fast_key) is entry:
+                self._fast.pop(entry.fast_key, None)
+        except TypeError:  # pragma: no cover - keys are hashable when stored
+            pass
+
+    def _on_death(self, serial: int) -> Callable:
         self_ref = weakref.ref(self)
 
         def drop(_ref):
             me = self_ref()
             if me is not None:
-                me._entries.pop(entry_key, None)
+                entry = me._entries.get(serial)
+                if entry is not None:
+                    me._forget(entry)
         return drop
 
-    def _prologue_values(self, call: _Call) -> tuple[_Program, tuple]:
-        """The program for this call and its prologue results: cached, or computed now."""
+    def _set_fast_key(self, cached: _Cached, fast_key: tuple, leaves: Sequence, index: dict | None) -> None:
+        """Let later calls with these very leaves find ``cached`` by ``fast_key`` (one key per object)."""
+        if any(_is_tracer(x) for x in leaves):
+            return
+        try:
+            hash(fast_key)
+        except TypeError:
+            return
+        if index is not None and cached.fast_key is not None and index.get(cached.fast_key) is cached:
+            index.pop(cached.fast_key, None)
+        cached.pins = tuple(x for x in leaves if isinstance(x, _SCALARS))  # keeps their ids unique
+        cached.fast_key = fast_key
+        if index is not None:
+            index[fast_key] = cached
+
+    def __call__(self, *args, **kwargs):
+        plan = self._plans.get((len(args), *kwargs) if kwargs else len(args)) or self._plan(args, kwargs)
+        inv_leaves, inv_tree, fast_key = self._fast_key(plan, args, kwargs)
+        try:
+            entry = self._fast.get(fast_key)
+        except TypeError:  # an unhashable static argument: the slow path names it
+            entry = None
+        if entry is not None and entry.still_valid(inv_leaves):
+            prog = entry.program
+            try:
+                out = prog.step_call(entry.values, prog.take_step_inv(inv_leaves), *plan.var(args, kwargs))
+            except _Retrace:  # varying arguments of another structure / signature than this program's
+                out = _MISSING
+            if out is not _MISSING:
+                with self._lock:
+                    self._hits += 1
+                    if entry.serial in self._entries:
+                        self._entries.move_to_end(entry.serial)
+                return out
+        return self._slow_call(plan, args, kwargs, (inv_leaves, inv_tree), fast_key)
+
+    def _slow_call(self, plan: _ArgPlan, args: tuple, kwargs: dict, inv_flat: tuple, fast_key: tuple):
+        call = self._bind(args, kwargs, plan, inv_flat)
         if any(_is_tracer(x) for x in call.inv_leaves):  # under a transformation: nothing to cache
             prog = self._program(call)
-            return prog, self._run_prologue(prog, call.inv_leaves)
+            return self._run_step(prog, self._run_prologue(prog, call.inv_leaves), call)
         entry_key = call.entry_key
         with self._lock:
-            entry = self._entries.pop(entry_key, None)
-            if entry is not None and entry.identity.matches(call.inv_leaves):
-                self._entries[entry_key] = entry  # most recently used
+            entry = self._index.get(entry_key)
+            hit = entry is not None and entry.identity.matches(call.inv_leaves)
+            if hit:
                 self._hits += 1
-                call._inv_avals = entry.inv_avals  # the very same objects: same avals
-                hit = entry
-            else:
-                hit = None
-        if hit is not None:
-            return self._program(call), hit.values
+                if entry.serial in self._entries:
+                    self._entries.move_to_end(entry.serial)
+                self._set_fast_key(entry, fast_key, call.inv_leaves, self._fast)
+        if hit:
+            return self._run_step(entry.program, entry.values, call)
         prog = self._program(call)
-        if prog.prologue_fn is None:
-            return prog, ()
         values = self._run_prologue(prog, call.inv_leaves)
         if any(_is_tracer(v) for v in values):
             # Concrete invariants but called inside a trace (e.g. a jit over the varying arguments): the
             # prologue's results belong to that trace and must not outlive it.
-            return prog, values
-        entry = _Entry(_Identity(call.inv_leaves, self._on_death(entry_key)), values, call.inv_avals)
+            return self._run_step(prog, values, call)
         with self._lock:
-            self._entries.pop(entry_key, None)
-            self._entries[entry_key] = entry
+            serial = next(self._serials)
+            entry = _Entry(serial, entry_key, prog, values, call.inv_leaves, call.inv_avals,
+                           self._on_death(serial))
+            old = self._index.get(entry_key)
+            if old is not None:
+                self._forget(old)
+            self._entries[serial] = entry
+            self._index[entry_key] = entry
+            self._set_fast_key(entry, fast_key, call.inv_leaves, self._fast)
             while len(self._entries) > self.max_cache_entries:
-                self._entries.pop(next(iter(self._entries)))
+                self._forget(next(iter(self._entries.values())))
             held = sum(e.nbytes for e in list(self._entries.values()))
             self._peak_bytes = max(self._peak_bytes, held)
-        return prog, values
-
-    def __call__(self, *args, **kwargs):
-        call = self._bind(args, kwargs)
-        prog, values = self._prologue_values(call)
         return self._run_step(prog, values, call)
 
     # -- public helpers ---------------------------------------------------------------------------
@@ -569,12 +796,14 @@ class HostHoistedFunction:
           >>> for _ in range(n):
           ...     latents = handle(params, context, latents)
         """
-        call = self._bind(args, kwargs)
-        prog = self._program(call)
+        plan = self._plan(args, kwargs)
+        inv_leaves, inv_tree, fast_key = self._fast_key(plan, args, kwargs)
+        call = self._bind(args, kwargs, plan, (inv_leaves, inv_tree))
         if any(_is_tracer(x) for x in call.inv_leaves):
             raise KvhoistError("prepare() needs concrete invariant arguments, not tracers")
+        prog = self._program(call)
         values = self._run_prologue(prog, call.inv_leaves)
-        return PreparedStep(self, call.key, _Identity(call.inv_leaves), values)
+        return PreparedStep(self, call, prog, values, fast_key)
 
     def jaxprs(self, *args, **kwargs) -> tuple[Any, Any, Any]:
         """``(before, prologue, step)`` closed jaxprs for this input signature.
@@ -593,6 +822,7 @@ class HostHoistedFunction:
         return self._program(self._bind(args, kwargs)).report
 
     def cache_info(self) -> CacheInfo:
+        """Hits, misses (prologue runs), entries, bytes and compiled programs; see :class:`CacheInfo`."""
         with self._lock:
             entries = list(self._entries.values())
             return CacheInfo(self._hits, self.prologue_runs, len(entries), self.max_cache_entries,
@@ -607,6 +837,8 @@ class HostHoistedFunction:
         """Drop every cached prologue result (and, with ``programs=True``, the compiled programs)."""
         with self._lock:
             self._entries.clear()
+            self._index.clear()
+            self._fast.clear()
             self._peak_bytes = 0
             if programs:
                 self._programs.clear()
@@ -619,26 +851,49 @@ class HostHoistedFunction:
 class PreparedStep:
     """An explicit prologue result from :meth:`HostHoistedFunction.prepare`; call it like the function."""
 
-    def __init__(self, owner: HostHoistedFunction, key: tuple, identity: _Identity, values: tuple):
+    def __init__(self, owner: HostHoistedFunction, call: _Call, program: _Program, values: tuple,
+                 fast_key: tuple):
         self._owner = owner
-        self._key = key
-        self._identity = identity
-        self._values = values
+        self._key = call.key
+        self._cached = _Cached(program, values, call.inv_leaves, self._on_death())
+        owner._set_fast_key(self._cached, fast_key, call.inv_leaves, None)
+
+    def _on_death(self) -> Callable:
+        self_ref = weakref.ref(self)
+
+        def forget_ids(_ref):  # a prepared array died: its id may be reused, so stop trusting ids
+            me = self_ref()
+            if me is not None:
+                me._cached.fast_key = None
+        return forget_ids
 
     @property
     def cache_bytes(self) -> int:
         """Bytes of the prologue results this handle holds."""
-        return sum(int(getattr(v, "nbytes", 0)) for v in self._values)
+        return sum(int(getattr(v, "nbytes", 0)) for v in self._cached.values)
 
     def __call__(self, *args, **kwargs):
-        owner = self._owner
-        call = owner._bind(args, kwargs)
-        if call.key != self._key or not self._identity.matches(call.inv_leaves):
+        owner, cached = self._owner, self._cached
+        prog = cached.program
+        plan = owner._plan(args, kwargs)
+        inv_leaves, inv_tree, fast_key = owner._fast_key(plan, args, kwargs)
+        try:
+            fast = cached.fast_key is not None and fast_key == cached.fast_key
+        except TypeError:
+            fast = False
+        if fast and cached.still_valid(inv_leaves):
+            try:
+                return prog.step_call(cached.values, prog.take_step_inv(inv_leaves), *plan.var(args, kwargs))
+            except _Retrace:
+                pass
+        call = owner._bind(args, kwargs, plan, (inv_leaves, inv_tree))
+        if call.key != self._key or not cached.identity.matches(call.inv_leaves):
             raise StaleHandleError(
                 f"this prepared {owner.__name__} was made for other invariant arguments "
                 f"({', '.join(map(str, owner.invariant_argnames or owner.invariant_argnums))}) or shapes; "
                 "call prepare() again with the new ones, or call the function itself")
-        return owner._run_step(owner._program(call), self._values, call)
+        owner._set_fast_key(cached, fast_key, call.inv_leaves, None)  # the very objects: ids are theirs
+        return owner._run_step(prog, cached.values, call)
 
 
 def _note(kind: str, message: str):

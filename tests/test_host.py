@@ -324,3 +324,116 @@ def test_loops_inside_the_step_are_also_optimised():
     inner = [e.primitive.name for e in compat.split_closed(loop.params["jaxpr"])[4]]
     assert "dot_general" not in inner
     assert any(h.loop.startswith("scan") for h in hs.report(w, x).hoisted)
+
+
+# ------------------------------------------------------------------- jit's keys: static types, config
+
+
+def test_static_arguments_key_on_value_and_type():
+    """``2 == 2.0 == True`` but jax.jit traces each separately; so must the host-loop cache."""
+    def g(w, x, n):
+        return jnp.asarray(n) * x, jnp.tanh(w).sum()
+
+    f = kvhoist.hoist_invariants(g, invariant_argnums=0, static_argnums=2)
+    ref = jax.jit(g, static_argnums=2)
+    w, x = jnp.ones((4,), jnp.float32), jnp.arange(3)
+    for n in (2.0, 2, True, 1):
+        got, want = f(w, x, n)[0], ref(w, x, n)[0]
+        assert got.dtype == want.dtype, (n, got.dtype, want.dtype)
+        np.testing.assert_array_equal(got, want)
+    assert f.cache_info().programs == 4
+
+
+def test_x64_switch_does_not_reuse_a_32_bit_program():
+    def g(w, x):
+        return x.sum() + jnp.zeros(3) + jnp.tanh(w).sum()   # zeros(3) is float64 under x64
+
+    f = kvhoist.hoist_invariants(g, invariant_argnums=0)
+    w, x = jnp.ones((4,), jnp.float32), jnp.ones((2,), jnp.float32)
+    assert f(w, x).dtype == jnp.float32
+    try:
+        jax.config.update("jax_enable_x64", True)
+        got, want = f(w, x), jax.jit(g)(w, x)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert got.dtype == want.dtype == jnp.float64
+    assert f(w, x).dtype == jnp.float32
+
+
+# ------------------------------------------------------------------- the fast path's identity rules
+
+
+def test_fast_path_hits_and_its_identity_rules():
+    """Repeated calls take the id-keyed fast path; each identity rule still holds there."""
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    for i in range(3):
+        np.testing.assert_allclose(f(w, ctx, x + i), _f(w, ctx, x + i), rtol=1e-5, atol=1e-6)
+    assert (f.prologue_runs, f.cache_info().hits) == (1, 2)
+    # Keyword and positional calls of the same slots share the program and the cached values.
+    np.testing.assert_allclose(f(w, ctx=ctx, x=x), _f(w, ctx, x), rtol=1e-5, atol=1e-6)
+    assert (f.prologue_runs, f.cache_info().programs) == (1, 1)
+    # A new shape of the varying argument: another program, a new prologue, right numbers; then back.
+    x8 = jnp.ones((8, 16), jnp.float32)
+    np.testing.assert_allclose(f(w, ctx, x8), _f(w, ctx, x8), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f(w, ctx, x), _f(w, ctx, x), rtol=1e-5, atol=1e-6)
+    assert f.cache_info().programs == 2
+    # A numpy invariant mutated in place between fast hits, and a deleted array the step never reads.
+    ctx_np = np.array(ctx)
+    f(w, ctx_np, x)
+    f(w, ctx_np, x)
+    runs = f.prologue_runs
+    ctx_np[0, 0] += 10.0
+    np.testing.assert_allclose(f(w, ctx_np, x), _f(w, jnp.asarray(ctx_np), x), rtol=1e-5, atol=1e-6)
+    assert f.prologue_runs == runs + 1
+    ctx2 = ctx + 0
+    f(w, ctx2, x)
+    f(w, ctx2, x)
+    ctx2.delete()  # ctx is read only by the prologue: jit never sees it
+    with pytest.raises(Exception, match="delete"):
+        f(w, ctx2, x)
+
+
+def test_scalar_invariants_by_value_on_the_fast_path():
+    def g(w, scale, x):
+        return x * jnp.tanh(w * scale).sum()
+
+    f = kvhoist.hoist_invariants(g, invariant_argnums=(0, 1))
+    w, x = jnp.ones((4,), jnp.float32), jnp.ones((2,), jnp.float32)
+    for scale in (2.0, float("2.0"), 2.0, 3.0, np.float32(3.0)):
+        np.testing.assert_allclose(f(w, scale, x), g(w, scale, x), rtol=1e-6)
+    # 2.0 (any object) and 3.0 are two prologues; np.float32(3.0) is a third (its type differs).
+    assert f.prologue_runs == 3
+
+
+def test_prepared_handle_fast_path_and_dead_arrays():
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    ctx = ctx + 0
+    handle = f.prepare(w, ctx, x)
+    for i in range(3):
+        np.testing.assert_allclose(handle(w, ctx, x + i), _f(w, ctx, x + i), rtol=1e-5, atol=1e-6)
+    with pytest.raises(StaleHandleError, match="shapes"):  # prepared for one varying signature
+        handle(w, ctx, jnp.ones((8, 16), jnp.float32))
+    del ctx
+    gc.collect()
+    with pytest.raises(StaleHandleError):
+        handle(w, _fresh()[1] + 0, x)
+
+
+def test_threads_share_one_function():
+    import concurrent.futures
+
+    f = kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1))
+    w, ctx, x = _fresh()
+    ctxs = [ctx * (i + 1) for i in range(3)]
+
+    def work(i):
+        c = ctxs[i % 3]
+        return [np.asarray(f(w, c, x + k)) for k in range(5)], c
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for outs, c in pool.map(work, range(8)):
+            for k, out in enumerate(outs):
+                np.testing.assert_allclose(out, _f(w, c, x + k), rtol=1e-5, atol=1e-5)
+    assert f.cache_info().entries <= f.max_cache_entries
