@@ -15,7 +15,8 @@ Public API:
   Report            what a pass did
 """
 
-from kvhoist.api import HoistedFunction, KvhoistError, TraceError, hoist_invariants
+from kvhoist.api import HoistedFunction, KvhoistWarning, hoist_invariants
+from kvhoist.errors import KvhoistError, PassError, TraceError
 from kvhoist.host import HostHoistedFunction
 from kvhoist import targets
 from kvhoist.passes.layout import repad_tokens
@@ -27,5 +28,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "hoist_invariants", "HoistedFunction", "HostHoistedFunction", "licm", "optimize", "Report", "HoistedValue", "Skipped",
-    "Note", "KvhoistError", "TraceError", "repad_tokens", "targets",
+    "Note", "KvhoistError", "TraceError", "PassError", "KvhoistWarning", "repad_tokens", "targets",
 ]

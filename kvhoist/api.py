@@ -1,45 +1,81 @@
-"""``@hoist_invariants``: trace, rewrite, cache per signature, evaluate.
+"""``@hoist_invariants``: ``jax.jit`` with the kvhoist pipeline between tracing and lowering.
 
-The decorated function behaves like ``jax.jit(fun)``: same results (pytrees in and out), compiled,
-traced once per input signature. Between tracing and compiling, the jaxpr goes through the kvhoist
-pipeline (:mod:`kvhoist.passes.pipeline`): LICM with fission and speculation, and, when a ``target``
-is given, the token re-padding layout pass.
+The decorated function *is* a ``jax.jit`` of a small wrapper: when jit traces it, the wrapper traces
+``fun`` again on the tracers' abstract values to a jaxpr, runs the kvhoist pipeline on it
+(:mod:`kvhoist.passes.pipeline`: LICM with fission and speculation; with a ``target``, the token
+re-padding layout pass) and evaluates the rewritten jaxpr in jit's trace. Everything else is jit's own:
+dispatch (the C++ fast path), the trace cache and its keys (static values *and* their types, weak types,
+``jax_enable_x64`` and every other configuration jit keys on), ``static_argnums`` / ``static_argnames``
+resolution through the signature, donation, shardings, ``keep_unused``, and ``.lower`` / ``.trace`` /
+``.eval_shape``. ``.jaxprs()`` and ``.report()`` read what the pipeline recorded when jit traced that
+signature.
+
+If the pipeline itself fails (a kvhoist bug), the original program runs, exactly as under ``jax.jit``,
+and a :class:`KvhoistWarning` says so; set ``KVHOIST_STRICT=1`` to raise instead.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
+import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 
 from kvhoist import compat
+from kvhoist.errors import KvhoistError, TraceError
 from kvhoist.report import Note, Report
 
-
-class KvhoistError(ValueError):
-    """A usage error with a message that names the fix."""
+__all__ = ["hoist_invariants", "HoistedFunction", "KvhoistError", "TraceError", "KvhoistWarning"]
 
 
-class TraceError(KvhoistError):
-    """The function could not be traced to a jaxpr."""
+class KvhoistWarning(UserWarning):
+    """The pipeline could not optimise a program; it runs unoptimised (as under ``jax.jit``)."""
 
 
-def _normalize_argnums(static_argnums) -> tuple[int, ...]:
+def _strict() -> bool:
+    return os.environ.get("KVHOIST_STRICT", "") not in ("", "0")
+
+
+def _normalize_argnums(static_argnums, what: str = "static_argnums") -> tuple[int, ...]:
     if static_argnums is None:
         return ()
-    if isinstance(static_argnums, int):
+    if isinstance(static_argnums, int) and not isinstance(static_argnums, bool):
         return (static_argnums,)
-    return tuple(static_argnums)
+    try:
+        nums = tuple(static_argnums)
+    except TypeError:
+        nums = None
+    if nums is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums):
+        raise TypeError(f"hoist_invariants: {what} must be an int or a sequence of ints, got {static_argnums!r}")
+    return nums
 
 
-def _normalize_argnames(static_argnames) -> tuple[str, ...]:
+def _normalize_argnames(static_argnames, what: str = "static_argnames") -> tuple[str, ...]:
     if static_argnames is None:
         return ()
     if isinstance(static_argnames, str):
         return (static_argnames,)
-    return tuple(static_argnames)
+    try:
+        names = tuple(static_argnames)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"hoist_invariants: {what} must be a str or a sequence of str, got {static_argnames!r}")
+    return names
+
+
+def _check_options(max_cache_bytes: Any, fission: Any) -> None:
+    if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool)):
+        raise TypeError(f"hoist_invariants: max_cache_bytes must be an int number of bytes or None, got "
+                        f"{type(max_cache_bytes).__name__} {max_cache_bytes!r}")
+    if max_cache_bytes is not None and max_cache_bytes < 0:
+        raise ValueError(f"hoist_invariants: max_cache_bytes must be >= 0, got {max_cache_bytes}")
+    if fission not in ("scan", "vmap"):
+        raise ValueError(f"hoist_invariants: fission must be 'scan' or 'vmap', got {fission!r}")
 
 
 _TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
@@ -76,142 +112,239 @@ def _has_loop(j) -> bool:
 
 
 class _Traced:
-    __slots__ = ("before", "after", "report", "out_tree", "compiled")
+    """What the pipeline did for one traced signature."""
 
-    def __init__(self, before, after, report, out_tree, compiled):
+    __slots__ = ("before", "after", "report")
+
+    def __init__(self, before, after, report):
         self.before, self.after, self.report = before, after, report
-        self.out_tree, self.compiled = out_tree, compiled
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return ("id", id(x))
+
+
+def _leaf_key(x: Any, dynamic: bool) -> tuple:
+    if dynamic:
+        a = x.aval if _is_tracer(x) else jax.typeof(x)
+        return ("d", tuple(a.shape), str(a.dtype), bool(getattr(a, "weak_type", False)))
+    return ("s", type(x), _hashable(x))  # a static value and its type, as jit keys them
 
 
 class HoistedFunction:
-    """The result of :func:`hoist_invariants`. Call it like the original function."""
+    """The result of :func:`hoist_invariants`: a ``jax.jit`` whose trace goes through kvhoist.
 
-    def __init__(self, fun: Callable, *, target: Any = None, static_argnums=(), static_argnames=(),
-                 max_cache_bytes: int | None = None, fission: str = "scan"):
+    Call it like the original function. Attributes: ``fun`` (the wrapped function), ``jitted`` (the
+    underlying ``jax.jit`` object), ``static_argnums`` / ``static_argnames`` (resolved through the
+    signature, as jit resolves them), ``target``, ``max_cache_bytes``, ``fission``.
+    """
+
+    def __init__(self, fun: Callable, *, target: Any = None, static_argnums=None, static_argnames=None,
+                 donate_argnums=None, donate_argnames=None, in_shardings: Any = None,
+                 out_shardings: Any = None, keep_unused: bool = False, max_cache_bytes: int | None = None,
+                 fission: str = "scan"):
         if not callable(fun):
             raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
+        _check_options(max_cache_bytes, fission)
         self.fun = fun
-        self.static_argnums = _normalize_argnums(static_argnums)
-        self.static_argnames = _normalize_argnames(static_argnames)
         self.max_cache_bytes = max_cache_bytes
-        if fission not in ("scan", "vmap"):
-            raise ValueError(f"hoist_invariants: fission must be 'scan' or 'vmap', got {fission!r}")
         self.fission = fission
         self.target = target
         if target is not None:
             from kvhoist.targets import get_target
 
             self.target = get_target(target)  # an unknown name fails now, listing the known ones
-        try:
-            self._signature = inspect.signature(fun)
-        except (TypeError, ValueError):
-            self._signature = None
-        self._cache: dict = {}
-        functools.update_wrapper(self, fun)
+        self.__name__ = function_name(fun)
+        nums = _normalize_argnums(static_argnums)
+        names = _normalize_argnames(static_argnames)
+        self.static_argnums, self.static_argnames = _resolve_static(fun, nums, names, self.__name__)
+        self._records: dict = {}
+        self._last: list = []
+        self._lock = threading.Lock()
+
+        @functools.wraps(fun)
+        def traced(*args, **kwargs):
+            return self._rewrite_and_eval(args, kwargs)
+
+        jit_kwargs: dict = dict(static_argnums=self.static_argnums or None,
+                                static_argnames=self.static_argnames or None, keep_unused=keep_unused)
+        if donate_argnums is not None:
+            jit_kwargs["donate_argnums"] = donate_argnums
+        if donate_argnames is not None:
+            jit_kwargs["donate_argnames"] = donate_argnames
+        if in_shardings is not None:
+            jit_kwargs["in_shardings"] = in_shardings
+        if out_shardings is not None:
+            jit_kwargs["out_shardings"] = out_shardings
+        self.jitted = jax.jit(traced, **jit_kwargs)
+        functools.update_wrapper(self, fun, updated=())
         self.__name__ = function_name(fun)
 
-    # -- signature handling ----------------------------------------------------------------------
-    def _split_args(self, args: tuple, kwargs: dict):
-        static_pos = {}
-        dyn_args = list(args)
-        for i in self.static_argnums:
-            j = i if i >= 0 else len(args) + i
-            if j < len(args):
-                static_pos[j] = args[j]
-        static_kw = {k: v for k, v in kwargs.items() if k in self.static_argnames}
-        dyn_kw = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
-        for name, val in [*((f"argument {j}", v) for j, v in static_pos.items()),
-                          *((f"argument '{k}'", v) for k, v in static_kw.items())]:
-            try:
-                hash(val)
-            except TypeError as err:
-                raise TypeError(
-                    f"hoist_invariants: static {name} of {self.__name__} is not hashable "
-                    f"({type(val).__name__}); pass a hashable value (e.g. a tuple instead of a list) "
-                    f"or make it a traced argument") from err
-        dyn_positions = [j for j in range(len(args)) if j not in static_pos]
-        dyn = ([dyn_args[j] for j in dyn_positions], dyn_kw)
-        leaves, treedef = jax.tree_util.tree_flatten(dyn)
-        key_static = (tuple(sorted(static_pos.items())), tuple(sorted(static_kw.items())))
-        return static_pos, static_kw, dyn_positions, leaves, treedef, key_static
-
-    def _key(self, leaves, treedef, key_static, nargs):
-        avals = []
-        for x in leaves:
-            a = jax.core.get_aval(x) if hasattr(jax.core, "get_aval") else None
-            shape = getattr(x, "shape", None)
-            dtype = getattr(x, "dtype", None)
-            weak = getattr(a, "weak_type", None) if a is not None else None
-            avals.append((tuple(shape) if shape is not None else type(x), str(dtype), weak))
-        return (treedef, tuple(avals), key_static, nargs)
-
-    def _trace(self, args, kwargs) -> tuple[_Traced, list]:
-        static_pos, static_kw, dyn_positions, leaves, treedef, key_static = self._split_args(args, kwargs)
-        key = self._key(leaves, treedef, key_static, len(args))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit, leaves
-        nargs = len(args)
+    # -- inside jit's trace ----------------------------------------------------------------------
+    def _rewrite_and_eval(self, args: tuple, kwargs: dict):
+        """Run by ``jax.jit`` while it traces: trace ``fun`` on the abstract inputs, rewrite, evaluate."""
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        dyn = [i for i, x in enumerate(leaves) if _is_tracer(x)]
+        key = (tree, tuple(_leaf_key(x, i in set(dyn)) for i, x in enumerate(leaves)), compat.trace_context())
         fun = self.fun
 
-        def flat_fun(*flat):
-            dyn_a, dyn_k = jax.tree_util.tree_unflatten(treedef, flat)
-            full = [None] * nargs
-            for j, v in static_pos.items():
-                full[j] = v
-            for j, v in zip(dyn_positions, dyn_a):
-                full[j] = v
-            return fun(*full, **static_kw, **dyn_k)
+        def flat_fun(*dyn_leaves):
+            full = list(leaves)
+            for i, v in zip(dyn, dyn_leaves):
+                full[i] = v
+            a, k = jax.tree_util.tree_unflatten(tree, full)
+            return fun(*a, **k)
 
-        before, out_shape = trace_to_jaxpr(flat_fun, leaves, self.__name__, return_shape=True)
-        out_tree = jax.tree_util.tree_structure(out_shape)
+        specs = [jax.ShapeDtypeStruct(leaves[i].aval.shape, leaves[i].aval.dtype,
+                                      weak_type=getattr(leaves[i].aval, "weak_type", False)) for i in dyn]
+        before, out_shape = trace_to_jaxpr(flat_fun, specs, self.__name__, return_shape=True)
+        after, report = self._optimize(before)
+        record = _Traced(before, after, report)
+        with self._lock:
+            self._records[key] = record
+            self._last.append(record)
+        out = compat.jaxpr_as_fun(after)(*(leaves[i] for i in dyn))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), list(out))
+
+    def _optimize(self, before):
         from kvhoist.passes.pipeline import optimize
 
-        after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes,
-                                 fission=self.fission)
+        try:
+            after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes,
+                                     fission=self.fission)
+        except Exception as err:
+            if _strict():
+                raise
+            warnings.warn(f"kvhoist could not optimise {self.__name__} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:300]}); it runs unoptimised, as under jax.jit. "
+                          "Please report this.", KvhoistWarning, stacklevel=4)
+            report = Report(notes=[Note("refused", f"the pipeline failed ({type(err).__name__}); "
+                                                   "the program runs as traced")])
+            return before, report
         if not report.hoisted and not _has_loop(before):
             report.notes.append(Note("hint", (
                 f"{self.__name__} traces to a program without a scan/fori_loop/while_loop, so there is no loop "
                 "to hoist out of. If the denoising loop is a Python loop that calls a jitted step, decorate the "
                 "step with hoist_invariants(step, invariant_argnames=(...)) instead (host-loop hoisting).")))
-        compiled = jax.jit(compat.jaxpr_as_fun(after))
-        traced = _Traced(before, after, report, out_tree, compiled)
-        self._cache[key] = traced
-        return traced, leaves
+        return after, report
+
+    # -- reading what tracing recorded -----------------------------------------------------------
+    def _key_of_call(self, args: tuple, kwargs: dict) -> tuple:
+        """The key ``_rewrite_and_eval`` computes for this call, from concrete arguments."""
+        parts, is_static = [], []
+        for i, a in enumerate(args):
+            leaves = jax.tree_util.tree_leaves(a)
+            parts.append(leaves)
+            is_static.append(i in self.static_argnums)
+        for k in sorted(kwargs):  # a dict flattens in sorted key order
+            v = kwargs[k]
+            parts.append(jax.tree_util.tree_leaves(v))
+            is_static.append(k in self.static_argnames)
+        tree = jax.tree_util.tree_structure((args, kwargs))
+        keys = tuple(_leaf_key(x, not st) for leaves, st in zip(parts, is_static) for x in leaves)
+        return (tree, keys, compat.trace_context())
+
+    def _record(self, args: tuple, kwargs: dict) -> _Traced:
+        try:
+            hit = self._records.get(self._key_of_call(args, kwargs))
+        except Exception:
+            hit = None
+        if hit is not None:
+            return hit
+        with self._lock:
+            self._last.clear()
+        self.jitted.trace(*args, **kwargs)
+        with self._lock:
+            if self._last:
+                return self._last[-1]
+        # jit had this signature cached under a key we could not reproduce: trace once more, fresh.
+        fresh = HoistedFunction(self.fun, target=self.target, static_argnums=self.static_argnums,
+                                static_argnames=self.static_argnames, max_cache_bytes=self.max_cache_bytes,
+                                fission=self.fission)
+        fresh.jitted.trace(*args, **kwargs)
+        return fresh._last[-1]
 
     # -- public ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        traced, leaves = self._trace(args, kwargs)
-        flat = [x for x in leaves]
-        out = traced.compiled(*flat)
-        return jax.tree_util.tree_unflatten(traced.out_tree, list(out))
+        return self.jitted(*args, **kwargs)
 
     def jaxprs(self, *args, **kwargs) -> tuple[Any, Any]:
         """``(before, after)``: the closed jaxprs traced from ``fun`` and produced by the passes."""
-        traced, _ = self._trace(args, kwargs)
-        return traced.before, traced.after
+        r = self._record(args, kwargs)
+        return r.before, r.after
 
     def report(self, *args, **kwargs) -> Report:
         """What the passes did for this input signature (see :class:`kvhoist.Report`)."""
-        traced, _ = self._trace(args, kwargs)
-        return traced.report
+        return self._record(args, kwargs).report
 
     def lower(self, *args, **kwargs):
-        """``jax.jit(...).lower`` of the rewritten program, for inspecting HLO and compile times."""
-        traced, leaves = self._trace(args, kwargs)
-        return traced.compiled.lower(*leaves)
+        """``jax.jit(...).lower``: the rewritten program lowered (accepts ``jax.ShapeDtypeStruct``\ s)."""
+        return self.jitted.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        """``jax.jit(...).trace``: the traced (rewritten) program."""
+        return self.jitted.trace(*args, **kwargs)
+
+    def eval_shape(self, *args, **kwargs):
+        """``jax.jit(...).eval_shape``: output shapes and dtypes without running anything."""
+        return self.jitted.eval_shape(*args, **kwargs)
 
     def clear_cache(self) -> None:
-        self._cache.clear()
+        """Drop jit's compiled programs and the recorded jaxprs/reports."""
+        self.jitted.clear_cache()
+        with self._lock:
+            self._records.clear()
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return functools.partial(self, obj)
 
     def __repr__(self) -> str:
         return f"<hoist_invariants {self.__name__}>"
 
 
-def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_argnums=(),
-                     static_argnames=(), max_cache_bytes: int | None = None,
+def _resolve_static(fun: Callable, nums: tuple, names: tuple, name: str) -> tuple[tuple, tuple]:
+    """``static_argnums`` / ``static_argnames`` completed from each other through the signature."""
+    try:
+        sig = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return nums, names
+    params = list(sig.parameters.values())
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    has_varkw = any(p.kind == p.VAR_KEYWORD for p in params)
+    out_nums = []
+    for i in nums:
+        if not has_varargs and not -len(pos) <= i < len(pos):
+            raise ValueError(f"hoist_invariants: static_argnums={i} is out of range: {name}{sig} has "
+                             f"{len(pos)} positional parameter(s)")
+        out_nums.append(i % len(pos) if (i < 0 and pos and not has_varargs) else i)
+    by_name = {p.name: i for i, p in enumerate(pos) if p.kind == p.POSITIONAL_OR_KEYWORD}
+    for n in names:
+        if n not in sig.parameters and not has_varkw:
+            raise ValueError(f"hoist_invariants: static_argnames={n!r} is not a parameter of {name}{sig}")
+        if n in by_name:
+            out_nums.append(by_name[n])
+    out_names = list(names) + [pos[i].name for i in out_nums
+                               if 0 <= i < len(pos) and pos[i].kind == pos[i].POSITIONAL_OR_KEYWORD]
+    return tuple(sorted(set(out_nums))), tuple(dict.fromkeys(out_names))
+
+
+def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_argnums=None,
+                     static_argnames=None, max_cache_bytes: int | None = None,
                      invariant_argnums: int | Sequence[int] | None = None,
-                     invariant_argnames: str | Sequence[str] | None = None, fission: str = "scan"):
+                     invariant_argnames: str | Sequence[str] | None = None, fission: str = "scan",
+                     donate_argnums=None, donate_argnames=None, in_shardings: Any = None,
+                     out_shardings: Any = None, keep_unused: bool = False):
     """Compile ``fun`` with loop-invariant work hoisted out of its loops.
 
     Usable bare (``@hoist_invariants``) or with options (``@hoist_invariants(target="v6e")``).
@@ -221,8 +354,10 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
         ``while_loop`` over steps.
       target: a TPU generation name or :class:`kvhoist.targets.Target`; when given, image-token
         padding is re-aligned to the target's MXU tile (see :func:`kvhoist.repad_tokens`).
-      static_argnums, static_argnames: as in ``jax.jit``; static values must be hashable.
-      max_cache_bytes: optional budget for the hoisted values' bytes.
+      static_argnums, static_argnames: as in ``jax.jit`` (resolved through the signature; static values
+        are keyed by value and type, as jit keys them).
+      donate_argnums, donate_argnames, in_shardings, out_shardings, keep_unused: passed to ``jax.jit``.
+      max_cache_bytes: optional budget (an int, bytes) for the hoisted values; checked here.
       fission: ``"scan"`` (default) or ``"vmap"``: how per-layer invariant work split out of a nested
         layer scan is computed (a separate scan, or one batched computation); see :func:`kvhoist.licm`.
       invariant_argnums, invariant_argnames: host-loop hoisting (docs/host_loop.md): these arguments
@@ -230,7 +365,8 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
         them runs once per distinct set of them and is cached; later calls run only the rest. Returns a
         :class:`kvhoist.host.HostHoistedFunction` instead.
     Returns:
-      A :class:`HoistedFunction`; also ``.jaxprs(...)``, ``.report(...)``, ``.lower(...)``. With
+      A :class:`HoistedFunction` — a ``jax.jit`` whose trace goes through kvhoist — with
+      ``.jaxprs(...)``, ``.report(...)``, ``.lower(...)``, ``.trace(...)``, ``.eval_shape(...)``. With
       ``invariant_argnums``/``invariant_argnames``: a :class:`kvhoist.host.HostHoistedFunction`.
 
     Example:
@@ -240,18 +376,26 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
       >>> sample(model, latents, context, steps=30)
       >>> print(sample.report(model, latents, context, steps=30).table())
     """
+    _check_options(max_cache_bytes, fission)
+
     def wrap(f):
         if invariant_argnums is not None or invariant_argnames is not None:
             from kvhoist.host import HostHoistedFunction
 
+            if any(o is not None for o in (donate_argnums, donate_argnames, in_shardings, out_shardings)):
+                raise KvhoistError("hoist_invariants: donate_argnums/donate_argnames/in_shardings/out_shardings "
+                                   "are not supported with host-loop hoisting (invariant_argnums/argnames)")
+
             return HostHoistedFunction(f, invariant_argnums=() if invariant_argnums is None else invariant_argnums,
                                        invariant_argnames=() if invariant_argnames is None else invariant_argnames,
                                        target=target,
-                                       static_argnums=static_argnums, static_argnames=static_argnames,
+                                       static_argnums=() if static_argnums is None else static_argnums,
+                                       static_argnames=() if static_argnames is None else static_argnames,
                                        max_cache_bytes=max_cache_bytes)
         return HoistedFunction(f, target=target, static_argnums=static_argnums,
                                static_argnames=static_argnames, max_cache_bytes=max_cache_bytes,
-                               fission=fission)
+                               fission=fission, donate_argnums=donate_argnums, donate_argnames=donate_argnames,
+                               in_shardings=in_shardings, out_shardings=out_shardings, keep_unused=keep_unused)
 
     if fun is None:
         return wrap

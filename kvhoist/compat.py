@@ -281,3 +281,25 @@ def eval_primitive(primitive: Any, args: Sequence[Any], params: dict) -> Any:
     """Evaluate one primitive eagerly on concrete (numpy) values, even if called under a trace."""
     with jax.ensure_compile_time_eval():
         return primitive.bind(*args, **params)
+
+
+# --- jit integration ------------------------------------------------------------------------------
+
+def trace_context() -> Any:
+    """Every configuration value ``jax.jit`` keys its trace cache on (x64, default device, ...)."""
+    from jax._src import config as _config
+
+    return _config.trace_context()
+
+
+def is_jaxpr(j: Any) -> bool:
+    """A (closed or open) jaxpr of the installed JAX."""
+    return isinstance(j, (Jaxpr, ClosedJaxpr))
+
+
+def require_jaxpr(j: Any, who: str) -> None:
+    """TypeError naming what to pass when ``j`` is not a jaxpr."""
+    if not is_jaxpr(j):
+        raise TypeError(f"kvhoist.{who} expects a closed jaxpr, e.g. jax.make_jaxpr(f)(*args); got "
+                        f"{type(j).__name__}" + ("" if j is None else f": {str(j)[:80]!r}")
+                        + (". To optimise a function, use kvhoist.hoist_invariants(f)" if callable(j) else ""))

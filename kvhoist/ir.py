@@ -81,6 +81,55 @@ def clone_eqns(eqns: Sequence, subst: dict) -> tuple[list, dict]:
     return out, subst
 
 
+class VerifyError(ValueError):
+    """A rewritten jaxpr reads a variable that is not in scope, or binds one twice."""
+
+
+def verify_eqns(eqns: Sequence, bound: Iterable, outvars: Sequence = ()) -> None:
+    """Check that ``eqns`` are well scoped given the variables ``bound`` before them.
+
+    Every variable an equation reads must be bound (an input or an earlier result), no variable is
+    bound twice, every sub-jaxpr is well scoped on its own (recursively), and ``outvars`` are
+    defined at the end. Then JAX's own type checker runs over the same equations. JAX's checker
+    does not look at the scoping inside a loop body, so this is the check that refuses a rewrite
+    whose body reads a variable of another scope.
+
+    Raises:
+      VerifyError or jax's JaxprTypeError.
+    """
+    scope = set(bound)
+    _verify_scope(eqns, scope, outvars, "")
+    free = sorted({a for e in eqns for a in e.invars if is_var(a)} - {v for e in eqns for v in e.outvars},
+                  key=id)
+    defined = [v for e in eqns for v in e.outvars if is_var(v)]
+    compat.check(compat.make_open(list(free), defined, list(eqns)))
+
+
+def verify_jaxpr(j: Any) -> None:
+    """:func:`verify_eqns` for a whole (closed or open) jaxpr, then JAX's checker on it."""
+    constvars, _c, invars, outvars, eqns = compat.split_closed(j)
+    _verify_scope(eqns, set(constvars) | set(invars), outvars, "")
+    compat.check(j)
+
+
+def _verify_scope(eqns: Sequence, scope: set, outvars: Sequence, where: str) -> None:
+    for e in eqns:
+        for a in e.invars:
+            if is_var(a) and a not in scope:
+                raise VerifyError(f"{e.primitive.name}{where} reads {a} ({a.aval}), which is not in scope")
+        for sub in compat.subjaxprs_of(e):
+            constvars, _c, invars, souts, seqns = compat.split_closed(sub)
+            _verify_scope(seqns, set(constvars) | set(invars), souts, f" in {e.primitive.name}{where}")
+        for v in e.outvars:
+            if is_var(v):
+                if v in scope:
+                    raise VerifyError(f"{e.primitive.name}{where} binds {v} a second time")
+                scope.add(v)
+    for a in outvars:
+        if is_var(a) and a not in scope:
+            raise VerifyError(f"output {a}{where} is not defined")
+
+
 def producers(eqns: Sequence) -> dict:
     """Map each variable to the index of the equation defining it."""
     prod = {}

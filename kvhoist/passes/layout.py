@@ -777,6 +777,7 @@ def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None
     """
     from kvhoist.targets import get_target
 
+    compat.require_jaxpr(closed_jaxpr, "repad_tokens")
     tgt = get_target(target)
     align = alignment if alignment is not None else tgt.mxu_tile
     report = Report()

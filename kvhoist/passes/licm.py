@@ -30,14 +30,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 from typing import Any, Iterable, Sequence
 
 import networkx as nx
 
 from kvhoist import compat
-from kvhoist.analysis import branches, cost
-from kvhoist.analysis.invariance import atom_invariant, movable
-from kvhoist.ir import Block, aval_bytes, is_var, producers
+from kvhoist.analysis import branches, cost, motion
+from kvhoist.errors import PassError
+from kvhoist.analysis.invariance import atom_invariant
+from kvhoist.ir import Block, aval_bytes, is_var, producers, verify_eqns, verify_jaxpr
 from kvhoist.report import HoistedValue, Note, Report, Skipped
 
 
@@ -88,10 +90,6 @@ class Extraction:
         return not self.hoisted
 
 
-class PassError(RuntimeError):
-    """A rewrite produced an ill-typed jaxpr (a kvhoist bug): never returned to the user."""
-
-
 class Licm:
     """One run of the LICM pass. Create, call :meth:`run`, read :attr:`report`."""
 
@@ -111,16 +109,21 @@ class Licm:
         self.known: dict = {}
         self.branch_runs: dict = {}    # id(cond eqn) -> (eqn, {branch: runs})
         self.branch_of: dict = {}      # id(speculated eqn) -> (eqn, id(cond eqn), branch, runs or None)
+        # True while extracting work that will run where it might not have run (a cond branch, a while
+        # body, a zero-length scan): only speculatable equations move (kvhoist.analysis.motion).
+        self.speculating = False
+        self._stayed: set = set()
 
     # -- entry points ------------------------------------------------------------------------
     def run(self, closed: Any) -> tuple[Any, Report]:
         from kvhoist import rules  # noqa: F401  (registers the rules)
 
+        compat.require_jaxpr(closed, "licm")
         new = self.optimize_sub(closed)
         try:
-            compat.check(new)
-        except Exception as err:  # pragma: no cover - a bug in a rule; never hand it out
-            raise PassError(f"kvhoist produced an ill-typed jaxpr; please report this: {err}") from err
+            verify_jaxpr(new)
+        except Exception as err:  # a bug in a rule that per-loop verification missed; never hand it out
+            raise PassError(f"kvhoist produced an ill-formed jaxpr; please report this: {err}") from err
         self.report.total_flops_before = cost.jaxpr_flops_run(closed)
         self.report.total_flops_after = cost.jaxpr_flops_run(new)
         return new, self.report
@@ -130,11 +133,36 @@ class Licm:
         from kvhoist.rules import get_rule
 
         eqns = []
+        bound = set(block.invars)
         for e in block.eqns:
             branches.fold(e, self.known)
             rule = get_rule(e)
-            eqns.extend(rule.optimize(e, self) if rule is not None else [e])
+            new = [e] if rule is None else self._rewrite_checked(rule, e, bound)
+            eqns.extend(new)
+            bound.update(v for n in new for v in n.outvars if is_var(v))
         return Block(block.invars, block.outvars, eqns)
+
+    def _rewrite_checked(self, rule, eqn, bound: set) -> list:
+        """``rule.optimize(eqn)``, or ``[eqn]`` unchanged when the rewrite fails or does not check.
+
+        Every rewritten equation list is verified (scoping of every variable in every sub-jaxpr, and
+        JAX's own type checker) before it replaces the original: a rewrite that cannot be proven
+        well-formed is refused and reported, never lowered.
+        """
+        n_hoisted, n_skipped, n_notes = len(self.report.hoisted), len(self.report.skipped), len(self.report.notes)
+        try:
+            new = rule.optimize(eqn, self)
+            if new != [eqn]:
+                verify_eqns(new, bound, eqn.outvars)
+            return new
+        except Exception as err:  # a kvhoist bug: keep the original equation, say so
+            if _STRICT:
+                raise
+            del self.report.hoisted[n_hoisted:], self.report.skipped[n_skipped:], self.report.notes[n_notes:]
+            self.note("refused", f"{eqn.primitive.name} at {compat.source_line(eqn) or '?'} left unchanged: "
+                      f"the rewrite did not verify ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                      "please report this")
+            return [eqn]
 
     def optimize_sub(self, j: Any) -> Any:
         """Optimise the loops inside a sub-jaxpr, returning the same kind of jaxpr."""
@@ -174,8 +202,8 @@ class Licm:
         self.report.notes.append(Note(kind, message, nbytes))
 
     # -- the analysis + selection core -----------------------------------------------------------
-    def extract(self, block: Block, invariant_invars: Iterable, *,
-                carry_pairs: Sequence = (), charge: bool = False) -> Extraction:
+    def extract(self, block: Block, invariant_invars: Iterable, *, carry_pairs: Sequence = (),
+                charge: bool = False, speculative: bool = False) -> Extraction:
         """Find, split out and select the invariant part of ``block``.
 
         Args:
@@ -185,9 +213,21 @@ class Licm:
             selection reads ``carry_in`` it must also compute ``carry_out`` (fission needs both).
           charge: this extraction moves values across a loop boundary (they become a cache): apply
             the ``max_cache_bytes`` budget and record :class:`HoistedValue` entries.
+          speculative: the extracted work will run even when ``block`` would not have run (a cond
+            branch, a while body): only speculatable equations move. Nested extractions (fission,
+            calls) inherit it.
         Returns:
           The :class:`Extraction` (possibly empty).
         """
+        outer = self.speculating
+        self.speculating = outer or speculative
+        try:
+            return self._extract(block, invariant_invars, carry_pairs, charge, self.speculating)
+        finally:
+            self.speculating = outer
+
+    def _extract(self, block: Block, invariant_invars: Iterable, carry_pairs: Sequence, charge: bool,
+                 spec: bool) -> Extraction:
         from kvhoist.rules import get_rule
 
         inv_in = set(invariant_invars)
@@ -195,14 +235,25 @@ class Licm:
         eqns: list = []
         invariant_idx: set = set()
         units: list = []            # (original eqn, pre indices, post index, Split)
+        expansions: dict = {}       # var -> its invariant, expanding broadcast_in_dim equation
         work = collections.deque(block.eqns)
         while work:
             e = work.popleft()
-            if movable(e) and all(atom_invariant(a, inv) for a in e.invars):
+            all_inv = all(atom_invariant(a, inv) for a in e.invars)
+            if all_inv:
+                sunk = _sink_broadcast(e, expansions)
+                if sunk is not None:  # f(broadcast(x)) -> broadcast(f(x)): hoist the small value
+                    work.extendleft(reversed(sunk))
+                    continue
+            if all_inv and motion.can_move(e, spec):
                 invariant_idx.add(len(eqns))
                 eqns.append(e)
                 inv.update(v for v in e.outvars if is_var(v))
+                if _is_expansion(e):
+                    expansions[e.outvars[0]] = e
                 continue
+            if all_inv:
+                self._stays(e, spec)
             rule = get_rule(e)
             mask = [atom_invariant(a, inv) for a in e.invars]
             split = None
@@ -221,6 +272,7 @@ class Licm:
             units.append((e, pre_idx, post_idx, split))
 
         selected = self._select(eqns, invariant_idx, inv_in, units, carry_pairs, block.outvars)
+        selected = self._fit_memory(eqns, selected, units, block.outvars, spec)
         if charge and self.max_cache_bytes is not None and selected:
             selected = self._apply_budget(eqns, selected, block.outvars)
         # Undo splits whose invariant part is not moved: the original equation is never worse.
@@ -299,12 +351,74 @@ class Licm:
         changed = bool(carry_pairs)
         while changed:
             changed = False
-            read = {a for k in selected for a in eqns[k].invars if is_var(a)}
+            read = carry_closure({a for k in selected for a in eqns[k].invars if is_var(a)}, carry_pairs)
             for cin, cout in carry_pairs:
                 if cin in read and is_var(cout) and cout in prod and prod[cout] not in selected:
                     close([prod[cout]])
                     changed = True
         return selected
+
+    def _stays(self, eqn, spec: bool) -> None:
+        """Report an equation with invariant inputs that the motion model keeps in place."""
+        reason = motion.why_not_speculatable(eqn) if spec else motion.why_not_movable(eqn)
+        if reason is None or reason == "has effects" or eqn.primitive.name in ("scan", "while", "cond"):
+            return  # effects stay by design; loops and conds are split by their rules instead
+        name, src = _describe(eqn)
+        key = (name, src, reason)
+        if key in self._stayed:
+            return
+        self._stayed.add(key)
+        what = "speculated" if spec and motion.may_move(eqn) else "moved"
+        self.report.skipped.append(Skipped(
+            name, src, f"not {what}: {reason}", cost.out_bytes(eqn), cost.eqn_flops(eqn),
+            self.loops[-1].describe() if self.loops else ""))
+
+    def _fit_memory(self, eqns, selected: set, units, block_outvars, spec: bool) -> set:
+        """Drop selected work whose results would be cached expansions (the memory model).
+
+        A value that crosses out of the block must pass :func:`kvhoist.analysis.motion.inflation_ok`
+        against its sources; otherwise its producer and everything selected after it stay in the
+        block, and the values they read become the candidates (the small value before a broadcast).
+        """
+        selected = set(selected)
+        prod = producers(eqns)
+        while True:
+            needed = set()
+            for i, e in enumerate(eqns):
+                if i not in selected:
+                    needed.update(a for a in e.invars if is_var(a))
+            needed.update(a for a in block_outvars if is_var(a))
+            bad = set()
+            for k in selected:
+                for v in eqns[k].outvars:
+                    if is_var(v) and v in needed:
+                        src = motion.source_bytes(v, eqns, prod, speculative=spec, aval_bytes=aval_bytes)
+                        if not motion.inflation_ok(aval_bytes(v.aval), src):
+                            bad.add(k)
+            if not bad:
+                return selected
+            for k in bad:
+                name, srcline = _describe(eqns[k])
+                self.report.skipped.append(Skipped(
+                    name, srcline, "not cached: an expansion (its result is more than "
+                    f"{motion.MAX_INFLATION:g}x the bytes it is computed from and over "
+                    f"{motion.SMALL_BYTES >> 20} MiB{'; speculative' if spec else ''})",
+                    cost.out_bytes(eqns[k]), cost.eqn_flops(eqns[k]),
+                    self.loops[-1].describe() if self.loops else ""))
+            selected -= bad
+            # Whatever read a dropped result cannot move either; a split is all-or-nothing.
+            changed = True
+            while changed:
+                changed = False
+                dropped = {v for i, e in enumerate(eqns) if i not in selected for v in e.outvars if is_var(v)}
+                for k in sorted(selected):
+                    if any(is_var(a) and a in dropped for a in eqns[k].invars):
+                        selected.discard(k)
+                        changed = True
+                for _orig, pre_idx, _post, _split in units:
+                    if any(i in selected for i in pre_idx) and not all(i in selected for i in pre_idx):
+                        selected.difference_update(pre_idx)
+                        changed = True
 
     def _apply_budget(self, eqns, selected: set, block_outvars) -> set:
         """Keep the groups of hoisted work with the most FLOPs per cached byte within the budget."""
@@ -394,6 +508,67 @@ class Licm:
             return None
         _cond, _branch, runs = next(iter(infos))
         return runs
+
+
+_STRICT = os.environ.get("KVHOIST_STRICT", "") not in ("", "0")
+
+
+def carry_closure(read: set, carry_pairs: Sequence) -> set:
+    """``read`` plus the carry outputs a fissioned scan must compute because it reads their inputs.
+
+    A carry read by the split-out work must be updated there too; its new value may itself be another
+    carry's input (carries that swap every iteration), which then must be carried as well.
+    """
+    read = set(read)
+    changed = True
+    while changed:
+        changed = False
+        for cin, cout in carry_pairs:
+            if cin in read and is_var(cout) and cout not in read:
+                read.add(cout)
+                changed = True
+    return read
+
+
+def _is_expansion(eqn) -> bool:
+    return (eqn.primitive.name == "broadcast_in_dim" and is_var(eqn.outvars[0])
+            and aval_bytes(eqn.outvars[0].aval) > aval_bytes(eqn.invars[0].aval))
+
+
+def _sink_broadcast(eqn, expansions: dict):
+    """``[f(x, ...), broadcast(...)]`` replacing ``f(broadcast(x), ...)``, or ``None``.
+
+    ``f`` is elementwise and every operand is either a scalar literal or the result of an expanding
+    broadcast with the same shape, dimensions and operand shape: computing ``f`` on the small operands
+    and broadcasting the result is the same value, and the small value is what LICM then caches.
+    """
+    if eqn.primitive.name not in motion.ELEMENTWISE or eqn.effects or len(eqn.outvars) != 1:
+        return None
+    if eqn.params.get("sharding") is not None:
+        return None
+    first, small_in = None, []
+    for a in eqn.invars:
+        if not is_var(a):
+            if getattr(a.aval, "shape", None) != ():
+                return None
+            small_in.append(a)
+            continue
+        b = expansions.get(a)
+        if b is None:
+            return None
+        if first is None:
+            first = b
+        elif (b.params.get("shape") != first.params.get("shape")
+              or b.params.get("broadcast_dimensions") != first.params.get("broadcast_dimensions")
+              or getattr(b.invars[0].aval, "shape", None) != getattr(first.invars[0].aval, "shape", None)):
+            return None
+        small_in.append(b.invars[0])
+    out = eqn.outvars[0]
+    if first is None or not is_var(out) or tuple(out.aval.shape) != tuple(first.outvars[0].aval.shape):
+        return None
+    small_shape = first.invars[0].aval.shape
+    small = compat.new_var(compat.resize_aval(out.aval, small_shape))
+    return [eqn.replace(invars=small_in, outvars=[small]), first.replace(invars=[small], outvars=[out])]
 
 
 def _ancestors(eqns, prod, start: int):

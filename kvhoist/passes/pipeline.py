@@ -15,7 +15,14 @@ from kvhoist.report import Report
 
 def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = None,
              hoist: bool = True, fission: str = "scan") -> tuple[Any, Report]:
-    """Run the kvhoist pipeline on a closed jaxpr; returns ``(new_closed, report)``."""
+    """Run the kvhoist pipeline on a closed jaxpr; returns ``(new_closed, report)``.
+
+    Raises:
+      TypeError: ``closed`` is not a jaxpr.
+    """
+    from kvhoist import compat
+
+    compat.require_jaxpr(closed, "optimize")
     report = Report()
     if target is not None:
         from kvhoist.passes.layout import repad_tokens

@@ -7,7 +7,9 @@ uses its own). Speculation is only proposed while optimising an enclosing loop, 
 work is then hoisted out of that loop and runs once in total rather than once per iteration; the
 price is memory for every branch's results (both experts' caches), reported as a note.
 
-Safe because only pure equations are speculated, and pure JAX primitives cannot trap.
+Only *speculatable* equations are speculated (:mod:`kvhoist.analysis.motion`): pure, deterministic,
+allowlisted primitives that cannot trap and terminate — no ``while`` loop, no callback — and no
+value larger than a small multiple of the branch's inputs (a never-taken branch may not allocate).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class CondRule:
         blocks = [Block.from_jaxpr(b) for b in branches]
         if any(b is None for b in blocks):
             return None
-        exts = [engine.extract(b, [v for v, m in zip(b.invars, opmask) if m]) for b in blocks]
+        exts = [engine.extract(b, [v for v, m in zip(b.invars, opmask) if m], speculative=True) for b in blocks]
         if all(x.empty for x in exts):
             return None
         pre, outer_new, branch_of = [], [], {}

@@ -21,7 +21,7 @@ Carries of the nested scan that are outer-invariant (a layer counter) are found 
 from __future__ import annotations
 
 from kvhoist import compat
-from kvhoist.analysis import branches
+from kvhoist.analysis import branches, motion
 from kvhoist.analysis.invariance import outer_invariant_carries, passthrough_carries
 from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, used_vars
 from kvhoist.rules import register
@@ -77,7 +77,8 @@ class ScanRule:
                         engine.branch_runs[id(be)] = (be, runs)
             through = passthrough_carries(body, nc, nk)
             inv_invars = body.invars[:nc] + [body.invars[nc + k] for k in range(nk) if through[k]]
-            ext = engine.extract(body, inv_invars, charge=True)
+            # A zero-length scan never runs its body: moving work out of it is speculation.
+            ext = engine.extract(body, inv_invars, charge=True, speculative=length == 0)
         if ext.empty:
             new_params = compat.scan_params(params, jaxpr=body.to_closed(), num_consts=nc,
                                             num_carry=nk, num_xs=nx, num_ys=ny)
@@ -93,7 +94,7 @@ class ScanRule:
         return pre + [prune_scan(new_eqn)]
 
     def split(self, eqn, mask, engine):
-        from kvhoist.passes.licm import Split
+        from kvhoist.passes.licm import Split, carry_closure
 
         params = eqn.params
         body = Block.from_jaxpr(params["jaxpr"])
@@ -107,14 +108,16 @@ class ScanRule:
         carry_out = body.outvars[:nk]
         inv_in = {v for v, m in zip(consts_b, mask[:nc]) if m}
         inv_in |= {v for v, m in zip(xs_b, mask[nc + nk:]) if m}
-        cinv = outer_invariant_carries(body, inv_in, carry_b, carry_out, mask[nc:nc + nk])
+        cinv = outer_invariant_carries(body, inv_in, carry_b, carry_out, mask[nc:nc + nk],
+                                       lambda e: motion.can_move(e, engine.speculating))
         inv_carries = [k for k in range(nk) if cinv[k]]
         inv_all = inv_in | {carry_b[k] for k in inv_carries}
         ext = engine.extract(body, [v for v in body.invars if v in inv_all],
                              carry_pairs=[(carry_b[k], carry_out[k]) for k in inv_carries])
         if ext.empty:
             return None
-        read = set(ext.used_invars)
+        pairs = [(carry_b[k], carry_out[k]) for k in inv_carries]
+        read = carry_closure({a for e in ext.hoisted for a in e.invars if is_var(a)}, pairs)
         a_carries = [k for k in inv_carries if carry_b[k] in read]
         a_carry_outs = [carry_out[k] for k in a_carries]
         # scan_A's body may also return an invariant input directly (a carry set to a const).

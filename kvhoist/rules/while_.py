@@ -3,7 +3,8 @@
 Body consts are invariant; a carry is invariant when the body passes it through unchanged. The trip
 count is unknown statically (reports say so). ``fori_loop`` with static bounds lowers to ``scan`` and
 is handled there; with traced bounds it lowers to ``while`` and lands here. The ``cond_jaxpr`` is left
-as is (it is typically a comparison). A nested ``while`` inside another loop's body is not fissioned —
+as is (it is typically a comparison). A while body may run zero times, so what leaves it is
+*speculated*: only speculatable work moves (:mod:`kvhoist.analysis.motion`). A nested ``while`` inside another loop's body is not fissioned —
 its results cannot be stacked without a static trip count — but moves as a whole when invariant.
 """
 
@@ -32,7 +33,7 @@ class WhileRule:
             body = engine.optimize_block(body)
             through = passthrough_carries(body, bn, nk)
             inv_invars = body.invars[:bn] + [body.invars[bn + k] for k in range(nk) if through[k]]
-            ext = engine.extract(body, inv_invars, charge=True)
+            ext = engine.extract(body, inv_invars, charge=True, speculative=True)
         if ext.empty:
             return [eqn.replace(params=compat.while_params(params, body_jaxpr=body.like(params["body_jaxpr"]),
                                                            body_nconsts=bn))]

@@ -1,0 +1,212 @@
+"""What may move: the one place that decides whether an equation can run elsewhere or less often.
+
+kvhoist moves work in two ways, and they need different guarantees (MLIR's model):
+
+* **Hoisting** out of a loop whose body certainly runs (a ``scan`` of length >= 1, the top level of a
+  host-loop step): the equation runs once instead of once per iteration. It must be *memory-effect
+  free* and *deterministic*: same inputs, same outputs, no state read or written. :func:`may_move`.
+* **Speculation**: the equation runs where it might not have run at all: out of a ``cond`` branch, out
+  of a ``while`` body (which may run zero times), out of a zero-length ``scan``. Besides may_move it
+  must *always terminate*, *never fail* and have a cost known at trace time: no ``while`` loop (its trip
+  count depends on data), no callback (it may raise, block or count its calls), nothing opaque.
+  :func:`speculatable`.
+
+Both are decided from an **allowlist** of primitives known to be pure, deterministic and non-trapping
+on XLA (:data:`PURE_PRIMITIVES`; integer division by zero, out-of-range gathers and NaNs produce
+values, never traps), plus the higher-order primitives whose semantics kvhoist knows
+(:data:`HIGHER_ORDER`), recursively: a ``scan`` may move when every equation of its body may. Anything
+else stays where it is — stateful primitives that carry no jaxpr effect (``rng_uniform``), callbacks
+(``pure_callback`` is effect-free in JAX's eyes but may fail or be counted by the user), custom calls,
+Pallas kernels, barriers and every primitive this list does not name. :func:`why_not_movable` says why,
+for the report.
+
+**Memory** (:func:`inflation_ok`): a value moved out of a loop becomes a buffer that lives across the
+loop. XLA materialises the results of matmuls, convolutions, reductions and loops anyway, but fuses
+elementwise and shape chains into their consumers without a buffer (``sum(sin(broadcast(a)) * x)``
+never allocates the broadcast). So a value may be cached only if it is not much larger than what it is
+computed from: at most :data:`MAX_INFLATION` times the bytes of its *sources* — the nearest values jit
+would materialise (a matmul's result, a loop input) — or at most :data:`SMALL_BYTES` in all. When the
+move is speculative the sources are the loop's inputs themselves: work that may never have run may not
+allocate more than a small multiple of what the loop already holds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from kvhoist import compat
+
+# --------------------------------------------------------------------------------------------------
+# The allowlist
+# --------------------------------------------------------------------------------------------------
+
+#: Elementwise primitives (one output element per input element position, broadcasting only scalars):
+#: a broadcast can be sunk below them (:func:`kvhoist.passes.licm` rewrites ``f(broadcast(x))`` to
+#: ``broadcast(f(x))`` for invariant ``x``), and XLA fuses them into their consumers.
+ELEMENTWISE = frozenset({
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "bessel_i0e",
+    "bessel_i1e", "cbrt", "ceil", "clamp", "clz", "complex", "conj", "convert_element_type", "cos", "cosh",
+    "digamma", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "igamma",
+    "igamma_grad_a", "igammac", "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p",
+    "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "polygamma",
+    "population_count", "pow", "real", "reciprocal", "reduce_precision", "regularized_incomplete_beta",
+    "rem", "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical",
+    "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor", "zeta", "_copysign", "copy",
+    "copy_p", "stop_gradient", "mulhi",
+})
+
+#: Shape and data-movement primitives: pure, and fused by XLA like elementwise ones.
+SHAPE = frozenset({
+    "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "iota", "slice", "dynamic_slice",
+    "dynamic_update_slice", "concatenate", "pad", "rev", "bitcast_convert_type", "gather", "split",
+    "device_put", "sharding_constraint", "reshard", "tile",
+})
+
+#: Other pure, deterministic first-order primitives whose results XLA materialises (matmuls,
+#: reductions, sorts, linear algebra, functional PRNG, collectives inside ``shard_map``).
+MATERIALISED = frozenset({
+    "dot_general", "conv_general_dilated", "ragged_dot_general",
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor",
+    "reduce", "argmax", "argmin", "reduce_window", "reduce_window_sum", "reduce_window_max",
+    "reduce_window_min", "select_and_scatter_add", "select_and_gather_add",
+    "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
+    "sort", "top_k", "approx_top_k",
+    "scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min", "scatter_min",
+    "scatter-max", "scatter_max", "scatter-sub", "scatter_sub",
+    "cholesky", "eigh", "lu", "lu_pivots_to_permutation", "qr", "householder_product", "geqrf", "svd",
+    "triangular_solve", "fft", "schur", "hessenberg", "tridiagonal", "tridiagonal_solve", "eig",
+    "random_bits", "random_seed", "random_wrap", "random_unwrap", "random_split", "random_fold_in",
+    "random_clone", "random_gamma", "threefry2x32", "rng_bit_generator", "iota_2x32_shape",
+    "psum", "pmax", "pmin", "all_gather", "all_to_all", "ppermute", "reduce_scatter", "axis_index",
+    "pbroadcast", "psum_invariant", "pvary", "all_gather_invariant", "psum_scatter",
+})
+
+#: First-order primitives known to be pure, deterministic and non-trapping on XLA.
+PURE_PRIMITIVES = ELEMENTWISE | SHAPE | MATERIALISED
+
+#: Higher-order primitives whose semantics kvhoist knows: they may move when their bodies may.
+HIGHER_ORDER = frozenset({
+    "scan", "while", "cond", "jit", "pjit", "remat2", "checkpoint", "closed_call", "core_call",
+    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map",
+})
+
+#: Known to stay, with the reason the report gives (anything else unlisted stays as "unknown").
+STAYS = {
+    "rng_uniform": "stateful random number generator (a new value every execution, no jaxpr effect)",
+    "pure_callback": "host callback (may fail, block or count its calls)",
+    "io_callback": "host callback",
+    "debug_callback": "host callback",
+    "debug_print": "host callback",
+    "ffi_call": "foreign function call (unknown semantics)",
+    "custom_call": "custom call (unknown semantics)",
+    "pallas_call": "kernel call (unknown semantics)",
+    "tpu_custom_call": "kernel call (unknown semantics)",
+    "optimization_barrier": "optimization barrier (the user asked XLA not to move across it)",
+    "create_token": "token", "after_all": "token",
+    "shape_assertion": "run-time check", "check": "run-time check", "unreachable": "run-time check",
+}
+
+# --------------------------------------------------------------------------------------------------
+# The two predicates
+# --------------------------------------------------------------------------------------------------
+
+
+def why_not_movable(eqn) -> str | None:
+    """``None`` if ``eqn`` may run at another place or another number of times, else the reason."""
+    if eqn.effects:
+        return "has effects"
+    name = eqn.primitive.name
+    if name in HIGHER_ORDER:
+        for sub in compat.subjaxprs_of(eqn):
+            for e in compat.split_closed(sub)[4]:
+                reason = why_not_movable(e)
+                if reason is not None:
+                    return f"its body holds {e.primitive.name}: {reason}"
+        return None
+    if name in PURE_PRIMITIVES:
+        return None
+    return STAYS.get(name, f"unknown primitive {name!r} (not on kvhoist's allowlist of pure primitives)")
+
+
+def may_move(eqn) -> bool:
+    """Pure, deterministic and understood: may run once instead of once per loop iteration."""
+    return why_not_movable(eqn) is None
+
+
+def why_not_speculatable(eqn) -> str | None:
+    """``None`` if ``eqn`` may also run where it would not have run at all, else the reason."""
+    reason = why_not_movable(eqn)
+    if reason is not None:
+        return reason
+    return _unbounded(eqn)
+
+
+def _unbounded(eqn) -> str | None:
+    if eqn.primitive.name == "while":
+        return "a while loop may not terminate (its trip count depends on data)"
+    for sub in compat.subjaxprs_of(eqn):
+        for e in compat.split_closed(sub)[4]:
+            reason = _unbounded(e)
+            if reason is not None:
+                return reason
+    return None
+
+
+def speculatable(eqn) -> bool:
+    """May move, always terminates, cannot fail, bounded cost: safe to run where it did not run."""
+    return why_not_speculatable(eqn) is None
+
+
+def can_move(eqn, speculative: bool) -> bool:
+    """The one predicate LICM applies: :func:`may_move`, and :func:`speculatable` when speculating."""
+    return speculatable(eqn) if speculative else may_move(eqn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+#: A cached value may be at most this many times the bytes of its sources ...
+MAX_INFLATION = 2.0
+#: ... or at most this many bytes in all (tables such as RoPE frequencies for a small model).
+SMALL_BYTES = 1 << 20
+
+#: Primitives whose results XLA fuses into their consumers instead of materialising them.
+FUSIBLE = ELEMENTWISE | SHAPE
+
+
+def source_bytes(var, eqns: Sequence, prod: dict, *, speculative: bool, aval_bytes) -> int:
+    """Bytes of the values ``var`` is computed from, walking back through work XLA would fuse.
+
+    Sources, each counted once: block inputs (not produced in ``eqns``); results of higher-order
+    equations (a fissioned scan's stacked values, a speculated cond's operands: their bodies were checked
+    when they were split); and, unless ``speculative``, results of first-order primitives jit
+    materialises anyway (a matmul's K: caching it costs what jit holds). A value produced by such a
+    primitive is its own source.
+    """
+    seen, total, stack = set(), 0, [var]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        k = prod.get(v)
+        if k is None:
+            total += aval_bytes(v.aval)
+            continue
+        e = eqns[k]
+        name = e.primitive.name
+        if name in HIGHER_ORDER or (not speculative and name not in FUSIBLE):
+            total += aval_bytes(v.aval)
+            continue
+        stack.extend(a for a in e.invars if not compat.is_literal(a))
+    return total
+
+
+def inflation_ok(nbytes: int, sources: int) -> bool:
+    """May a value of ``nbytes`` computed from ``sources`` bytes be held across a loop?"""
+    return nbytes <= SMALL_BYTES or nbytes <= MAX_INFLATION * sources
+
+
+def names(eqns: Iterable) -> set:
+    return {e.primitive.name for e in eqns}
