@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import threading
 import warnings
 from typing import Any, Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from kvhoist import compat
-from kvhoist.errors import KvhoistError, TraceError
+from kvhoist.errors import KvhoistError, TraceError, strict
 from kvhoist.report import Note, Report
 
 __all__ = ["hoist_invariants", "HoistedFunction", "KvhoistError", "TraceError", "KvhoistWarning"]
@@ -34,10 +33,6 @@ __all__ = ["hoist_invariants", "HoistedFunction", "KvhoistError", "TraceError", 
 
 class KvhoistWarning(UserWarning):
     """The pipeline could not optimise a program; it runs unoptimised (as under ``jax.jit``)."""
-
-
-def _strict() -> bool:
-    return os.environ.get("KVHOIST_STRICT", "") not in ("", "0")
 
 
 def _normalize_argnums(static_argnums, what: str = "static_argnums") -> tuple[int, ...]:
@@ -221,7 +216,7 @@ class HoistedFunction:
             after, report = optimize(before, target=self.target, max_cache_bytes=self.max_cache_bytes,
                                      fission=self.fission)
         except Exception as err:
-            if _strict():
+            if strict():
                 raise
             warnings.warn(f"kvhoist could not optimise {self.__name__} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300]}); it runs unoptimised, as under jax.jit. "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class KvhoistError(ValueError):
     """A usage error with a message that names the fix."""
@@ -13,3 +15,8 @@ class TraceError(KvhoistError):
 
 class PassError(RuntimeError):
     """A rewrite produced an ill-formed jaxpr (a kvhoist bug): never returned to the user."""
+
+
+def strict() -> bool:
+    """``KVHOIST_STRICT=1``: internal failures raise instead of falling back to the unoptimised program."""
+    return os.environ.get("KVHOIST_STRICT", "") not in ("", "0")

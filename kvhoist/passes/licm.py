@@ -30,14 +30,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 from typing import Any, Iterable, Sequence
 
 import networkx as nx
 
 from kvhoist import compat
 from kvhoist.analysis import branches, cost, motion
-from kvhoist.errors import PassError
+from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
 from kvhoist.ir import Block, aval_bytes, is_var, producers, verify_eqns, verify_jaxpr
 from kvhoist.report import HoistedValue, Note, Report, Skipped
@@ -156,7 +155,7 @@ class Licm:
                 verify_eqns(new, bound, eqn.outvars)
             return new
         except Exception as err:  # a kvhoist bug: keep the original equation, say so
-            if _STRICT:
+            if strict():
                 raise
             del self.report.hoisted[n_hoisted:], self.report.skipped[n_skipped:], self.report.notes[n_notes:]
             self.note("refused", f"{eqn.primitive.name} at {compat.source_line(eqn) or '?'} left unchanged: "
@@ -508,9 +507,6 @@ class Licm:
             return None
         _cond, _branch, runs = next(iter(infos))
         return runs
-
-
-_STRICT = os.environ.get("KVHOIST_STRICT", "") not in ("", "0")
 
 
 def carry_closure(read: set, carry_pairs: Sequence) -> set:
