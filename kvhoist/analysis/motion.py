@@ -52,7 +52,7 @@ ELEMENTWISE = frozenset({
     "population_count", "pow", "real", "reciprocal", "reduce_precision", "regularized_incomplete_beta",
     "rem", "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical",
     "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor", "zeta", "_copysign", "copy",
-    "copy_p", "stop_gradient", "mulhi",
+    "copy_p", "stop_gradient", "mulhi", "add_any",
 })
 
 #: Shape and data-movement primitives: pure, and fused by XLA like elementwise ones.
@@ -68,7 +68,7 @@ MATERIALISED = frozenset({
     "dot_general", "conv_general_dilated", "ragged_dot_general",
     "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor",
     "reduce", "argmax", "argmin", "reduce_window", "reduce_window_sum", "reduce_window_max",
-    "reduce_window_min", "select_and_scatter_add", "select_and_gather_add",
+    "reduce_window_min", "select_and_scatter_add", "select_and_gather_add", "select_and_scatter",
     "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
     "sort", "top_k", "approx_top_k",
     "scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min", "scatter_min",
@@ -104,6 +104,13 @@ STAYS = {
     "optimization_barrier": "optimization barrier (the user asked XLA not to move across it)",
     "create_token": "token", "after_all": "token",
     "shape_assertion": "run-time check", "check": "run-time check", "unreachable": "run-time check",
+    "get": "mutable reference", "swap": "mutable reference", "addupdate": "mutable reference",
+    "custom_lin": "autodiff-internal primitive",
+    "custom_linear_solve": "higher-order primitive kvhoist does not model",
+    "call": "higher-order primitive kvhoist does not model",
+    "ragged_all_to_all": "collective kvhoist does not model",
+    "empty2": "uninitialised memory", "name": "not modelled",
+    "eq_to": "not modelled", "le_to": "not modelled", "lt_to": "not modelled",
 }
 
 # --------------------------------------------------------------------------------------------------
