@@ -326,7 +326,8 @@ class _Cached:
     a deleted one it receives) were not deleted.
     """
 
-    __slots__ = ("program", "values", "identity", "snapshots", "deletable", "fast_key", "pins", "__weakref__")
+    __slots__ = ("program", "values", "identity", "snapshots", "deletable", "checks", "fast_key", "pins",
+                 "__weakref__")
 
     def __init__(self, program: _Program, values: tuple, leaves: Sequence, on_death: Callable | None):
         self.program = program
@@ -336,6 +337,7 @@ class _Cached:
         passed = set(program.step_inv)
         self.deletable = tuple(i for i, x in enumerate(leaves)
                                if i not in passed and hasattr(x, "is_deleted") and not isinstance(x, np.ndarray))
+        self.checks = bool(self.snapshots or self.deletable)
         self.fast_key: tuple | None = None
         self.pins: tuple = ()
 
@@ -683,8 +685,8 @@ class HostHoistedFunction:
         """``(invariant leaves, their treedef, fast key)``: the key names the call shape, static values
         and types, the invariant arguments' structure, jax's trace context and the leaves' ids."""
         inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs))
-        key = (plan.canon, _static_key(plan.static(args, kwargs)), inv_tree, _trace_context(),
-               tuple(map(id, inv_leaves)))
+        key = (plan.canon, _static_key(plan.static(args, kwargs)) if plan.static_slots else (), inv_tree,
+               _trace_context(), tuple(map(id, inv_leaves)))
         return inv_leaves, inv_tree, key
 
     def _forget(self, entry: _Entry) -> None:
@@ -725,13 +727,19 @@ class HostHoistedFunction:
             index[fast_key] = cached
 
     def __call__(self, *args, **kwargs):
+        # The fast path (a cache hit with the very same invariant objects): pick the arguments by the
+        # call shape's plan, flatten the invariant ones once, look the entry up by their ids, and let
+        # the step's jax.jit check the varying ones. Everything else goes to _slow_call. (Inlined
+        # _fast_key: this runs on every call.)
         plan = self._plans.get((len(args), *kwargs) if kwargs else len(args)) or self._plan(args, kwargs)
-        inv_leaves, inv_tree, fast_key = self._fast_key(plan, args, kwargs)
+        inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs))
+        fast_key = (plan.canon, _static_key(plan.static(args, kwargs)) if plan.static_slots else (), inv_tree,
+                    _trace_context(), tuple(map(id, inv_leaves)))
         try:
             entry = self._fast.get(fast_key)
         except TypeError:  # an unhashable static argument: the slow path names it
             entry = None
-        if entry is not None and entry.still_valid(inv_leaves):
+        if entry is not None and (not entry.checks or entry.still_valid(inv_leaves)):
             prog = entry.program
             try:
                 out = prog.step_call(entry.values, prog.take_step_inv(inv_leaves), *plan.var(args, kwargs))

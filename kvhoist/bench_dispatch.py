@@ -1,0 +1,231 @@
+"""Per-call dispatch benchmark: what a wrapper costs per call on top of ``jax.jit`` when the step
+itself does almost nothing.
+
+Three variants of one step function ``step(params, context, x)`` are timed in ONE process,
+interleaved (the order rotates every repeat) after warm-up calls (compilation):
+
+* ``jit``: ``jax.jit(step)``;
+* ``hoisted``: ``kvhoist.hoist_invariants(step)`` through the public API — whatever
+  :mod:`kvhoist.api` is when this runs (re-run it after the API changes);
+* ``host``: ``kvhoist.hoist_invariants(step, invariant_argnums=(0, 1))`` — host-loop mode
+  (:class:`kvhoist.host.HostHoistedFunction`), every timed call a cache hit.
+
+The step reads every leaf of ``params`` in a way that depends on ``x`` (so host-loop mode must still
+pass every leaf to its step) and does one tiny invariant computation on ``context`` (which host-loop
+mode caches). Its compute is negligible next to the dispatch: the numbers are the per-call cost of
+flattening the arguments, checking them, and launching one executable.
+
+Two argument sets:
+
+* ``pytree16``: a dict of 16 small arrays;
+* ``nnx555``: a wan_ref ``WanModel`` (flax NNX; the tiny-t2v config with 20 unscanned layers) of 555
+  leaves. Flattening an NNX module is Python work in flax, so every variant pays it.
+
+Per repeat and variant, ``calls`` calls run back to back (outputs are not chained: dispatch is
+asynchronous, so this is dispatch throughput) and the last output is waited for; the per-call time is
+the batch's time / ``calls``, in process CPU time (all threads, steadier on a shared machine), the
+calling thread's CPU time (the Python and C++ dispatch work alone: XLA runs the step on other threads)
+and wall time. Reported: median over repeats and the spread (min, max, and the interquartile range).
+It is a measurement, not a test: nothing asserts a speed.
+
+Example:
+    $ python -m kvhoist.bench_dispatch --out docs/dispatch_bench.json
+    >>> from kvhoist.bench_dispatch import run_dispatch_benchmark, markdown_table
+    >>> print(markdown_table(run_dispatch_benchmark(repeats=5)))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["WORKLOADS", "VARIANTS", "run_dispatch_benchmark", "markdown_table"]
+
+VARIANTS: tuple[str, ...] = ("jit", "hoisted", "host")
+
+
+def _step(params: Any, context: jax.Array, x: jax.Array) -> jax.Array:
+    """Reads every leaf of ``params`` (each read depends on ``x``); ``tanh(context)`` is invariant."""
+    kv = jnp.tanh(context).sum()
+    acc = x
+    for leaf in jax.tree_util.tree_leaves(params):
+        acc = acc + x * jnp.ravel(leaf)[0].astype(x.dtype)
+    return acc + kv
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One argument set for :func:`run_dispatch_benchmark`."""
+
+    name: str
+    description: str
+    calls: int                     # calls per timed batch
+    build: Callable[[], Any]       # -> params
+
+
+def _pytree16() -> dict:
+    rng = np.random.default_rng(0)
+    return {f"w{i:02d}": jnp.asarray(rng.standard_normal((8, 8)).astype(np.float32)) for i in range(16)}
+
+
+def _nnx555() -> Any:
+    from flax import nnx
+
+    from wan_ref import WanModel, get_preset
+
+    config = dataclasses.replace(get_preset("tiny-t2v").config, num_layers=20, scan_layers=False)
+    return WanModel(config, rngs=nnx.Rngs(0))
+
+
+WORKLOADS: dict[str, Workload] = {
+    "pytree16": Workload("pytree16", "dict of 16 arrays (8x8 f32)", 400, _pytree16),
+    "nnx555": Workload("nnx555", "wan_ref WanModel (flax NNX), tiny-t2v with 20 unscanned layers", 40, _nnx555),
+}
+
+
+def _machine() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+    }
+
+
+def _load() -> list | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _variants() -> dict[str, Callable]:
+    import kvhoist
+
+    return {
+        "jit": jax.jit(_step),
+        "hoisted": kvhoist.hoist_invariants(_step),
+        "host": kvhoist.hoist_invariants(_step, invariant_argnums=(0, 1)),
+    }
+
+
+def _summary(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "q1": q[0], "q3": q[2]}
+
+
+def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), *, repeats: int = 15,
+                           calls_scale: float = 1.0, path: str | os.PathLike | None = None) -> dict:
+    """Times per-call dispatch of ``jax.jit`` / ``hoist_invariants`` / host-loop mode.
+
+    Args:
+      workloads: keys of :data:`WORKLOADS`.
+      repeats: timed batches per variant and workload, interleaved with rotating order.
+      calls_scale: multiplies each workload's calls per batch (shorter or steadier runs).
+      path: if given, the result is written there as JSON.
+    Returns:
+      A JSON-ready dict: ``machine``, ``load_average`` (start, end), ``repeats`` and per workload
+      ``leaves``, ``calls`` and, per variant, ``cpu_us`` / ``thread_us`` / ``wall_us`` summaries
+      (``median``, ``min``, ``max``, ``q1``, ``q3``: microseconds per call) and the raw lists
+      (``all_cpu_us``, ...); plus ``overhead_us``: the median per-call difference from ``jit`` in each.
+    """
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown dispatch workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    result: dict = {"machine": _machine(), "load_average": {"start": _load()}, "repeats": repeats,
+                    "variants": {"jit": "jax.jit(step)", "hoisted": "kvhoist.hoist_invariants(step)",
+                                 "host": "kvhoist.hoist_invariants(step, invariant_argnums=(0, 1))"},
+                    "workloads": {}}
+    t_start = time.perf_counter()
+    for wname in workloads:
+        w = WORKLOADS[wname]
+        params = w.build()
+        context = jnp.ones((8, 16), jnp.float32)
+        x = jnp.ones((4,), jnp.float32)
+        fns = _variants()
+        ref = np.asarray(fns["jit"](params, context, x))
+        for name, fn in fns.items():  # warm-up: compile, fill the host cache, check the numbers
+            for _ in range(3):
+                out = fn(params, context, x)
+            np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{wname}/{name} differs from jax.jit")
+        calls = max(1, int(w.calls * calls_scale))
+        cpu: dict = {k: [] for k in fns}
+        thread: dict = {k: [] for k in fns}
+        wall: dict = {k: [] for k in fns}
+        names = list(fns)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn = fns[name]
+                c0, h0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+                for _ in range(calls):
+                    out = fn(params, context, x)
+                h1 = time.thread_time()
+                jax.block_until_ready(out)
+                t1, c1 = time.perf_counter(), time.process_time()
+                cpu[name].append((c1 - c0) / calls * 1e6)
+                thread[name].append((h1 - h0) / calls * 1e6)
+                wall[name].append((t1 - t0) / calls * 1e6)
+        entry = {"description": w.description, "leaves": len(jax.tree_util.tree_leaves(params)),
+                 "calls": calls, "cpu_us": {k: _summary(v) for k, v in cpu.items()},
+                 "thread_us": {k: _summary(v) for k, v in thread.items()},
+                 "wall_us": {k: _summary(v) for k, v in wall.items()},
+                 "all_cpu_us": cpu, "all_thread_us": thread, "all_wall_us": wall}
+        host = fns["host"]
+        if hasattr(host, "cache_info"):
+            entry["host_cache_info"] = host.cache_info()._asdict()
+        entry["overhead_us"] = {
+            k: {m: entry[f"{m}_us"][k]["median"] - entry[f"{m}_us"]["jit"]["median"]
+                for m in ("cpu", "thread", "wall")}
+            for k in names if k != "jit"}
+        result["workloads"][wname] = entry
+    result["load_average"]["end"] = _load()
+    result["seconds"] = time.perf_counter() - t_start
+    if path is not None:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """The result as a markdown table: per-call us, median (IQR; min-max), per workload and variant."""
+    lines = ["| workload | leaves | variant | process CPU us/call | caller-thread CPU us/call | wall us/call "
+             "| over jit: CPU / thread / wall |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(s: dict) -> str:
+        return f"{s['median']:.1f} ({s['q1']:.1f}-{s['q3']:.1f}; {s['min']:.1f}-{s['max']:.1f})"
+
+    for wname, e in result["workloads"].items():
+        for k in e["cpu_us"]:
+            over = e["overhead_us"].get(k)
+            diff = "" if over is None else " / ".join(f"{over[m]:+.1f}" for m in ("cpu", "thread", "wall"))
+            lines.append(f"| {wname} | {e['leaves']} | {k} | {cell(e['cpu_us'][k])} | {cell(e['thread_us'][k])} "
+                         f"| {cell(e['wall_us'][k])} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench_dispatch", description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", default=["pytree16", "nnx555"], choices=sorted(WORKLOADS))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--calls-scale", type=float, default=1.0)
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    args = ap.parse_args(argv)
+    res = run_dispatch_benchmark(tuple(args.workloads), repeats=args.repeats, calls_scale=args.calls_scale,
+                                 path=args.out)
+    print(markdown_table(res))
+    print(f"load average: start {res['load_average']['start']}, end {res['load_average']['end']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
