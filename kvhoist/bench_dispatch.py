@@ -135,7 +135,8 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), 
       A JSON-ready dict: ``machine``, ``load_average`` (start, end), ``repeats`` and per workload
       ``leaves``, ``calls`` and, per variant, ``cpu_us`` / ``thread_us`` / ``wall_us`` summaries
       (``median``, ``min``, ``max``, ``q1``, ``q3``: microseconds per call) and the raw lists
-      (``all_cpu_us``, ...); plus ``overhead_us``: the median per-call difference from ``jit`` in each.
+      (``all_cpu_us``, ...); plus ``overhead_us``: per variant and measure, the summary of the paired
+      per-call differences from ``jit`` (variant minus jit in the same repeat).
     """
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -182,9 +183,11 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), 
         host = fns["host"]
         if hasattr(host, "cache_info"):
             entry["host_cache_info"] = host.cache_info()._asdict()
+        series = {"cpu": cpu, "thread": thread, "wall": wall}
+        # Paired: variant minus jit within each repeat (the two batches ran back to back), which
+        # cancels most of the load drift of a shared machine; median and IQR over repeats.
         entry["overhead_us"] = {
-            k: {m: entry[f"{m}_us"][k]["median"] - entry[f"{m}_us"]["jit"]["median"]
-                for m in ("cpu", "thread", "wall")}
+            k: {m: _summary([a - b for a, b in zip(series[m][k], series[m]["jit"])]) for m in series}
             for k in names if k != "jit"}
         result["workloads"][wname] = entry
     result["load_average"]["end"] = _load()
@@ -198,16 +201,17 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), 
 def markdown_table(result: dict) -> str:
     """The result as a markdown table: per-call us, median (IQR; min-max), per workload and variant."""
     lines = ["| workload | leaves | variant | process CPU us/call | caller-thread CPU us/call | wall us/call "
-             "| over jit: CPU / thread / wall |",
-             "|---|---|---|---|---|---|---|"]
+             "| over jit, paired: CPU | thread | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(s: dict) -> str:
-        return f"{s['median']:.1f} ({s['q1']:.1f}-{s['q3']:.1f}; {s['min']:.1f}-{s['max']:.1f})"
+    def cell(s: dict, sign: str = "") -> str:
+        return (f"{s['median']:{sign}.1f} ({s['q1']:{sign}.1f} to {s['q3']:{sign}.1f}; "
+                f"{s['min']:{sign}.1f} to {s['max']:{sign}.1f})")
 
     for wname, e in result["workloads"].items():
         for k in e["cpu_us"]:
             over = e["overhead_us"].get(k)
-            diff = "" if over is None else " / ".join(f"{over[m]:+.1f}" for m in ("cpu", "thread", "wall"))
+            diff = " |  | " if over is None else " | ".join(cell(over[m], "+") for m in ("cpu", "thread", "wall"))
             lines.append(f"| {wname} | {e['leaves']} | {k} | {cell(e['cpu_us'][k])} | {cell(e['thread_us'][k])} "
                          f"| {cell(e['wall_us'][k])} | {diff} |")
     return "\n".join(lines)
