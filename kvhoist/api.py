@@ -281,7 +281,7 @@ class HoistedFunction:
         return self._record(args, kwargs).report
 
     def lower(self, *args, **kwargs):
-        """``jax.jit(...).lower``: the rewritten program lowered (accepts ``jax.ShapeDtypeStruct``\ s)."""
+        """``jax.jit(...).lower``: the rewritten program lowered (accepts ``jax.ShapeDtypeStruct`` values)."""
         return self.jitted.lower(*args, **kwargs)
 
     def trace(self, *args, **kwargs):

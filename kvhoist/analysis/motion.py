@@ -52,7 +52,7 @@ ELEMENTWISE = frozenset({
     "population_count", "pow", "real", "reciprocal", "reduce_precision", "regularized_incomplete_beta",
     "rem", "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical",
     "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor", "zeta", "_copysign", "copy",
-    "copy_p", "stop_gradient", "mulhi", "add_any",
+    "copy_p", "stop_gradient", "mulhi", "add_any", "log2", "one_minus_square", "polynomial",
 })
 
 #: Shape and data-movement primitives: pure, and fused by XLA like elementwise ones.
@@ -108,6 +108,7 @@ STAYS = {
     "custom_lin": "autodiff-internal primitive",
     "custom_linear_solve": "higher-order primitive kvhoist does not model",
     "call": "higher-order primitive kvhoist does not model",
+    "eval_jaxpr": "higher-order primitive kvhoist does not model",
     "ragged_all_to_all": "collective kvhoist does not model",
     "empty2": "uninitialised memory", "name": "not modelled",
     "eq_to": "not modelled", "le_to": "not modelled", "lt_to": "not modelled",
