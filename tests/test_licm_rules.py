@@ -525,3 +525,21 @@ def test_every_rewrite_type_checks_and_report_serialises():
     d = json.loads(report.to_json())
     assert d["totals"]["flops_saved"] == report.flops_saved > 0
     assert "hoisted" in report.table()
+
+
+def test_while_drops_consts_the_body_no_longer_reads():
+    """After K/V leave a while body, the weights they were computed from are no longer passed in."""
+    def f(x, ctx, wk, wv, n):
+        def body(c):
+            i, h = c
+            return i + 1, h + jnp.tanh((h @ (ctx @ wk).T) @ (ctx @ wv))
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+    args = (jnp.ones((2, 8)) * 0.1, jnp.ones((5, 8)) * 0.2, jnp.eye(8), jnp.eye(8) * 0.5, 3)
+    closed = jax.make_jaxpr(f)(*args)
+    new, _ = licm(closed)
+    (w_before,) = [e for e in closed.eqns if e.primitive.name == "while"]
+    (w_after,) = [e for e in new.eqns if e.primitive.name == "while"]
+    assert w_before.params["body_nconsts"] == 3  # ctx, wk, wv
+    assert w_after.params["body_nconsts"] == 2   # only the hoisted K and V
+    np.testing.assert_allclose(jax.jit(jax.extend.core.jaxpr_as_fun(new))(*args)[0], jax.jit(f)(*args), rtol=1e-6)

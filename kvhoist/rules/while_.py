@@ -12,9 +12,27 @@ from __future__ import annotations
 
 from kvhoist import compat
 from kvhoist.analysis.invariance import passthrough_carries
-from kvhoist.ir import Block, clone_eqns
+from kvhoist.ir import Block, clone_eqns, used_vars
 from kvhoist.rules import register
 from kvhoist.rules.common import map_subjaxprs
+
+
+def prune_while(eqn):
+    """Drop body consts the body no longer reads (e.g. K/V weights after their projection left)."""
+    params = eqn.params
+    cn, bn = params["cond_nconsts"], params["body_nconsts"]
+    body_j = params["body_jaxpr"]
+    _cv, _c, invars, outvars, eqns = compat.split_closed(body_j)
+    if _cv or _c:
+        return eqn
+    used = used_vars(eqns, outvars)
+    keep = [i for i in range(bn) if invars[i] in used]
+    if len(keep) == bn:
+        return eqn
+    body = Block([invars[i] for i in keep] + list(invars[bn:]), outvars, eqns)
+    new_params = compat.while_params(params, body_jaxpr=body.like(body_j), body_nconsts=len(keep))
+    return eqn.replace(invars=list(eqn.invars[:cn]) + [eqn.invars[cn + i] for i in keep]
+                       + list(eqn.invars[cn + bn:]), params=new_params)
 
 
 @register("while")
@@ -45,7 +63,7 @@ class WhileRule:
                                          body_nconsts=bn + len(ext.crossing))
         new_eqn = eqn.replace(invars=list(eqn.invars[:cn + bn]) + [sub[v] for v in ext.crossing]
                               + list(eqn.invars[cn + bn:]), params=new_params)
-        return pre + [new_eqn]
+        return pre + [prune_while(new_eqn)]
 
     def split(self, eqn, mask, engine):
         return None
