@@ -116,6 +116,12 @@ class Report:
         return sum(h.flops_saved or 0 for h in self.hoisted)
 
     @property
+    def flops_saved_per_iteration_unknown_trips(self) -> int:
+        """FLOPs removed from each iteration of loops whose trip count is unknown (``while`` loops):
+        work that moved but cannot be totalled per run."""
+        return sum(h.flops_per_iteration for h in self.hoisted if h.flops_saved is None)
+
+    @property
     def flops_saved_is_upper_bound(self) -> bool:
         return any(h.upper_bound for h in self.hoisted)
 
@@ -148,6 +154,7 @@ class Report:
                 "total_flops_after": self.total_flops_after,
                 "flops_saved_fraction": self.flops_saved_fraction,
                 "flops_saved_is_upper_bound": self.flops_saved_is_upper_bound,
+                "flops_saved_per_iteration_unknown_trips": self.flops_saved_per_iteration_unknown_trips,
             },
         }
 
@@ -155,20 +162,23 @@ class Report:
         return json.dumps(self.to_dict(), default=str, **kw)
 
     def summary(self) -> str:
+        """One line: values, cache bytes, FLOPs saved per run (and per iteration where a loop's trip count
+        is unknown), skipped candidates and the rewrites used."""
         frac = self.flops_saved_fraction
         share = f" ({100 * frac:.3f}% of the program's FLOPs)" if frac is not None else ""
         bound = "up to " if self.flops_saved_is_upper_bound else ""
-        lines = [
-            f"hoisted {len(self.hoisted)} value(s), cache {human_bytes(self.cache_bytes)}, "
-            f"saves {bound}{human_flops(self.flops_saved)} FLOPs per run{share}; "
-            f"skipped {len(self.skipped)}"
-        ]
+        unknown = self.flops_saved_per_iteration_unknown_trips
+        per_iter = (f" + {human_flops(unknown)} FLOPs per iteration of loops with an unknown trip count"
+                    if unknown else "")
+        line = (f"hoisted {len(self.hoisted)} value(s), cache {human_bytes(self.cache_bytes)}, "
+                f"saves {bound}{human_flops(self.flops_saved)} FLOPs per run{share}{per_iter}; "
+                f"skipped {len(self.skipped)}")
         kinds: dict = {}
         for n in self.notes:
             kinds[n.kind] = kinds.get(n.kind, 0) + 1
         if kinds:
-            lines.append("rewrites: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())))
-        return "\n".join(lines)
+            line += "; rewrites: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items()))
+        return line
 
     def table(self, max_rows: int | None = None) -> str:
         rows = [("value", "shape", "dtype", "bytes", "FLOPs/iter", "FLOPs saved", "loop", "via", "source")]

@@ -543,3 +543,19 @@ def test_while_drops_consts_the_body_no_longer_reads():
     assert w_before.params["body_nconsts"] == 3  # ctx, wk, wv
     assert w_after.params["body_nconsts"] == 2   # only the hoisted K and V
     np.testing.assert_allclose(jax.jit(jax.extend.core.jaxpr_as_fun(new))(*args)[0], jax.jit(f)(*args), rtol=1e-6)
+
+
+def test_while_report_counts_work_per_iteration_in_one_line():
+    """A while loop's trip count is unknown: the summary says what moved per iteration, never just 0."""
+    def f(x, ctx, wk, n):
+        def body(c):
+            i, h = c
+            return i + 1, h + jnp.tanh(h @ (ctx @ wk))
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+    closed = jax.make_jaxpr(f)(jnp.ones((2, 8)), jnp.ones((8, 8)), jnp.eye(8), 3)
+    _new, report = licm(closed)
+    assert report.flops_saved_per_iteration_unknown_trips == 2 * 8 * 8 * 8
+    line = report.summary()
+    assert "\n" not in line
+    assert "1.02K FLOPs per iteration of loops with an unknown trip count" in line, line
