@@ -68,6 +68,9 @@ class HoistedValue:
     #: The user frames behind the value's main equation, innermost first (``source`` is the first):
     #: ``('model.py:74 (Linear.__call__)', 'model.py:187 (WanAttention.project_kv)', ...)``.
     stack: tuple = ()
+    #: For a value speculated out of a ``cond`` (Wan 2.2's experts): ``'branch 1 of cond at sample.py:140'``
+    #: — which branch (expert) it belongs to; ``''`` otherwise.
+    branch: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,7 @@ class Licm:
         # often each cond branch runs (kvhoist.analysis.branches), never to change the program.
         self.known: dict = {}
         self.branch_runs: dict = {}    # id(cond eqn) -> (eqn, {branch: runs})
-        self.branch_of: dict = {}      # id(speculated eqn) -> (eqn, id(cond eqn), branch, runs or None)
+        self.branch_of: dict = {}      # id(speculated eqn) -> (eqn, id(cond eqn), branch, runs or None, cond source)
         # True while extracting work that will run where it might not have run (a cond branch, a while
         # body, a zero-length scan): only speculatable equations move (kvhoist.analysis.motion).
         self.speculating = False
@@ -487,8 +487,12 @@ class Licm:
             saved = None if (trips is None or outer is None) else flops * max(trips - 1, 0) * outer
             via = ext.via.get(v, ("licm",))
             upper = "speculation" in via
+            branch = ""
             if upper:
-                runs = self._branch_runs_of(ext.hoisted, prod, v)
+                info = self._branch_of(ext.hoisted, prod, v)
+                runs = None if info is None else info[1]
+                if info is not None:
+                    branch = f"branch {info[0]} of cond" + (f" at {info[2]}" if info[2] else "")
                 if runs is not None and outer is not None:
                     # Exact: the branch ran `runs` times before, once now (a loss if it never ran).
                     saved, upper = flops * (runs - 1) * outer, False
@@ -497,16 +501,16 @@ class Licm:
                 dtype=str(v.aval.dtype), bytes=aval_bytes(v.aval), flops_per_iteration=int(flops),
                 trip_count=trips, flops_saved=saved, loop=loop.describe(), via=via,
                 primitives=prims, upper_bound=upper,
-                stack=compat.source_stack(main) if main is not None else ()))
+                stack=compat.source_stack(main) if main is not None else (), branch=branch))
 
-    def _branch_runs_of(self, hoisted, prod, v) -> int | None:
-        """How often the one cond branch that ``v`` was speculated out of ran, if known."""
+    def _branch_of(self, hoisted, prod, v) -> tuple | None:
+        """``(branch index, runs or None, cond source)`` of the one cond branch ``v`` was speculated out of."""
         infos = {self.branch_of[id(hoisted[k])][1:] for k in _ancestors(hoisted, prod, prod[v])
                  if id(hoisted[k]) in self.branch_of}
         if len(infos) != 1:
             return None
-        _cond, _branch, runs = next(iter(infos))
-        return runs
+        _cond, branch, runs, src = next(iter(infos))
+        return branch, runs, src
 
 
 def carry_closure(read: set, carry_pairs: Sequence) -> set:

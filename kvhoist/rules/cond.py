@@ -44,7 +44,7 @@ class CondRule:
             outer_of = {v: o for v, o, m in zip(b.invars, ops, opmask) if m}
             p, sub = clone_eqns(x.hoisted, outer_of)
             runs = None if known_runs is None else known_runs[1].get(j)
-            branch_of.update({id(q): (q, id(eqn), j, runs) for q in p})
+            branch_of.update({id(q): (q, id(eqn), j, runs, compat.source_line(eqn)) for q in p})
             pre.extend(p)
             outer_new.append([sub[v] for v in x.crossing])
         new_branches = []
