@@ -1,7 +1,7 @@
 """Per-call dispatch benchmark: what a wrapper costs per call on top of ``jax.jit`` when the step
 itself does almost nothing.
 
-Three variants of one step function ``step(params, context, x)`` are timed in ONE process,
+Three variants of a step function (``step(params, context, x)`` below) are timed in ONE process,
 interleaved (the order rotates every repeat) after warm-up calls (compilation):
 
 * ``jit``: ``jax.jit(step)``;
@@ -15,11 +15,17 @@ pass every leaf to its step) and does one tiny invariant computation on ``contex
 mode caches). Its compute is negligible next to the dispatch: the numbers are the per-call cost of
 flattening the arguments, checking them, and launching one executable.
 
-Two argument sets:
+Argument sets (workloads):
 
-* ``pytree16``: a dict of 16 small arrays;
-* ``nnx555``: a wan_ref ``WanModel`` (flax NNX; the tiny-t2v config with 20 unscanned layers) of 555
-  leaves. Flattening an NNX module is Python work in flax, so every variant pays it.
+* ``pytree16``: ``params`` a dict of 16 small arrays;
+* ``nnx555``: ``params`` a wan_ref ``WanModel`` (flax NNX; the tiny-t2v config with 20 unscanned
+  layers) of 555 leaves. Flattening an NNX module is Python work in flax (~4 ms here), and every
+  variant pays it once per call;
+* ``wan_step``: not the synthetic step but ``wan_ref.sample.one_step(plan, expert, shared, latents,
+  state)`` on that model, with the arguments of a real ``sample(..., loop="python")`` step (tiny
+  shapes, CFG): ``jax.jit(one_step, static_argnames=("plan",))`` vs the two kvhoist forms (host-loop
+  with ``invariant_argnames=("expert", "shared")``, as in docs/host_loop.md). Its compute is included,
+  so host-loop mode also gains what it hoists (the text embedding and cross-attention K/V).
 
 Per repeat and variant, ``calls`` calls run back to back (outputs are not chained: dispatch is
 asynchronous, so this is dispatch throughput) and the last output is waited for; the per-call time is
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -65,12 +72,12 @@ def _step(params: Any, context: jax.Array, x: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One argument set for :func:`run_dispatch_benchmark`."""
+    """One argument set for :func:`run_dispatch_benchmark`: ``setup() -> (variants, args)``."""
 
     name: str
     description: str
-    calls: int                     # calls per timed batch
-    build: Callable[[], Any]       # -> params
+    calls: int                                          # calls per timed batch
+    setup: Callable[[], tuple[dict[str, Callable], tuple]]
 
 
 def _pytree16() -> dict:
@@ -78,18 +85,66 @@ def _pytree16() -> dict:
     return {f"w{i:02d}": jnp.asarray(rng.standard_normal((8, 8)).astype(np.float32)) for i in range(16)}
 
 
-def _nnx555() -> Any:
+def _wan_model(layers: int = 20) -> Any:
+    """The tiny-t2v WanModel with ``layers`` unscanned layers (20: 555 leaves)."""
     from flax import nnx
 
     from wan_ref import WanModel, get_preset
 
-    config = dataclasses.replace(get_preset("tiny-t2v").config, num_layers=20, scan_layers=False)
+    config = dataclasses.replace(get_preset("tiny-t2v").config, num_layers=layers, scan_layers=False)
     return WanModel(config, rngs=nnx.Rngs(0))
 
 
+def _step_variants() -> dict[str, Callable]:
+    import kvhoist
+
+    return {
+        "jit": jax.jit(_step),
+        "hoisted": kvhoist.hoist_invariants(_step),
+        "host": kvhoist.hoist_invariants(_step, invariant_argnums=(0, 1)),
+    }
+
+
+def _step_setup(build: Callable[[], Any]) -> Callable[[], tuple[dict, tuple]]:
+    def setup():
+        return _step_variants(), (build(), jnp.ones((8, 16), jnp.float32), jnp.ones((4,), jnp.float32))
+    return setup
+
+
+def _wan_step_setup() -> tuple[dict, tuple]:
+    """wan_ref's Python-loop step ``one_step(plan, expert, shared, latents, state)`` on the 555-leaf
+    model: the arguments of the first step of a real ``sample`` call (tiny shapes, CFG)."""
+    import kvhoist
+    from wan_ref.sample import one_step, sample
+
+    model = _wan_model()
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.standard_normal((1, 4, 2, 4, 4)).astype(np.float32))
+    text = [jnp.asarray(rng.standard_normal((1, 8, model.config.text_dim)).astype(np.float32)) for _ in range(2)]
+    jit_step = jax.jit(one_step, static_argnames=("plan",))
+    seen: list = []
+
+    def spy(*args):
+        seen.append(args)
+        return jit_step(*args)
+
+    sample(model, latents, *text, num_inference_steps=2, loop="python", step_fn=spy)
+    variants = {
+        "jit": jit_step,
+        "hoisted": kvhoist.hoist_invariants(one_step, static_argnames=("plan",)),
+        "host": kvhoist.hoist_invariants(one_step, static_argnames=("plan",),
+                                         invariant_argnames=("expert", "shared")),
+    }
+    return variants, seen[0]
+
+
 WORKLOADS: dict[str, Workload] = {
-    "pytree16": Workload("pytree16", "dict of 16 arrays (8x8 f32)", 400, _pytree16),
-    "nnx555": Workload("nnx555", "wan_ref WanModel (flax NNX), tiny-t2v with 20 unscanned layers", 40, _nnx555),
+    "pytree16": Workload("pytree16", "dict of 16 arrays (8x8 f32); step reads each leaf x-dependently", 400,
+                         _step_setup(_pytree16)),
+    "nnx555": Workload("nnx555", "wan_ref WanModel (flax NNX), tiny-t2v with 20 unscanned layers; step reads "
+                       "each leaf x-dependently", 40, _step_setup(_wan_model)),
+    "wan_step": Workload("wan_step", "wan_ref.sample.one_step (CFG, 8 latent tokens) on that 555-leaf model: "
+                         "a real step, its compute included", 20, _wan_step_setup),
 }
 
 
@@ -106,23 +161,13 @@ def _load() -> list | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def _variants() -> dict[str, Callable]:
-    import kvhoist
-
-    return {
-        "jit": jax.jit(_step),
-        "hoisted": kvhoist.hoist_invariants(_step),
-        "host": kvhoist.hoist_invariants(_step, invariant_argnums=(0, 1)),
-    }
-
-
 def _summary(values: list[float]) -> dict:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "q1": q[0], "q3": q[2]}
 
 
-def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), *, repeats: int = 15,
+def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555", "wan_step"), *, repeats: int = 15,
                            calls_scale: float = 1.0, path: str | os.PathLike | None = None) -> dict:
     """Times per-call dispatch of ``jax.jit`` / ``hoist_invariants`` / host-loop mode.
 
@@ -133,7 +178,8 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), 
       path: if given, the result is written there as JSON.
     Returns:
       A JSON-ready dict: ``machine``, ``load_average`` (start, end), ``repeats`` and per workload
-      ``leaves``, ``calls`` and, per variant, ``cpu_us`` / ``thread_us`` / ``wall_us`` summaries
+      ``leaves``, ``calls``, ``failed`` (variant -> error, for a form that could not run the step) and,
+      per variant that ran, ``cpu_us`` / ``thread_us`` / ``wall_us`` summaries
       (``median``, ``min``, ``max``, ``q1``, ``q3``: microseconds per call) and the raw lists
       (``all_cpu_us``, ...); plus ``overhead_us``: per variant and measure, the summary of the paired
       per-call differences from ``jit`` (variant minus jit in the same repeat).
@@ -148,16 +194,20 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), 
     t_start = time.perf_counter()
     for wname in workloads:
         w = WORKLOADS[wname]
-        params = w.build()
-        context = jnp.ones((8, 16), jnp.float32)
-        x = jnp.ones((4,), jnp.float32)
-        fns = _variants()
-        ref = np.asarray(fns["jit"](params, context, x))
-        for name, fn in fns.items():  # warm-up: compile, fill the host cache, check the numbers
-            for _ in range(3):
-                out = fn(params, context, x)
-            np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{wname}/{name} differs from jax.jit")
+        fns, args = w.setup()
+        ref = jax.tree_util.tree_leaves(fns["jit"](*args))
+        failed = {}
+        for name, fn in list(fns.items()):  # warm-up: compile, fill the host cache, check the numbers
+            try:
+                for _ in range(3):
+                    out = fn(*args)
+            except Exception as err:  # e.g. a kvhoist form that cannot run this step yet: report it
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                del fns[name]
+                continue
+            for a, b in zip(jax.tree_util.tree_leaves(out), ref, strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{wname}/{name} differs from jax.jit")
         calls = max(1, int(w.calls * calls_scale))
         cpu: dict = {k: [] for k in fns}
         thread: dict = {k: [] for k in fns}
@@ -166,20 +216,21 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555"), 
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 fn = fns[name]
+                gc.collect()  # start every batch from the same collector state (NNX flattening allocates)
                 c0, h0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
                 for _ in range(calls):
-                    out = fn(params, context, x)
+                    out = fn(*args)
                 h1 = time.thread_time()
                 jax.block_until_ready(out)
                 t1, c1 = time.perf_counter(), time.process_time()
                 cpu[name].append((c1 - c0) / calls * 1e6)
                 thread[name].append((h1 - h0) / calls * 1e6)
                 wall[name].append((t1 - t0) / calls * 1e6)
-        entry = {"description": w.description, "leaves": len(jax.tree_util.tree_leaves(params)),
+        entry = {"description": w.description, "leaves": len(jax.tree_util.tree_leaves(args)),
                  "calls": calls, "cpu_us": {k: _summary(v) for k, v in cpu.items()},
                  "thread_us": {k: _summary(v) for k, v in thread.items()},
                  "wall_us": {k: _summary(v) for k, v in wall.items()},
-                 "all_cpu_us": cpu, "all_thread_us": thread, "all_wall_us": wall}
+                 "all_cpu_us": cpu, "all_thread_us": thread, "all_wall_us": wall, "failed": failed}
         host = fns["host"]
         if hasattr(host, "cache_info"):
             entry["host_cache_info"] = host.cache_info()._asdict()
@@ -214,12 +265,14 @@ def markdown_table(result: dict) -> str:
             diff = " |  | " if over is None else " | ".join(cell(over[m], "+") for m in ("cpu", "thread", "wall"))
             lines.append(f"| {wname} | {e['leaves']} | {k} | {cell(e['cpu_us'][k])} | {cell(e['thread_us'][k])} "
                          f"| {cell(e['wall_us'][k])} | {diff} |")
+        for k, why in e.get("failed", {}).items():
+            lines.append(f"| {wname} | {e['leaves']} | {k} | failed: {why.replace('|', '/')} | | | | | |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvhoist.bench_dispatch", description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", nargs="+", default=["pytree16", "nnx555"], choices=sorted(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=["pytree16", "nnx555", "wan_step"], choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calls-scale", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="write the JSON result here")

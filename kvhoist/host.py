@@ -75,9 +75,7 @@ __all__ = ["HostHoistedFunction", "PreparedStep", "CacheInfo", "StaleHandleError
 
 _STATIC, _INVARIANT, _VARYING = "static", "invariant", "varying"
 _tree_flatten = jax.tree_util.tree_flatten
-# What jax.jit keys its traces on (x64, default device, ...); older compat modules lack it: x64 only.
-_trace_context: Callable[[], Any] = getattr(compat, "trace_context", None) or (
-    lambda: (bool(jax.config.jax_enable_x64),))
+_trace_context = compat.trace_context  # what jax.jit keys its traces on (x64, default device, ...)
 
 
 class StaleHandleError(KvhoistError):
