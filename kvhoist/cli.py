@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-summary", action="store_true", help="print only the diff")
 
     p = sub.add_parser("report", help="what was hoisted, what it costs and saves", formatter_class=fmt,
-                       description="The hoisting report: each hoisted value, where it came from, bytes, FLOPs saved "
-                                   "per step and per run, share of the program's FLOPs; skipped candidates with "
-                                   "reasons.", epilog=_EXAMPLES["report"])
+                       description="The hoisting report: one row per hoisted value with the columns value, shape, "
+                                   "dtype, bytes, FLOPs/iteration, FLOPs saved/run, share of run, loop, via, branch, "
+                                   "source (explained in docs/user_guide.md, 'Report columns'); skipped candidates "
+                                   "with reasons; totals.", epilog=_EXAMPLES["report"])
     _add_spec_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -145,36 +146,22 @@ def _use_color(flag: bool | None, stream: Any) -> bool:
 _KV_SCOPE = re.compile(r"(attn2/(to_k|to_v|add_k_proj|add_v_proj))(/|$)")
 
 
-def kv_projection_flops(closed: Any) -> int:
+def kv_projection_flops(closed: Any) -> Any:
     """FLOPs of the cross-attention K/V projections (``attn2/to_k|to_v|add_k_proj|add_v_proj`` matmuls)
-    in one run of a program, scan trip counts multiplied (a ``cond`` counts its costliest branch)."""
+    in one run of a program, counted as the program's totals are (:func:`kvhoist.analysis.cost.jaxpr_flops_run`:
+    scan trip counts multiplied, a ``cond`` its costliest branch, a ``while`` body per iteration in
+    ``.per_iteration``)."""
     from kvhoist import compat
     from kvhoist.analysis import cost
 
-    def walk(j: Any) -> int:
-        total = 0
-        for e in compat.split_closed(j)[4]:
-            name = e.primitive.name
-            if name == "dot_general" and _KV_SCOPE.search(compat.name_stack(e)):
-                total += cost.eqn_flops(e)
-            subs = compat.subjaxprs_of(e)
-            if not subs:
-                continue
-            if name == "scan":
-                total += int(e.params["length"]) * walk(subs[0])
-            elif name == "cond":
-                total += max(walk(s) for s in subs)
-            elif name == "while":
-                total += sum(walk(s) for s in subs)
-            else:
-                total += walk(subs[0])
-        return total
+    def kv(e: Any) -> int:
+        return cost.eqn_flops(e) if e.primitive.name == "dot_general" and _KV_SCOPE.search(compat.name_stack(e)) else 0
 
-    return walk(closed)
+    return cost.jaxpr_flops_run(closed, kv)
 
 
-def _pct(x: float | None) -> str:
-    return "?" if x is None else f"{100 * x:.3f}%"
+def _ratio(part: int | None, whole: int | None) -> float | None:
+    return part / whole if (part is not None and whole) else None
 
 
 # -- commands ---------------------------------------------------------------------------------------------
@@ -207,30 +194,55 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def report_dict(prog: Any, before: Any, after: Any, report: Any) -> dict:
-    """The ``report`` command's data: the :class:`~kvhoist.Report` plus per-step and share figures."""
+    """The ``report`` command's data: :meth:`~kvhoist.Report.to_dict` plus each value's ``share_of_run``
+    (the 'share of run' column), the program's step count and the K/V projections' share of its FLOPs."""
     from kvhoist.diff import step_loop
 
     loop = step_loop(before)
     steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
-    total = report.total_flops_before or 0
+    total = report.total_flops_before
     kv = kv_projection_flops(before)
     d = report.to_dict()
     for row in d["hoisted"]:
-        saved = row["flops_saved"]
-        row["flops_saved_per_step"] = None if (saved is None or not steps) else saved / steps
-        row["share_of_total_flops"] = None if (saved is None or not total) else saved / total
+        row["share_of_run"] = _ratio(row["flops_saved"], total)
     d["program"] = {"spec": prog.name, "description": prog.description, "real_size": prog.real_size,
                     "steps": steps}
-    d["totals"]["kv_projection_flops"] = kv
-    d["totals"]["kv_projection_share"] = kv / total if total else None
+    d["totals"]["kv_projection_flops"] = int(kv)
+    d["totals"]["kv_projection_share"] = _ratio(int(kv), total)
+    d["totals"]["kv_projection_flops_per_unknown_iteration"] = kv.per_iteration
+    d["totals"]["kv_projection_share_of_unknown_iteration"] = _ratio(kv.per_iteration,
+                                                                     report.unknown_trip_flops_before)
     return d
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.3f}%"
+
+
+def totals_lines(d: dict) -> list[str]:
+    """The totals under ``kvhoist report``'s table: FLOPs per run before/after (and per iteration of loops
+    with an unknown trip count, counted apart), then the one-line summary."""
+    from kvhoist.report import human_flops
+
+    t, steps = d["totals"], d["program"]["steps"]
+    before, after = t["total_flops_before"], t["total_flops_after"]
+    line = f"program: {human_flops(before)} FLOPs per run before, {human_flops(after)} after"
+    if steps:
+        line += f" ({steps} steps, {human_flops((before or 0) / steps)} per step before)"
+    out = [line]
+    ib, ia = t["unknown_trip_flops_before"], t["unknown_trip_flops_after"]
+    if ib or ia:
+        out.append(f"         {human_flops(ib)} FLOPs per iteration of loops with an unknown trip count (while) "
+                   f"before, {human_flops(ia)} after (counted per iteration, apart from the per-run figures: "
+                   f"hoisted work runs once, in front of the loop)")
+    return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``kvhoist report``: the hoisting report as tables (``--json``: :func:`report_dict`)."""
     import json
 
-    from kvhoist.report import _fmt_rows, human_bytes, human_flops
+    from kvhoist.report import COLUMNS_DOC
 
     prog = _program(args)
     before, after, report = prog.optimize()
@@ -238,35 +250,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0
-    steps = d["program"]["steps"]
-    rows = [("value", "from", "shape", "dtype", "bytes", "FLOPs saved/step", "FLOPs saved/run", "share", "via",
-             "loop")]
-    for h in d["hoisted"]:
-        rows.append((h["name"], h["source"], "x".join(map(str, h["shape"])) or "()", h["dtype"],
-                     human_bytes(h["bytes"]), human_flops(h["flops_saved_per_step"]), human_flops(h["flops_saved"]),
-                     _pct(h["share_of_total_flops"]), "+".join(h["via"]), h["loop"]))
     t = d["totals"]
-    out = [prog.description, "", _fmt_rows(rows) if d["hoisted"] else "nothing was hoisted"]
-    if d["skipped"]:
-        out += ["", "skipped:"] + [f"  {s['name']} ({s['source']}): {s['reason']}" for s in d["skipped"]]
-    if d["notes"]:
-        out += [""] + [f"[{n['kind']}] {n['message']}" for n in d["notes"]]
-    out += ["", f"program: {human_flops(t['total_flops_before'])} FLOPs per run before, "
-                f"{human_flops(t['total_flops_after'])} after"
-                + (f" ({steps} steps, {human_flops((t['total_flops_before'] or 0) / steps)} per step before)"
-                   if steps else ""),
-            f"hoisted: {len(d['hoisted'])} value(s), cache {human_bytes(t['cache_bytes'])} held across the loop, "
-            f"saves {human_flops(t['flops_saved'])} FLOPs per run = {_pct(t['flops_saved_fraction'])} of the total"]
-    if t["kv_projection_flops"]:
-        out.append(f"K/V projections are {_pct(t['kv_projection_share'])} of this sampler's FLOPs; "
-                   f"hoisting saves at most that (plus the context embedders it also moved).")
+    out = [prog.description, "", report.hoisted_table()]
+    if report.hoisted:
+        out.append(f"(columns: {COLUMNS_DOC})")
+    details = report.detail_lines()
+    if details:
+        out += [""] + details
+    out += [""] + totals_lines(d) + ["hoisted: " + report.summary().removeprefix("hoisted ")]
+    if t["kv_projection_flops"] or t["kv_projection_flops_per_unknown_iteration"]:
+        shares = []
+        if t["kv_projection_flops"]:
+            shares.append(f"{_pct(t['kv_projection_share'])} of this sampler's FLOPs per run")
+        if t["kv_projection_flops_per_unknown_iteration"]:
+            shares.append(f"{_pct(t['kv_projection_share_of_unknown_iteration'])} of each iteration of its while "
+                          "loop(s)")
+        out.append(f"K/V projections are {' and '.join(shares)}; hoisting saves at most that (plus the context "
+                   f"embedders it also moved).")
     if any(h.get("upper_bound") for h in d["hoisted"]):
         out.append("Values speculated out of a cond (two experts) are counted as if their branch ran every step: "
                    "their 'saved' figures are upper bounds; each step runs one branch.")
     elif any("speculation" in h["via"] for h in d["hoisted"]):
-        out.append("Values speculated out of a cond (two experts): 'saved' counts each branch's own runs, "
-                   "replayed from the static schedule (see the [speculation] note); a branch that runs once "
-                   "saves nothing.")
+        out.append("Values speculated out of a cond (two experts, see 'branch'): 'FLOPs saved/run' counts each "
+                   "branch's own runs, replayed from the static schedule (see the [speculation] note); a branch "
+                   "that runs once saves nothing per run, though its FLOPs/iteration left the loop.")
     if prog.real_size:
         out.append("These are real-size numbers: at full resolution self-attention and the FFN dominate, so the "
                    "gain from hoisting is small; the cache costs memory.")

@@ -34,7 +34,8 @@ from typing import Any, Iterator, Sequence
 from kvhoist import compat
 from kvhoist.analysis import cost
 from kvhoist.ir import is_var
-from kvhoist.report import Report, human_bytes, human_flops
+from kvhoist.report import (COLUMN_NAMES, COLUMNS, COLUMNS_DOC, Report, _fmt_rows, hoisted_rows, human_bytes,
+                             human_flops)
 
 LOOPS = ("scan", "while")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call",
@@ -366,27 +367,48 @@ def _loops(j: Any) -> list[Any]:
     return found
 
 
-def step_loop(j: Any) -> Any | None:
-    """The outermost loop doing the most work: the sampler's step loop."""
+def step_loop(j: Any, like: Any | None = None) -> Any | None:
+    """The sampler's step loop among the outermost loops of a program.
+
+    A step loop carries state from one iteration to the next, so loops without a carry (a scan that
+    fission put in front of the step loop to compute every layer's K/V is a map) are passed over when a
+    carrying loop exists. A ``while`` is preferred next: its trip count is unknown, so its FLOPs per run
+    cannot be compared with a scan's, and a ``while`` at the top level of a sampler or decoder is its
+    step loop. Otherwise the scan doing the most work per run wins. With ``like`` (the step loop of the
+    program before a rewrite) the outermost loop of the same kind from the same source line is taken
+    when there is one, so before and after are compared on the same loop.
+    """
     loops = _loops(j)
-    return max(loops, key=cost.eqn_flops) if loops else None
+    if not loops:
+        return None
+    if like is not None:
+        same = [e for e in loops if e.primitive.name == like.primitive.name
+                and compat.source_line(e) == compat.source_line(like)]
+        if same:
+            loops = same
+    return max(loops, key=lambda e: (_carries(e), e.primitive.name == "while", cost.eqn_flops(e)))
+
+
+def _carries(loop: Any) -> bool:
+    return loop.primitive.name == "while" or int(loop.params.get("num_carry", 0)) > 0
 
 
 def _body(loop: Any) -> Any:
     return loop.params["jaxpr"] if loop.primitive.name == "scan" else loop.params["body_jaxpr"]
 
 
-def dots_per_step(j: Any) -> int | None:
-    """``dot_general`` executions in one iteration of the step loop (inner scans multiplied)."""
-    loop = step_loop(j)
+def dots_per_step(j: Any, like: Any | None = None) -> int | None:
+    """``dot_general`` executions in one iteration of the step loop (inner scans multiplied);
+    ``like`` as in :func:`step_loop`."""
+    loop = step_loop(j, like)
     if loop is None:
         return None
     return cost.count_primitives(_body(loop), "dot_general", multiply_trips=True)
 
 
-def flops_per_step(j: Any) -> int | None:
+def flops_per_step(j: Any, like: Any | None = None) -> int | None:
     """FLOPs of one iteration of the step loop (:func:`step_loop`), or None without a loop."""
-    loop = step_loop(j)
+    loop = step_loop(j, like)
     return None if loop is None else cost.jaxpr_flops(_body(loop))
 
 
@@ -395,23 +417,27 @@ def count_eqns(j: Any) -> int:
     return sum(1 for _ in _walk(j))
 
 
-def group_hoisted(hoisted: Sequence[Any]) -> list[dict]:
-    """Hoisted values grouped by name with layer numbers replaced by ``#`` (``blocks/#/attn2/to_k``).
+def group_hoisted(hoisted: Sequence[Any]) -> list[Any]:
+    """Hoisted values grouped by name with layer numbers replaced by ``#`` (``blocks/#/attn2/to_k``) and by
+    branch (two experts' K/V stay apart).
 
-    Returns dicts with ``name, count, shape, dtype, bytes, flops_saved, via, source`` (bytes and
-    FLOPs summed over the group; ``flops_saved`` None when any member's is unknown).
+    Returns :class:`~kvhoist.report.HoistedValue` s named ``'blocks/#/attn2/to_k ×40'`` for groups of more
+    than one, bytes and FLOPs summed over the group (``flops_saved`` None when any member's is unknown),
+    so they render with the same columns as everything else (:func:`kvhoist.report.hoisted_rows`).
     """
     groups: dict = {}
     for h in hoisted:
         name = re.sub(r"(^|/)\d+(?=/|$)", r"\1#", h.name)
-        g = groups.setdefault(name, {"name": name, "count": 0, "shape": "x".join(map(str, h.shape)) or "()",
-                                     "dtype": h.dtype, "bytes": 0, "flops_saved": 0, "via": "+".join(h.via),
-                                     "source": h.source})
-        g["count"] += 1
-        g["bytes"] += h.bytes
-        g["flops_saved"] = None if (g["flops_saved"] is None or h.flops_saved is None) \
-            else g["flops_saved"] + h.flops_saved
-    return list(groups.values())
+        key = (name, h.branch, h.loop)
+        if key not in groups:
+            groups[key] = [dataclasses.replace(h, name=name), 1]
+            continue
+        g, n = groups[key]
+        saved = None if (g.flops_saved is None or h.flops_saved is None) else g.flops_saved + h.flops_saved
+        groups[key] = [dataclasses.replace(g, bytes=g.bytes + h.bytes, flops_saved=saved,
+                                           flops_per_iteration=g.flops_per_iteration + h.flops_per_iteration,
+                                           upper_bound=g.upper_bound or h.upper_bound), n + 1]
+    return [dataclasses.replace(g, name=f"{g.name} ×{n}") if n > 1 else g for g, n in groups.values()]
 
 
 class JaxprDiff:
@@ -447,11 +473,17 @@ class JaxprDiff:
         rows = [("equations (all levels)", f"{count_eqns(b):,}", f"{count_eqns(a):,}"),
                 ("dot_general equations", f"{cost.count_primitives(b, 'dot_general'):,}",
                  f"{cost.count_primitives(a, 'dot_general'):,}")]
-        db, da = dots_per_step(b), dots_per_step(a)
+        loop = step_loop(b)
+        db, da = dots_per_step(b), dots_per_step(a, like=loop)
         if db is not None:
             rows.append(("dots per step", f"{db:,}", f"{da:,}" if da is not None else "?"))
-            rows.append(("FLOPs per step", human_flops(flops_per_step(b)), human_flops(flops_per_step(a))))
-        rows.append(("FLOPs per run", human_flops(cost.jaxpr_flops_run(b)), human_flops(cost.jaxpr_flops_run(a))))
+            rows.append(("FLOPs per step", human_flops(flops_per_step(b)),
+                         human_flops(flops_per_step(a, like=loop))))
+        rb, ra = cost.jaxpr_flops_run(b), cost.jaxpr_flops_run(a)
+        rows.append(("FLOPs per run", human_flops(rb), human_flops(ra)))
+        if rb.per_iteration or ra.per_iteration:
+            rows.append(("FLOPs per iteration of while loops", human_flops(rb.per_iteration),
+                         human_flops(ra.per_iteration)))
         rows.append(("equations moved out of a loop", "", f"{self.hoisted_count:,}"))
         if self.report is not None:
             cache = human_bytes(self.report.cache_bytes)
@@ -467,12 +499,11 @@ class JaxprDiff:
         if self.report is not None and self.report.hoisted:
             out.append("hoisted:")
             groups = group_hoisted(self.report.hoisted)
-            for g in groups[:max_values]:
-                name = g["name"] + (f" ×{g['count']}" if g["count"] > 1 else "")
-                out.append(f"  {name:<38} {g['shape']:<20} {g['dtype']:<9} {human_bytes(g['bytes']):>10}  "
-                           f"saves {human_flops(g['flops_saved'])} FLOPs  via {g['via']}  {g['source']}")
+            rows = [COLUMN_NAMES] + hoisted_rows(groups[:max_values], self.report.total_flops_before)
+            out += ["  " + line for line in _fmt_rows(rows).splitlines()]
             if len(groups) > max_values:
                 out.append(f"  ... {len(groups) - max_values} more (kvhoist report lists all)")
+            out.append(f"  (columns: {COLUMNS_DOC})")
         return "\n".join(out)
 
     # -- unified -----------------------------------------------------------------------------------
@@ -559,7 +590,7 @@ class JaxprDiff:
                 rows.append(self._row(x, y, "same" if tag == "equal" else "changed"))
         summary = "".join(f"<tr><th>{esc(a)}</th><td>{esc(b)}</td><td>{esc(c)}</td></tr>"
                           for a, b, c in [("", "before", "after")] + self.summary_rows())
-        report = f"<pre class=\"report\">{esc(self.report.table())}</pre>" if self.report is not None else ""
+        report = _report_html(self.report) if self.report is not None else ""
         return _HTML.format(title=esc(title), description=esc(description), summary=summary, report=report,
                             rows="\n".join(rows), moved=self.moved_count, hoisted=self.hoisted_count)
 
@@ -579,6 +610,30 @@ class JaxprDiff:
         return f"<tr>{td(x, 'before')}{td(y, 'after')}</tr>"
 
 
+def _report_html(report: Report) -> str:
+    """The report on the HTML page: the hoisted values as a table with the shared columns (each header's
+    meaning as its tooltip), skipped candidates and notes, the one-line summary, and where the columns are
+    documented."""
+    esc = _html.escape
+    meaning = dict(COLUMNS)
+    parts = ['<h2>hoisted values</h2>']
+    if report.hoisted:
+        header, *rows = report.rows()
+        parts.append('<table class="report"><tr>' + "".join(f'<th title="{esc(meaning[c])}">{esc(c)}</th>'
+                                                             for c in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    else:
+        parts.append("<p>nothing was hoisted</p>")
+    details = report.detail_lines()
+    if details:
+        parts.append(f'<pre class="report">{esc(chr(10).join(details))}</pre>')
+    parts.append(f'<p class="summary">{esc(report.summary())}</p>')
+    parts.append(f'<p class="columns">Columns are explained in <a href="{esc(COLUMNS_DOC)}">{esc(COLUMNS_DOC)}</a> '
+                 f'(hover a header for its meaning).</p>')
+    return "\n".join(parts)
+
+
 _HTML = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -592,6 +647,8 @@ td.moved.hoisted {{ background: #ffe07a; font-weight: bold; }}
 td.fold pre {{ color: #666; font-style: italic; }}
 table.summary td, table.summary th {{ padding: 2px 10px; text-align: right; }}
 table.summary th {{ text-align: left; }}
+table.report {{ border-collapse: collapse; font-size: 12px; }}
+table.report td, table.report th {{ padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }}
 .legend span {{ padding: 2px 6px; margin-right: 8px; }}
 </style></head><body>
 <h1>{title}</h1>

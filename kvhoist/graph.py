@@ -2,7 +2,9 @@
 
 Nodes are the equations that arrived in front of a loop (found as in :func:`kvhoist.diff.moved_marks`),
 the program inputs they read (weights, text embeddings) and the loop that consumes their results.
-A loop created by fission (a scan of only hoisted work) is one node. Matmuls are highlighted.
+A loop created by fission (a scan of only hoisted work) is one node. Matmuls are highlighted. A value
+that only one branch of a ``cond`` reads (Wan 2.2's two experts) is labelled with that branch, in the words
+of :attr:`kvhoist.report.HoistedValue.branch` (``branch 1 of cond at sample.py:144``).
 
 Example:
     >>> g = hoisted_graph(before, after)
@@ -47,11 +49,55 @@ def _label(e: Any, hoisted: bool = True) -> str:
     return "\\n".join(x for x in (name, scope, outs, compat.source_line(e)) if x)
 
 
+def _inner_invars(e: Any) -> list[tuple[Any, list]]:
+    """``(sub-jaxpr, the sub-jaxpr variable each operand of e becomes — or None)`` per sub-jaxpr of ``e``."""
+    name, ins = e.primitive.name, list(e.invars)
+    if name == "cond":
+        return [(b, [None] + list(compat.split_closed(b)[2])) for b in e.params["branches"]]
+    if name == "while":
+        cn, bn = e.params["cond_nconsts"], e.params["body_nconsts"]
+        cj, bj = e.params["cond_jaxpr"], e.params["body_jaxpr"]
+        civ, biv = list(compat.split_closed(cj)[2]), list(compat.split_closed(bj)[2])
+        carry = len(ins) - cn - bn
+        return [(cj, civ[:cn] + [None] * bn + civ[cn:cn + carry]), (bj, [None] * cn + biv)]
+    out = []
+    for s in compat.subjaxprs_of(e):
+        iv = list(compat.split_closed(s)[2])
+        out.append((s, iv if len(iv) == len(ins) else [None] * len(ins)))
+    return out
+
+
+def _uses(j: Any, v: Any) -> bool:
+    _cv, _c, _iv, outvars, eqns = compat.split_closed(j)
+    return any(a is v for e in eqns for a in e.invars) or any(a is v for a in outvars)
+
+
+def branches_reading(j: Any, v: Any) -> set[str]:
+    """``'branch i of cond at file.py:line'`` for every cond branch (looking into loops and calls) that
+    reads ``v``, a variable of ``j``: which expert a hoisted value belongs to."""
+    found: set = set()
+    for e in compat.split_closed(j)[4]:
+        if not any(a is v for a in e.invars):
+            continue
+        for k, (sub, inner) in enumerate(_inner_invars(e)):
+            for a, w in zip(e.invars, inner):
+                if a is not v or w is None:
+                    continue
+                if e.primitive.name == "cond":
+                    if _uses(sub, w):
+                        src = compat.source_line(e)
+                        found.add(f"branch {k} of cond" + (f" at {src}" if src else ""))
+                else:
+                    found |= branches_reading(sub, w)
+    return found
+
+
 def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
     """A DiGraph of the hoisted equations, their inputs and their consumers.
 
     Node attributes: ``label`` (text), ``kind`` (``'hoisted'``, ``'matmul'``, ``'input'``,
-    ``'consumer'``).
+    ``'consumer'``), ``branch`` (hoisted nodes read by one cond branch only: ``'branch 1 of cond at
+    sample.py:144'``, else ``''``; also the label's last line).
     """
     _mb, marks = moved_marks(before, after)
     g = nx.DiGraph()
@@ -61,13 +107,13 @@ def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
         _cv, _c, invars, _ov, eqns = compat.split_closed(j)
         chosen = [i for i, e in enumerate(eqns) if _hoisted_like(e, marks)]
         if chosen:
-            add_level(eqns, chosen, set(_cv) | set(invars))
+            add_level(j, eqns, chosen, set(_cv) | set(invars))
         for i, e in enumerate(eqns):
             if i not in chosen:
                 for s in compat.subjaxprs_of(e):
                     visit(s)
 
-    def add_level(eqns, chosen, level_inputs) -> None:
+    def add_level(j, eqns, chosen, level_inputs) -> None:
         counter[0] += 1
         lvl = counter[0]
         dg = dependence_graph(eqns)
@@ -76,7 +122,10 @@ def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
         for i in chosen:
             e = eqns[i]
             heavy = any(x.primitive.name in ("dot_general", "conv_general_dilated") for x in _walk_eqn(e))
-            g.add_node(node[i], label=_label(e), kind="matmul" if heavy else "hoisted")
+            readers = set().union(*(branches_reading(j, v) for v in e.outvars if is_var(v)))
+            branch = next(iter(readers)) if len(readers) == 1 else ""
+            label = _label(e) + (f"\\n{branch}" if branch else "")
+            g.add_node(node[i], label=label, kind="matmul" if heavy else "hoisted", branch=branch)
             for a in e.invars:
                 if is_var(a) and a in level_inputs:
                     vid = f"L{lvl}v{id(a)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 
@@ -29,6 +30,74 @@ def human_flops(n: int | float | None) -> str:
             return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
         n /= 1000
     return str(n)
+
+
+def signed(n: int | float | None, unit: str = "FLOPs") -> str:
+    """``+1.20M FLOPs`` / ``-3.0 KiB``: a change in human units (``unit`` is ``'FLOPs'`` or ``'bytes'``)."""
+    if n is None:
+        return "?"
+    text = human_bytes(abs(n)) if unit == "bytes" else f"{human_flops(abs(n))} FLOPs"
+    return ("-" if n < 0 else "+") + text
+
+
+_RAW_UNITS = re.compile(r"([+-]?)\b(\d{4,})( bytes\b| B\b| FLOPs\b)")
+
+
+def humanize_units(text: str) -> str:
+    """Raw integers followed by ``bytes`` / ``FLOPs`` in a message, in human units (``401241867782400 FLOPs``
+    -> ``401.24T FLOPs``). Every renderer passes note and skip messages through it, whoever wrote them."""
+    def one(m: re.Match) -> str:
+        n = int(m.group(2))
+        return m.group(1) + (human_bytes(n) if "FLOPs" not in m.group(3) else f"{human_flops(n)} FLOPs")
+    return _RAW_UNITS.sub(one, text)
+
+
+#: The columns of every table of hoisted values — ``Report.table()``, ``kvhoist report``, the HTML page of
+#: ``kvhoist diff --html`` and its text summary — in order, with what each means. The user guide documents
+#: them once (docs/user_guide.md, "Report columns"); :func:`hoisted_rows` renders them.
+COLUMNS = (
+    ("value", "the jax.named_scope path of the main equation behind the value (its primitive when unnamed)"),
+    ("shape", "shape of the cached array"),
+    ("dtype", "dtype of the cached array"),
+    ("bytes", "size of the cached array, held live across the loop it left"),
+    ("FLOPs/iteration", "work removed from each iteration of the loop it left"),
+    ("FLOPs saved/run", "work removed from one run of the program, enclosing loops counted; "
+                        "'unknown trips' for a while loop (see FLOPs/iteration); '≤' marks an upper bound"),
+    ("share of run", "FLOPs saved/run as a share of the program's FLOPs per run before the rewrite"),
+    ("loop", "the loop it left, e.g. scan(length=30) at sample.py:88"),
+    ("via", "how it got out: licm, plus fission (a nested scan) or speculation (a cond branch)"),
+    ("branch", "for a value speculated out of a cond (Wan 2.2's two experts): which branch, e.g. "
+               "'branch 1 of cond at sample.py:144'; empty otherwise"),
+    ("source", "file.py:line of the user code behind the value"),
+)
+COLUMN_NAMES = tuple(name for name, _meaning in COLUMNS)
+#: Where the columns are explained (printed under the tables).
+COLUMNS_DOC = "docs/user_guide.md#report-columns"
+UNKNOWN_TRIPS = "unknown trips"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.3f}%"
+
+
+def hoisted_rows(hoisted, total_flops_before: int | None = None) -> list[tuple[str, ...]]:
+    """One row of strings per hoisted value, in the order of :data:`COLUMNS` (header not included).
+
+    Args:
+      hoisted: :class:`HoistedValue` s.
+      total_flops_before: the program's FLOPs per run before the rewrite, for the 'share of run' column.
+    """
+    rows = []
+    for h in hoisted:
+        if h.flops_saved is None:
+            saved, share = UNKNOWN_TRIPS, "n/a"
+        else:
+            saved = ("≤" if h.upper_bound else "") + human_flops(h.flops_saved)
+            share = _pct(h.flops_saved / total_flops_before if total_flops_before else None)
+        rows.append((h.name, "x".join(map(str, h.shape)) or "()", h.dtype, human_bytes(h.bytes),
+                     human_flops(h.flops_per_iteration), saved, share, h.loop, "+".join(h.via), h.branch,
+                     h.source))
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +167,13 @@ class Note:
 class Report:
     """Everything a pipeline run did to a program.
 
-    ``total_flops_before`` / ``total_flops_after`` estimate one run of the program (loops counted
-    with their static trip counts), so ``flops_saved_fraction`` is the honest share of work removed.
+    ``total_flops_before`` / ``total_flops_after`` estimate one run of the program, counting loops the
+    same way on both sides (:func:`kvhoist.analysis.cost.jaxpr_flops_run`): work whose number of
+    executions is known (scan trip counts multiplied) per run; work inside loops with an unknown trip
+    count (``while``) per iteration, in :attr:`unknown_trip_flops_before` / :attr:`unknown_trip_flops_after`,
+    never mixed into the per-run figures. So ``flops_saved_fraction`` is the honest share of the per-run
+    work removed, and work hoisted out of a ``while`` lowers the per-iteration figure (and adds one
+    execution of the hoisted work to the per-run figure).
     """
 
     hoisted: list = dataclasses.field(default_factory=list)
@@ -116,6 +190,7 @@ class Report:
 
     @property
     def flops_saved(self) -> int:
+        """FLOPs removed from one run (values that left a loop with a known trip count)."""
         return sum(h.flops_saved or 0 for h in self.hoisted)
 
     @property
@@ -123,6 +198,17 @@ class Report:
         """FLOPs removed from each iteration of loops whose trip count is unknown (``while`` loops):
         work that moved but cannot be totalled per run."""
         return sum(h.flops_per_iteration for h in self.hoisted if h.flops_saved is None)
+
+    @property
+    def unknown_trip_flops_before(self) -> int | None:
+        """FLOPs of one iteration of the loops with an unknown trip count, before the rewrite (0 without
+        such loops; None when the totals were not counted)."""
+        return _per_iteration(self.total_flops_before)
+
+    @property
+    def unknown_trip_flops_after(self) -> int | None:
+        """As :attr:`unknown_trip_flops_before`, after the rewrite."""
+        return _per_iteration(self.total_flops_after)
 
     @property
     def flops_saved_is_upper_bound(self) -> bool:
@@ -153,8 +239,10 @@ class Report:
             "totals": {
                 "cache_bytes": self.cache_bytes,
                 "flops_saved": self.flops_saved,
-                "total_flops_before": self.total_flops_before,
-                "total_flops_after": self.total_flops_after,
+                "total_flops_before": _plain(self.total_flops_before),
+                "total_flops_after": _plain(self.total_flops_after),
+                "unknown_trip_flops_before": self.unknown_trip_flops_before,
+                "unknown_trip_flops_after": self.unknown_trip_flops_after,
                 "flops_saved_fraction": self.flops_saved_fraction,
                 "flops_saved_is_upper_bound": self.flops_saved_is_upper_bound,
                 "flops_saved_per_iteration_unknown_trips": self.flops_saved_per_iteration_unknown_trips,
@@ -166,15 +254,21 @@ class Report:
 
     def summary(self) -> str:
         """One line: values, cache bytes, FLOPs saved per run (and per iteration where a loop's trip count
-        is unknown), skipped candidates and the rewrites used."""
+        is unknown — never '0' when work moved), skipped candidates and the rewrites used."""
         frac = self.flops_saved_fraction
-        share = f" ({100 * frac:.3f}% of the program's FLOPs)" if frac is not None else ""
         bound = "up to " if self.flops_saved_is_upper_bound else ""
         unknown = self.flops_saved_per_iteration_unknown_trips
-        per_iter = (f" + {human_flops(unknown)} FLOPs per iteration of loops with an unknown trip count"
-                    if unknown else "")
-        line = (f"hoisted {len(self.hoisted)} value(s), cache {human_bytes(self.cache_bytes)}, "
-                f"saves {bound}{human_flops(self.flops_saved)} FLOPs per run{share}{per_iter}; "
+        per_iter = ""
+        if unknown:
+            base = self.unknown_trip_flops_before
+            of_iter = f" ({100 * unknown / base:.1f}% of their FLOPs per iteration)" if base else ""
+            per_iter = f"{human_flops(unknown)} FLOPs per iteration of loops with an unknown trip count{of_iter}"
+        saves = ""
+        if self.flops_saved or not unknown:
+            share = f" ({100 * frac:.3f}% of the program's FLOPs)" if frac is not None else ""
+            saves = f"{bound}{human_flops(self.flops_saved)} FLOPs per run{share}"
+        saves = " + ".join(x for x in (saves, per_iter) if x)
+        line = (f"hoisted {len(self.hoisted)} value(s), cache {human_bytes(self.cache_bytes)}, saves {saves}; "
                 f"skipped {len(self.skipped)}")
         kinds: dict = {}
         for n in self.notes:
@@ -183,31 +277,50 @@ class Report:
             line += "; rewrites: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items()))
         return line
 
-    def table(self, max_rows: int | None = None) -> str:
-        rows = [("value", "shape", "dtype", "bytes", "FLOPs/iter", "FLOPs saved", "loop", "via", "source")]
+    def rows(self, max_rows: int | None = None) -> list[tuple[str, ...]]:
+        """The hoisted values as rows of :data:`COLUMNS` (header first), as every renderer shows them."""
         hs = self.hoisted if max_rows is None else self.hoisted[:max_rows]
-        for h in hs:
-            rows.append((h.name, "x".join(map(str, h.shape)) or "()", h.dtype, human_bytes(h.bytes),
-                         human_flops(h.flops_per_iteration),
-                         ("≤" if h.upper_bound else "") + human_flops(h.flops_saved), h.loop,
-                         "+".join(h.via), h.source))
-        out = [_fmt_rows(rows)]
+        return [COLUMN_NAMES] + hoisted_rows(hs, self.total_flops_before)
+
+    def hoisted_table(self, max_rows: int | None = None) -> str:
+        """The hoisted values as a text table (columns: :data:`COLUMNS`)."""
+        if not self.hoisted:
+            return "nothing was hoisted"
+        out = [_fmt_rows(self.rows(max_rows))]
         if max_rows is not None and len(self.hoisted) > max_rows:
             out.append(f"... {len(self.hoisted) - max_rows} more")
+        return "\n".join(out)
+
+    def detail_lines(self) -> list[str]:
+        """Skipped candidates, notes and footnotes, one per line, in human units."""
+        out = []
         if self.skipped:
             out.append("skipped:")
-            for s in self.skipped:
-                out.append(f"  {s.name} ({s.source}): {s.reason}")
-        for n in self.notes:
-            out.append(f"[{n.kind}] {n.message}")
+            out += [f"  {s.name} ({s.source}): {humanize_units(s.reason)}" for s in self.skipped]
+        out += [f"[{n.kind}] {humanize_units(n.message)}" for n in self.notes]
         if self.flops_saved_is_upper_bound:
             out.append("≤: speculated out of a cond branch; counted as if the branch ran every iteration "
                        "(an upper bound: each branch runs only on its own iterations)")
-        out.append(self.summary())
-        return "\n".join(out)
+        if any(h.flops_saved is None for h in self.hoisted):
+            out.append(f"{UNKNOWN_TRIPS}: left a while loop, whose trip count is unknown; its saving is "
+                       "FLOPs/iteration for every iteration but one")
+        return out
+
+    def table(self, max_rows: int | None = None) -> str:
+        """The hoisted values (columns: :data:`COLUMNS`, explained in docs/user_guide.md, "Report columns"),
+        skipped candidates, notes, and :meth:`summary`."""
+        return "\n".join([self.hoisted_table(max_rows)] + self.detail_lines() + [self.summary()])
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _per_iteration(total: int | None) -> int | None:
+    return None if total is None else int(getattr(total, "per_iteration", 0))
+
+
+def _plain(total: int | None) -> int | None:
+    return None if total is None else int(total)
 
 
 def _fmt_rows(rows: list) -> str:

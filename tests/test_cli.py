@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -99,17 +100,90 @@ def test_diff_html_renders_with_moved_highlighted(capsys, tmp_path):
 
 # -- report -----------------------------------------------------------------------------------------
 
+#: The report's columns, in order, as docs/user_guide.md ("Report columns") defines them.
+COLUMNS = ["value", "shape", "dtype", "bytes", "FLOPs/iteration", "FLOPs saved/run", "share of run", "loop", "via",
+           "branch", "source"]
+
+
+def _table_header(out: str) -> list[str]:
+    line = next(l for l in out.splitlines() if l.startswith("value "))
+    return [c.strip() for c in line.split("  ") if c.strip()]
+
+
 def test_report_tiny_table_and_json(capsys):
     rc, out, err = run(capsys, "report", "tiny-t2v")
     assert rc == 0, err
     assert "blocks/attn2/to_k" in out and "blocks/attn2/to_v" in out
-    assert "FLOPs saved/step" in out and "K/V projections are" in out and "hoisting saves at most that" in out
+    assert _table_header(out) == COLUMNS                  # the same columns as Report.table() and the HTML page
+    assert "FLOPs saved/step" not in out and "docs/user_guide.md#report-columns" in out
+    assert "K/V projections are" in out and "hoisting saves at most that" in out
     rc, out, _ = run(capsys, "report", "tiny-t2v", "--json")
     d = json.loads(out)
     names = [h["name"] for h in d["hoisted"]]
     assert any("to_k" in n for n in names) and any("to_v" in n for n in names)
-    assert all("share_of_total_flops" in h and "flops_saved_per_step" in h for h in d["hoisted"])
+    assert all("share_of_run" in h and "branch" in h and "flops_per_iteration" in h for h in d["hoisted"])
     assert 0 < d["totals"]["kv_projection_share"] < 1
+
+
+def test_report_two_experts_rows_carry_their_branch(capsys):
+    rc, out, err = run(capsys, "report", "tiny-t2v-a14b")
+    assert rc == 0, err
+    header = _table_header(out)
+    assert header == COLUMNS
+    rows = [[c.strip() for c in l.split("  ") if c.strip()] for l in out.splitlines()
+            if l.startswith("blocks/attn2/to_k ")]
+    branches = sorted(r[header.index("branch")] for r in rows)
+    assert len(rows) == 2 and branches[0].startswith("branch 0 of cond at sample.py:") \
+        and branches[1].startswith("branch 1 of cond at sample.py:"), out
+    rc, out, _ = run(capsys, "report", "tiny-t2v-a14b", "--json")
+    kv = [h for h in json.loads(out)["hoisted"] if h["name"] == "blocks/attn2/to_k"]
+    assert sorted(h["branch"] for h in kv) == branches
+
+
+def make_while_sampler():
+    """A user SPEC whose step loop is a ``while`` (traced trip count) around a layer scan."""
+    import jax
+    import jax.numpy as jnp
+
+    from test_report import L, T, D, while_sampler
+
+    sd = jax.ShapeDtypeStruct
+    return while_sampler, (sd((2, D), jnp.float32), sd((T, D), jnp.float32), sd((L, D, D), jnp.float32),
+                           sd((L, D, D), jnp.float32), sd((), jnp.int32)), {}
+
+
+def test_report_while_step_loop_per_iteration(capsys):
+    rc, out, err = run(capsys, "report", "test_cli:make_while_sampler")
+    assert rc == 0, err
+    header = _table_header(out)
+    rows = [[c.strip() for c in l.split("  ") if c.strip()] for l in out.splitlines() if l.startswith("blocks/")]
+    assert rows and all(r[header.index("FLOPs saved/run")] == "unknown trips" for r in rows)
+    assert all(r[header.index("FLOPs/iteration")] not in ("0", "?") for r in rows)
+    assert "saves 0" not in out and "FLOPs per iteration of loops with an unknown trip count" in out
+    program = next(l for l in out.splitlines() if l.startswith("program:"))
+    before, after = re.search(r"program: (\S+) FLOPs per run before, (\S+) after", program).groups()
+    assert before != after                               # the hoisted work now runs once per run
+    per_iteration = re.search(r"(\S+) FLOPs per iteration of loops with an unknown trip count \(while\) before, "
+                              r"(\S+) after", out)
+    assert per_iteration and per_iteration.group(1) != per_iteration.group(2)
+    assert "of each iteration of its while loop(s)" in out
+    rc, out, _ = run(capsys, "report", "test_cli:make_while_sampler", "--json")
+    t = json.loads(out)["totals"]
+    assert t["unknown_trip_flops_before"] > t["unknown_trip_flops_after"] > 0
+    assert t["total_flops_after"] > t["total_flops_before"]
+
+
+def test_diff_while_step_loop_dots_per_step(capsys, tmp_path):
+    page = tmp_path / "w.html"
+    rc, out, err = run(capsys, "diff", "test_cli:make_while_sampler", "--no-color", "--html", str(page))
+    assert rc == 0, err
+    from test_report import L
+
+    dots = next(l for l in out.splitlines() if l.startswith("dots per step")).split()[-2:]
+    assert dots == [str(4 * L), str(2 * L)]              # not the fissioned K/V scan in front of the while
+    assert "FLOPs per iteration of while loops" in out
+    text = page.read_text()
+    assert all(f">{c}</th>" in text for c in COLUMNS) and "unknown trips" in text
 
 
 def test_report_real_size_14b_is_small(capsys):
@@ -145,6 +219,16 @@ def test_graph_dot_and_svg(capsys, tmp_path):
         assert svg.read_text().lstrip().startswith("<?xml") and "to_k" in svg.read_text()
     else:
         assert "not installed" in err and (tmp_path / "g.dot").exists()
+
+
+def test_graph_labels_the_two_experts(capsys, tmp_path):
+    dot = tmp_path / "a14b.dot"
+    rc, _out, err = run(capsys, "graph", "tiny-t2v-a14b", "--out", str(dot))
+    assert rc == 0, err
+    text = dot.read_text()
+    kv_nodes = [l for l in text.splitlines() if "attn2/to_k" in l and "[label=" in l]
+    assert any("branch 0 of cond at sample.py:" in l for l in kv_nodes)
+    assert any("branch 1 of cond at sample.py:" in l for l in kv_nodes)
 
 
 # -- errors -----------------------------------------------------------------------------------------

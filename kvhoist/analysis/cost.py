@@ -4,6 +4,12 @@ The numbers rank hoisting candidates and fill reports; they count multiply-adds 
 ``dot_general`` and ``conv_general_dilated``, one FLOP per output element for elementwise work,
 and recurse through higher-order primitives (a ``scan`` costs ``length`` bodies, a ``cond`` its most
 expensive branch, a ``while`` one body per iteration — its trip count is unknown statically).
+
+Per-run totals (:func:`jaxpr_flops_run`) keep the two kinds of work apart: work whose number of executions
+is known statically (scan trip counts multiplied) is counted per run; work inside a loop whose trip count
+is unknown (a ``while``) is counted per iteration of that loop, never mixed into the per-run figure. Both
+sides of a rewrite are counted the same way, so work hoisted out of a ``while`` shows up as what it is: the
+per-iteration figure drops and the per-run figure grows by one execution of the hoisted work.
 """
 
 from __future__ import annotations
@@ -144,6 +150,66 @@ def primitive_counts(eqn) -> dict:
     return out
 
 
-def jaxpr_flops_run(j) -> int:
-    """FLOPs of one run of a program (static trip counts multiplied; a while body counted once)."""
-    return jaxpr_flops(j)
+class RunFlops(int):
+    """FLOPs of one run of a program: an ``int`` (the work whose number of executions is known statically)
+    that also carries :attr:`per_iteration`, the FLOPs of one iteration of every loop with an unknown trip
+    count (``while`` bodies and conditions, multiplied by the known trip counts of loops around them; a
+    ``while`` nested in another counts one iteration of each).
+
+    It is an ``int`` so that code reading a total as a number keeps working; arithmetic on it returns plain
+    ``int`` s of the per-run part.
+    """
+
+    per_iteration: int
+
+    def __new__(cls, per_run: int = 0, per_iteration: int = 0) -> "RunFlops":
+        obj = super().__new__(cls, per_run)
+        obj.per_iteration = int(per_iteration)
+        return obj
+
+    def __reduce__(self):
+        return (RunFlops, (int(self), self.per_iteration))
+
+    def __repr__(self) -> str:
+        return f"RunFlops(per_run={int(self)}, per_iteration={self.per_iteration})"
+
+    @property
+    def per_run(self) -> int:
+        return int(self)
+
+
+def jaxpr_flops_run(j: Any, leaf_flops=None) -> RunFlops:
+    """FLOPs of one run of a program, split into per-run and per-unknown-iteration work (:class:`RunFlops`).
+
+    Static trip counts are multiplied; a ``cond`` counts its most expensive branch (each part separately);
+    a ``while`` body (and its condition) goes to ``per_iteration``, its trip count being unknown.
+
+    Args:
+      j: a closed or open jaxpr.
+      leaf_flops: ``eqn -> FLOPs`` for equations without sub-jaxprs (default :func:`eqn_flops`); e.g. a
+        filter counting only some matmuls.
+    """
+    leaf = leaf_flops or eqn_flops
+    run = it = 0
+    for e in compat.split_closed(j)[4]:
+        name = e.primitive.name
+        subs = compat.subjaxprs_of(e)
+        if not subs:
+            run += leaf(e)
+            continue
+        if name == "scan":
+            inner = jaxpr_flops_run(e.params["jaxpr"], leaf)
+            n = int(e.params["length"])
+            run, it = run + n * inner.per_run, it + n * inner.per_iteration
+        elif name == "while":
+            for s in (e.params["body_jaxpr"], e.params["cond_jaxpr"]):
+                inner = jaxpr_flops_run(s, leaf)
+                it += inner.per_run + inner.per_iteration
+        elif name == "cond":
+            parts = [jaxpr_flops_run(b, leaf) for b in subs]
+            run += max(p.per_run for p in parts)
+            it += max(p.per_iteration for p in parts)
+        else:  # a call (jit, remat, custom_jvp, ...): its body once, as eqn_flops does
+            inner = jaxpr_flops_run(subs[0], leaf)
+            run, it = run + inner.per_run, it + inner.per_iteration
+    return RunFlops(run, it)

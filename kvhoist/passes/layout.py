@@ -50,7 +50,7 @@ from kvhoist.analysis import cost
 from kvhoist.analysis.dims import (CALLS, ELEMENTWISE, REDUCTIONS, SAME_SHAPE_AXIS_OPS, DimAnalysis,
                                    first_order_edges, is_var, sub_jaxprs, sub_key)
 from kvhoist.ir import aval_bytes
-from kvhoist.report import Note, Report, Skipped
+from kvhoist.report import Note, Report, Skipped, signed
 
 __all__ = ["repad_tokens", "Refused", "MIN_ALIGNMENT", "LARGE_NEGATIVE_BIAS"]
 
@@ -827,16 +827,13 @@ def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None
         how = "; ".join(dict.fromkeys(va.uses)) or "no position-mixing use"
         msg = (f"{name}: {c.n} tokens padded to {c.length} ({c.alignment}-aligned) -> {new_len} "
                f"({align}-aligned for {tgt.name}); {len(rw.axes)} values resized, "
-               f"{_signed(extra_flops)} FLOPs per run, {_signed(extra_bytes)} bytes of padded values; "
+               f"{signed(extra_flops)} per run"
+               + (f" ({signed(flops_after.per_iteration - flops_before.per_iteration)} per iteration of loops with "
+                  f"an unknown trip count)" if flops_after.per_iteration != flops_before.per_iteration else "")
+               + f", {signed(extra_bytes, 'bytes')} of padded values; "
                f"padding provably masked by: {how}")
         if va.assumptions:
             msg += "; assuming " + "; ".join(dict.fromkeys(va.assumptions))
         report.notes.append(Note("repad", msg, extra_bytes))
         current = new
     return current, report
-
-
-def _signed(x) -> str:
-    if x is None:
-        return "?"
-    return f"+{x}" if x >= 0 else str(x)
