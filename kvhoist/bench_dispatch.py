@@ -18,6 +18,8 @@ flattening the arguments, checking them, and launching one executable.
 Argument sets (workloads):
 
 * ``pytree16``: ``params`` a dict of 16 small arrays;
+* ``dict555``: a dict of 555 small arrays — as many leaves as the NNX model, but flattened by jax's
+  C++ pytree code, so the per-leaf costs of each wrapper show instead of NNX's flattening;
 * ``nnx555``: ``params`` a wan_ref ``WanModel`` (flax NNX; the tiny-t2v config with 20 unscanned
   layers) of 555 leaves. Flattening an NNX module is Python work in flax (~4 ms here), and every
   variant pays it once per call;
@@ -80,9 +82,9 @@ class Workload:
     setup: Callable[[], tuple[dict[str, Callable], tuple]]
 
 
-def _pytree16() -> dict:
+def _pytree(n: int) -> dict:
     rng = np.random.default_rng(0)
-    return {f"w{i:02d}": jnp.asarray(rng.standard_normal((8, 8)).astype(np.float32)) for i in range(16)}
+    return {f"w{i:03d}": jnp.asarray(rng.standard_normal((8, 8)).astype(np.float32)) for i in range(n)}
 
 
 def _wan_model(layers: int = 20) -> Any:
@@ -140,7 +142,9 @@ def _wan_step_setup() -> tuple[dict, tuple]:
 
 WORKLOADS: dict[str, Workload] = {
     "pytree16": Workload("pytree16", "dict of 16 arrays (8x8 f32); step reads each leaf x-dependently", 400,
-                         _step_setup(_pytree16)),
+                         _step_setup(lambda: _pytree(16))),
+    "dict555": Workload("dict555", "dict of 555 arrays (8x8 f32): the NNX model's leaf count without NNX's "
+                        "Python flattening; step reads each leaf x-dependently", 100, _step_setup(lambda: _pytree(555))),
     "nnx555": Workload("nnx555", "wan_ref WanModel (flax NNX), tiny-t2v with 20 unscanned layers; step reads "
                        "each leaf x-dependently", 40, _step_setup(_wan_model)),
     "wan_step": Workload("wan_step", "wan_ref.sample.one_step (CFG, 8 latent tokens) on that 555-leaf model: "
@@ -167,7 +171,7 @@ def _summary(values: list[float]) -> dict:
             "q1": q[0], "q3": q[2]}
 
 
-def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "nnx555", "wan_step"), *, repeats: int = 15,
+def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "dict555", "nnx555", "wan_step"), *, repeats: int = 15,
                            calls_scale: float = 1.0, path: str | os.PathLike | None = None) -> dict:
     """Times per-call dispatch of ``jax.jit`` / ``hoist_invariants`` / host-loop mode.
 
@@ -272,7 +276,7 @@ def markdown_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvhoist.bench_dispatch", description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", nargs="+", default=["pytree16", "nnx555", "wan_step"], choices=sorted(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=["pytree16", "dict555", "nnx555", "wan_step"], choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calls-scale", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="write the JSON result here")

@@ -207,9 +207,12 @@ def _signature(leaves: Sequence) -> tuple:
     return tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in map(jax.typeof, leaves))
 
 
-def _taker(indices: Sequence[int]) -> Callable[[Sequence], tuple]:
-    """``leaves -> tuple(leaves[i] for i in indices)``, with ``operator.itemgetter`` (C speed)."""
+def _taker(indices: Sequence[int], n: int) -> Callable[[Sequence], Sequence]:
+    """``leaves -> [leaves[i] for i in indices]`` of ``n`` leaves, with ``operator.itemgetter`` (C speed);
+    the leaves themselves when that is all of them, in order (the step reads every weight)."""
     indices = tuple(indices)
+    if indices == tuple(range(n)):
+        return lambda leaves: leaves
     if not indices:
         return lambda leaves: ()
     if len(indices) == 1:
@@ -233,7 +236,7 @@ class _Program:
     prologue_fn: Callable | None  # None when nothing was hoisted
     step_call: Callable      # jax.jit: (cached values, step_inv leaves, *varying arguments) -> outputs
     step_flat: Callable      # jax.jit: (*cached values, *step_inv leaves, *step_var leaves) -> flat outputs
-    take_step_inv: Callable  # invariant leaves -> the step_inv ones (a tuple)
+    take_step_inv: Callable  # invariant leaves -> the step_inv ones (all of them: the list itself)
 
 
 def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature: tuple,
@@ -246,7 +249,7 @@ def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature
     slow path instead.
     """
     step_fun = compat.jaxpr_as_fun(step)
-    take_var = _taker(step_var)
+    take_var = _taker(step_var, -1)
 
     def run(values, inv, *var_args):
         leaves, tree = _tree_flatten(var_args)
@@ -677,7 +680,7 @@ class HostHoistedFunction:
             prologue_fn=None if ext.empty else jax.jit(compat.jaxpr_as_fun(prologue)),
             step_call=_step_call(self.__name__, step, out_tree, layout.var_tree, _signature(call.var_leaves),
                                  step_var),
-            step_flat=jax.jit(compat.jaxpr_as_fun(step)), take_step_inv=_taker(step_inv))
+            step_flat=jax.jit(compat.jaxpr_as_fun(step)), take_step_inv=_taker(step_inv, n_inv))
 
     # -- running -------------------------------------------------------------------------------
     def _run_prologue(self, prog: _Program, inv_leaves: Sequence) -> tuple:
