@@ -112,6 +112,7 @@ class Licm:
         # body, a zero-length scan): only speculatable equations move (kvhoist.analysis.motion).
         self.speculating = False
         self._stayed: set = set()
+        self._emitted: list = []       # stack: the equations emitted so far in each block being optimised
 
     # -- entry points ------------------------------------------------------------------------
     def run(self, closed: Any) -> tuple[Any, Report]:
@@ -131,15 +132,61 @@ class Licm:
         """Optimise every loop in ``block`` (recursively); top-level equations do not move."""
         from kvhoist.rules import get_rule
 
-        eqns = []
+        eqns: list = []
         bound = set(block.invars)
-        for e in block.eqns:
-            branches.fold(e, self.known)
-            rule = get_rule(e)
-            new = [e] if rule is None else self._rewrite_checked(rule, e, bound)
-            eqns.extend(new)
-            bound.update(v for n in new for v in n.outvars if is_var(v))
+        self._emitted.append(eqns)
+        try:
+            for e in block.eqns:
+                branches.fold(e, self.known)
+                rule = get_rule(e)
+                new = [e] if rule is None else self._rewrite_checked(rule, e, bound)
+                eqns.extend(new)
+                bound.update(v for n in new for v in n.outvars if is_var(v))
+        finally:
+            self._emitted.pop()
         return Block(block.invars, block.outvars, eqns)
+
+    def shrink(self, pre: list, loop: Any, first: int, count: int) -> tuple[list, Any]:
+        """The smallest cache (:mod:`kvhoist.passes.shrink`) for a loop whose operands
+        ``first .. first + count`` are the values just hoisted out of it (the last ``count`` report
+        entries, in order). Returns the new hoisted equations and loop; updates the report."""
+        from kvhoist.passes.shrink import shrink_loop_operands
+
+        if not count:
+            return pre, loop
+        name = loop.primitive.name
+        parent = self._emitted[-1] if self._emitted else []
+        if name == "scan":
+            key, offset = "jaxpr", 0
+        else:
+            cn = loop.params["cond_nconsts"]
+            key, offset = "body_jaxpr", cn
+        new_pre, new_loop, sizes = shrink_loop_operands(parent, pre, loop, first, count, key, offset)
+        if not sizes:
+            return pre, loop
+        dropped = sum(1 for _old, shape, _new in sizes.values() if shape is None)
+        if name == "scan":
+            nc, nk = compat.scan_arity(loop.params)
+            n_ops = len(loop.invars)
+            new_loop = new_loop.replace(params=compat.scan_params(
+                new_loop.params, jaxpr=new_loop.params["jaxpr"], num_consts=nc - dropped, num_carry=nk,
+                num_xs=n_ops - nc - nk, num_ys=len(loop.outvars) - nk))
+        else:
+            new_loop = new_loop.replace(params=compat.while_params(
+                new_loop.params, body_jaxpr=new_loop.params["body_jaxpr"],
+                body_nconsts=loop.params["body_nconsts"] - dropped))
+        entries = self.report.hoisted[len(self.report.hoisted) - count:]
+        for i, (old, shape, nbytes) in sizes.items():
+            h = entries[i - first]
+            tag = "shared" if shape is None else "untiled"
+            entries[i - first] = dataclasses.replace(
+                h, bytes=nbytes, shape=h.shape if shape is None else tuple(shape), via=h.via + (tag,))
+        self.report.hoisted[len(self.report.hoisted) - count:] = entries
+        saved = sum(old - nbytes for old, _shape, nbytes in sizes.values())
+        self.note("shrink", f"{name} at {compat.source_line(loop) or '?'}: cache {saved} bytes smaller "
+                  f"({sum(1 for _o, s, _n in sizes.values() if s is not None)} value(s) kept untiled, "
+                  f"{dropped} shared with another value or recomputed as a view)", -saved)
+        return new_pre, new_loop
 
     def _rewrite_checked(self, rule, eqn, bound: set) -> list:
         """``rule.optimize(eqn)``, or ``[eqn]`` unchanged when the rewrite fails or does not check.

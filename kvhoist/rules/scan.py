@@ -91,6 +91,7 @@ class ScanRule:
                                         num_carry=nk, num_xs=nx, num_ys=ny)
         new_eqn = eqn.replace(invars=list(eqn.invars[:nc]) + [sub[v] for v in ext.crossing]
                               + list(eqn.invars[nc:]), params=new_params)
+        pre, new_eqn = engine.shrink(pre, new_eqn, nc, len(ext.crossing))
         return pre + [prune_scan(new_eqn)]
 
     def split(self, eqn, mask, engine):

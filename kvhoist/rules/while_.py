@@ -63,6 +63,7 @@ class WhileRule:
                                          body_nconsts=bn + len(ext.crossing))
         new_eqn = eqn.replace(invars=list(eqn.invars[:cn + bn]) + [sub[v] for v in ext.crossing]
                               + list(eqn.invars[cn + bn:]), params=new_params)
+        pre, new_eqn = engine.shrink(pre, new_eqn, cn + bn, len(ext.crossing))
         return pre + [prune_while(new_eqn)]
 
     def split(self, eqn, mask, engine):

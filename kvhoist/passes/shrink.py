@@ -1,0 +1,411 @@
+"""The smallest cache: what a loop receives from its hoisted work, shrunk to the least bytes.
+
+After LICM has moved work in front of a loop, the values the loop reads (its new consts) are its cache.
+Three rewrites make that cache no larger than a hand-written one, without changing any value:
+
+* **Un-tiling.** Beam search tiles the encoder output across beams *before* the decoding loop
+  (``reshape(broadcast(x))``, ``jnp.tile``, ``jnp.repeat``, ``concatenate([x, x])``, a size-1 broadcast).
+  The hoisted K/V projections then run on the tiled copy and the cache holds ``k`` identical copies.
+  Work that treats the tiled axis independently (a matmul where it is a free axis, elementwise math,
+  reshapes and transposes that keep it, reductions over other axes) commutes with the tiling, so it is
+  recomputed on the small value; the loop receives the small result and re-expands it with the same
+  cheap shape ops inside its body (XLA fuses them into their consumers).
+* **Common values.** Identical hoisted equations (same primitive, parameters and inputs) are computed
+  once, and a value passed to the loop twice is passed once.
+* **Views.** When the loop receives both a value and a transpose or reshape of it, only the value is
+  passed; the body recomputes the view.
+
+Every rewrite keeps the loop's body computing exactly what it computed: the body's original input
+variable is defined at its top from the smaller operand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from kvhoist import compat
+from kvhoist.analysis import motion
+from kvhoist.ir import aval_bytes, clone_eqns, is_var, producers
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """``full`` is ``small`` expanded ``k`` times along ``axis``.
+
+    ``mode``: ``'tile'`` (whole copies one after another: ``full[j*n + i] = small[i]``), ``'repeat'``
+    (each element ``k`` times: ``full[i*k + j] = small[i]``) or ``'bcast'`` (``small`` has size 1 there).
+    """
+
+    small: Any
+    axis: int
+    k: int
+    mode: str
+
+    def small_shape(self, full_shape: Sequence[int]) -> tuple:
+        s = list(full_shape)
+        s[self.axis] = 1 if self.mode == "bcast" else s[self.axis] // self.k
+        return tuple(s)
+
+
+def _shape(v) -> tuple:
+    return tuple(int(d) for d in v.aval.shape)
+
+
+def _root_broadcast(var, prod: dict, eqns: Sequence):
+    """``(x, m)``: ``var`` = a chain of broadcast_in_dim of ``x``, x's axis i landing on axis m[i]."""
+    mapping = None
+    cur = var
+    while True:
+        k = prod.get(cur)
+        if k is None or eqns[k].primitive.name != "broadcast_in_dim":
+            break
+        e = eqns[k]
+        dims = tuple(e.params["broadcast_dimensions"])
+        mapping = dims if mapping is None else tuple(mapping[d] for d in dims)
+        cur = e.invars[0]
+        if not is_var(cur):
+            return None
+    return None if mapping is None else (cur, mapping)
+
+
+def tiling_of(var, prod: dict, eqns: Sequence) -> Tiling | None:
+    """Recognise ``var`` as an expansion of a smaller value (patterns in the module docstring)."""
+    k = prod.get(var)
+    if k is None:
+        return None
+    e = eqns[k]
+    full = _shape(var)
+    name = e.primitive.name
+    if name == "tile":
+        reps = tuple(e.params["reps"])
+        big = [i for i, r in enumerate(reps) if r != 1]
+        if len(big) == 1 and is_var(e.invars[0]) and len(reps) == len(full):
+            return Tiling(e.invars[0], big[0], int(reps[big[0]]), "tile")
+        return None
+    if name == "concatenate":
+        ins = e.invars
+        if len(ins) > 1 and is_var(ins[0]) and all(a is ins[0] for a in ins):
+            return Tiling(ins[0], int(e.params["dimension"]), len(ins), "tile")
+        return None
+    if name == "broadcast_in_dim":
+        root = _root_broadcast(var, prod, eqns)
+        if root is None:
+            return None
+        x, m = root
+        xs = _shape(x)
+        if len(xs) != len(full) or m != tuple(range(len(full))):
+            return None
+        diff = [i for i in range(len(full)) if xs[i] != full[i]]
+        if len(diff) == 1 and xs[diff[0]] == 1:
+            return Tiling(x, diff[0], full[diff[0]], "bcast")
+        return None
+    if name == "reshape" and e.params.get("dimensions") is None and e.params.get("sharding") is None:
+        src = e.invars[0]
+        if not is_var(src):
+            return None
+        root = _root_broadcast(src, prod, eqns)
+        if root is None:
+            return None
+        x, m = root
+        b = _shape(src)
+        xs = _shape(x)
+        new = [i for i in range(len(b)) if i not in m]
+        if len(new) != 1 or len(xs) != len(b) - 1 or any(xs[i] != b[m[i]] for i in range(len(xs))):
+            return None
+        p = new[0]
+        kk = b[p]
+        # The reshape must merge axis p with one neighbour and keep every other axis.
+        if p > 0 and full == b[:p - 1] + (b[p - 1] * kk,) + b[p + 1:]:
+            axis, mode = p - 1, "repeat"
+        elif p + 1 < len(b) and full == b[:p] + (kk * b[p + 1],) + b[p + 2:]:
+            axis, mode = p, "tile"
+        else:
+            return None
+        if xs != Tiling(x, axis, kk, mode).small_shape(full):
+            return None
+        return Tiling(x, axis, kk, mode)
+    return None
+
+
+def _resize(v, shape) -> Any:
+    return compat.new_var(compat.resize_aval(v.aval, shape))
+
+
+def _free_dims(rank: int, contract: Sequence[int], batch: Sequence[int]) -> list:
+    return [d for d in range(rank) if d not in contract and d not in batch]
+
+
+class _Shrinker:
+    """Forward pass over the hoisted equations: a small twin for every value that stays tiled."""
+
+    def __init__(self, parent: Sequence, pre: Sequence):
+        self.eqns = list(parent) + list(pre)
+        self.prod = producers(self.eqns)
+        self.tiled: dict = {}
+        self.n_parent = len(parent)
+
+    def tiling(self, v) -> Tiling | None:
+        if not is_var(v):
+            return None
+        if v not in self.tiled:
+            self.tiled[v] = tiling_of(v, self.prod, self.eqns)
+        return self.tiled[v]
+
+    def constant_along(self, v, t: Tiling, full_shape) -> Any | None:
+        """A small twin of an untiled operand that is the same along ``t.axis`` (a broadcast of a value
+        without that axis), for elementwise partners such as a bias; new equations in ``self.out``."""
+        k = self.prod.get(v)
+        if k is None:
+            return None
+        e = self.eqns[k]
+        if e.primitive.name != "broadcast_in_dim" or t.axis in tuple(e.params["broadcast_dimensions"]):
+            return None
+        small_shape = t.small_shape(full_shape)
+        out = _resize(v, small_shape)
+        self.out.append(e.replace(outvars=[out], params={**e.params, "shape": small_shape}))
+        return out
+
+    def twin(self, e) -> list:
+        """Small equations computing ``e`` on the small operands, or [] when ``e`` does not commute."""
+        ts = [self.tiling(a) for a in e.invars]
+        if not any(ts) or len(e.outvars) != 1 or not is_var(e.outvars[0]) or e.effects:
+            return []
+        out_full = e.outvars[0]
+        name = e.primitive.name
+        self.out = []
+        new_axis = None
+        t0 = next(t for t in ts if t)
+        ins = list(e.invars)
+        if name == "dot_general":
+            (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+            if ts[0] and not ts[1]:
+                if t0.axis in lc or t0.axis in lb:
+                    return []
+                new_axis = len(lb) + _free_dims(len(_shape(e.invars[0])), lc, lb).index(t0.axis)
+                ins[0] = t0.small
+            elif ts[1] and not ts[0]:
+                if t0.axis in rc or t0.axis in rb:
+                    return []
+                n_lhs_free = len(_free_dims(len(_shape(e.invars[0])), lc, lb))
+                new_axis = len(lb) + n_lhs_free + _free_dims(len(_shape(e.invars[1])), rc, rb).index(t0.axis)
+                ins[1] = t0.small
+            else:
+                return []
+        elif name in motion.ELEMENTWISE:
+            if e.params.get("sharding") is not None:
+                return []
+            for i, (a, t) in enumerate(zip(e.invars, ts)):
+                if t is not None:
+                    if (t.axis, t.k, t.mode) != (t0.axis, t0.k, t0.mode) or _shape(t.small) != _shape(t0.small):
+                        return []
+                    ins[i] = t.small
+                elif is_var(a):
+                    if _shape(a) != _shape(out_full):
+                        return []
+                    twin = self.constant_along(a, t0, _shape(out_full))
+                    if twin is None:
+                        return []
+                    ins[i] = twin
+                elif getattr(a.aval, "shape", ()) != ():
+                    return []
+            new_axis = t0.axis
+        elif name == "reshape":
+            if e.params.get("dimensions") is not None or e.params.get("sharding") is not None or t0.mode == "bcast":
+                return []
+            src, dst = _shape(e.invars[0]), _shape(out_full)
+            before = math.prod(src[:t0.axis])
+            cands = [b for b in range(len(dst)) if math.prod(dst[:b]) == before and dst[b] == src[t0.axis]]
+            if not cands:
+                return []
+            new_axis = cands[0]
+            small_dst = list(dst)
+            small_dst[new_axis] = _shape(t0.small)[t0.axis]
+            small_out = _resize(out_full, small_dst)
+            self.out.append(e.replace(invars=[t0.small], outvars=[small_out],
+                                      params={**e.params, "new_sizes": tuple(small_dst)}))
+            return self._done(out_full, small_out, t0, new_axis)
+        elif name == "transpose":
+            new_axis = tuple(e.params["permutation"]).index(t0.axis)
+            ins[0] = t0.small
+        elif name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"):
+            axes = tuple(e.params["axes"])
+            if t0.axis in axes or len(e.invars) != 1:
+                return []
+            new_axis = t0.axis - sum(1 for ax in axes if ax < t0.axis)
+            ins[0] = t0.small
+        elif name == "broadcast_in_dim":
+            if len(e.invars) != 1 or e.params.get("sharding") is not None:
+                return []
+            dims = tuple(e.params["broadcast_dimensions"])
+            new_axis = dims[t0.axis]
+            if _shape(out_full)[new_axis] != _shape(e.invars[0])[t0.axis]:
+                return []
+            small_dst = list(_shape(out_full))
+            small_dst[new_axis] = _shape(t0.small)[t0.axis]
+            small_out = _resize(out_full, small_dst)
+            self.out.append(e.replace(invars=[t0.small], outvars=[small_out],
+                                      params={**e.params, "shape": tuple(small_dst)}))
+            return self._done(out_full, small_out, t0, new_axis)
+        else:
+            return []
+        small_shape = list(_shape(out_full))
+        small_shape[new_axis] = _shape(t0.small)[t0.axis]
+        small_out = _resize(out_full, small_shape)
+        self.out.append(e.replace(invars=ins, outvars=[small_out]))
+        return self._done(out_full, small_out, t0, new_axis)
+
+    def _done(self, out_full, small_out, t0: Tiling, new_axis: int) -> list:
+        self.tiled[out_full] = Tiling(small_out, new_axis, t0.k, t0.mode)
+        return self.out
+
+
+def expansion_eqns(small_var, t: Tiling, full_var) -> list:
+    """Equations defining ``full_var`` from ``small_var`` (inside the loop body)."""
+    import jax
+    from jax import lax
+
+    small_shape = _shape(small_var)
+    full_shape = _shape(full_var)
+    r, a, k = len(small_shape), t.axis, t.k
+
+    def expand(s):
+        if t.mode == "bcast":
+            return lax.broadcast_in_dim(s, full_shape, tuple(range(r)))
+        if t.mode == "repeat":
+            b = lax.broadcast_in_dim(s, small_shape[:a + 1] + (k,) + small_shape[a + 1:],
+                                     tuple(range(a + 1)) + tuple(range(a + 2, r + 1)))
+        else:
+            b = lax.broadcast_in_dim(s, small_shape[:a] + (k,) + small_shape[a:],
+                                     tuple(range(a)) + tuple(range(a + 1, r + 1)))
+        return lax.reshape(b, full_shape)
+
+    aval = small_var.aval
+    spec = jax.ShapeDtypeStruct(small_shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+    closed = jax.make_jaxpr(expand)(spec)
+    _cv, _c, invars, outvars, eqns = compat.split_closed(closed)
+    new, sub = clone_eqns(eqns, {invars[0]: small_var})
+    last = sub[outvars[0]]
+    new[-1] = new[-1].replace(outvars=[full_var if o is last else o for o in new[-1].outvars])
+    return new
+
+
+def _same_eqn(a, b) -> bool:
+    if a.primitive is not b.primitive or len(a.invars) != len(b.invars) or compat.subjaxprs_of(a):
+        return False
+    for x, y in zip(a.invars, b.invars):
+        if is_var(x) or is_var(y):
+            if x is not y:
+                return False
+        elif not (getattr(x.aval, "shape", None) == getattr(y.aval, "shape", None)
+                  and str(x.aval.dtype) == str(y.aval.dtype) and _eq(x.val, y.val)):
+            return False
+    return ([v.aval for v in a.outvars] == [v.aval for v in b.outvars]) and _eq(a.params, b.params)
+
+
+def _eq(x, y) -> bool:
+    try:
+        return bool(x == y)
+    except Exception:
+        return False
+
+
+def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: int,
+                         body_key: str, body_offset: int) -> tuple[list, Any, dict]:
+    """Shrink the ``count`` loop operands from position ``first`` (the values hoisted out of it).
+
+    Args:
+      parent: the equations already emitted in the enclosing block (where tilings are found).
+      pre: the hoisted equations, in order, in front of ``loop``.
+      loop: the scan / while equation.
+      first, count: position of the hoisted values among ``loop.invars``.
+      body_key: ``'jaxpr'`` (scan) or ``'body_jaxpr'`` (while).
+      body_offset: ``loop.invars[i]`` is the body's input ``i - body_offset``.
+    Returns:
+      ``(pre, loop, sizes)``: new hoisted equations and loop, and ``{operand index: (old bytes, new
+      shape or None, new bytes)}`` for the operands that shrank (new shape None: no longer passed, the
+      body reads another operand or recomputes it from one), for the report. Indices refer to ``loop``'s
+      operands before the call.
+    """
+    sh = _Shrinker(parent, pre)
+    new_pre: list = []
+    for e in pre:
+        new_pre.extend(sh.twin(e))
+        new_pre.append(e)
+    # Common values: identical hoisted equations computed once.
+    subst: dict = {}
+    kept: list = []
+    for e in new_pre:
+        e = e.replace(invars=[subst.get(a, a) if is_var(a) else a for a in e.invars]) if subst else e
+        twin = next((k for k in kept if _same_eqn(k, e)), None) if not compat.subjaxprs_of(e) else None
+        if twin is not None:
+            subst.update(zip(e.outvars, twin.outvars))
+            continue
+        kept.append(e)
+    new_pre = kept
+    operands = [subst.get(a, a) if is_var(a) else a for a in loop.invars]
+
+    body_j = loop.params[body_key]
+    constvars, consts, binvars, boutvars, beqns = compat.split_closed(body_j)
+    if constvars or consts:
+        return pre, loop, {}
+    binvars = list(binvars)
+    prologue: list = []
+    rename: dict = {}          # body input passed twice -> the first one's body input
+    drop: set = set()
+    sizes: dict = {}
+    seen_operand: dict = {}
+    pre_prod = producers(new_pre)
+    for i in range(first, first + count):
+        op = operands[i]
+        if not is_var(op):
+            continue
+        j = i - body_offset
+        old_bytes = aval_bytes(op.aval)
+        if op in seen_operand:  # passed twice: read the first one's body input
+            rename[binvars[j]] = seen_operand[op]
+            drop.add(i)
+            sizes[i] = (old_bytes, None, 0)
+            continue
+        t = sh.tiled.get(op)
+        if t is not None and op in pre_prod:
+            small_in = compat.new_var(t.small.aval)
+            prologue.extend(expansion_eqns(small_in, t, binvars[j]))
+            binvars[j] = small_in
+            operands[i] = t.small
+            sizes[i] = (old_bytes, _shape(t.small), aval_bytes(t.small.aval))
+        seen_operand[operands[i]] = binvars[j]
+    # Views: an operand that is a transpose/reshape of another operand is recomputed in the body.
+    position = {operands[i]: i for i in range(first, first + count) if i not in drop and is_var(operands[i])}
+    for i in range(first, first + count):
+        op = operands[i]
+        if i in drop or not is_var(op) or op not in pre_prod:
+            continue
+        e = new_pre[pre_prod[op]]
+        if (e.primitive.name in ("transpose", "reshape") and len(e.invars) == 1 and is_var(e.invars[0])
+                and e.invars[0] in position and position[e.invars[0]] != i
+                and position[e.invars[0]] not in drop):
+            src_body = binvars[position[e.invars[0]] - body_offset]
+            prologue.append(e.replace(invars=[src_body], outvars=[binvars[i - body_offset]]))
+            drop.add(i)
+            sizes[i] = (aval_bytes(op.aval), None, 0)
+    if not sizes:
+        return pre, loop, {}
+    keep = [i for i in range(len(operands)) if i not in drop]
+    new_binvars = [binvars[i - body_offset] for i in keep if i >= body_offset]
+    # Body inputs that became locals are defined by the prologue; duplicates read the first copy.
+    body_eqns = prologue + list(beqns)
+    if rename:
+        body_eqns = [e.replace(invars=[rename.get(a, a) if is_var(a) else a for a in e.invars]) for e in body_eqns]
+        boutvars = [rename.get(a, a) if is_var(a) else a for a in boutvars]
+    new_body = compat.rebuild_like(body_j, [], [], new_binvars, boutvars, body_eqns)
+    new_loop = loop.replace(invars=[operands[i] for i in keep], params={**loop.params, body_key: new_body})
+    # Dead hoisted equations (the full-size work the loop no longer reads) are dropped.
+    needed = {a for a in new_loop.invars if is_var(a)}
+    live = []
+    for e in reversed(new_pre):
+        if any(is_var(v) and v in needed for v in e.outvars):
+            live.append(e)
+            needed.update(a for a in e.invars if is_var(a))
+    return list(reversed(live)), new_loop, sizes

@@ -1,0 +1,139 @@
+"""The smallest cache (kvhoist.passes.shrink): untiled copies, common values, views."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import kvhoist
+from kvhoist import compat
+
+B, K, S, D = 2, 4, 32, 64
+
+
+def _tile(enc, mode):
+    if mode == "broadcast+reshape":   # Flax's flat_batch_beam_expand
+        return jnp.broadcast_to(enc[:, None], (B, K, S, D)).reshape(B * K, S, D)
+    if mode == "tile":
+        return jnp.tile(enc, (K, 1, 1))
+    if mode == "concatenate":
+        return jnp.concatenate([enc] * K, 0)
+    if mode == "repeat":
+        return jnp.repeat(enc, K, axis=0)
+    raise ValueError(mode)
+
+
+def _decode(enc, wk, wv, x0, n, *, mode, loop):
+    enc_t = _tile(enc, mode)                      # tiled across beams before the loop
+
+    def step(h):
+        k = (enc_t @ wk).reshape(B * K, S, 4, D // 4)  # split into heads: a reshape of the projection
+        v = enc_t @ wv
+        att = jax.nn.softmax(jnp.einsum("bd,bsd->bs", h, k.reshape(B * K, S, D)) / 8, -1)
+        return h + jnp.tanh(jnp.einsum("bs,bsd->bd", att, v))
+
+    if loop == "while":
+        return lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(c[1])), (0, x0))[1]
+    return lax.scan(lambda h, _: (step(h), None), x0, None, length=5)[0]
+
+
+def _args():
+    ks = jax.random.split(jax.random.key(0), 4)
+    return (jax.random.normal(ks[0], (B, S, D)), jax.random.normal(ks[1], (D, D)) / 8,
+            jax.random.normal(ks[2], (D, D)) / 8, jax.random.normal(ks[3], (B * K, D)), 5)
+
+
+@pytest.mark.parametrize("loop", ["while", "scan"])
+@pytest.mark.parametrize("mode", ["broadcast+reshape", "tile", "concatenate", "repeat"])
+def test_tiled_encoder_output_is_cached_once(mode, loop):
+    f = functools.partial(_decode, mode=mode, loop=loop)
+    args = _args()
+    hf = kvhoist.hoist_invariants(f)
+    report = hf.report(*args)
+    one_copy = 2 * B * S * D * 4                  # K and V of the untiled encoder output, f32
+    assert report.cache_bytes == one_copy, report.table()
+    assert all("untiled" in h.via for h in report.hoisted)
+    # Less work too: the projections run on B rows, not B * K (a hand-written cache's FLOPs).
+    assert all(h.shape[0] == B for h in report.hoisted)
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))
+    # The loop body re-expands the small values: no dot_general on the tiled encoder output inside.
+    _before, after = hf.jaxprs(*args)
+    loop_eqn = next(e for e in compat.split_closed(after)[4] if e.primitive.name in ("while", "scan"))
+    body = loop_eqn.params["body_jaxpr" if loop == "while" else "jaxpr"]
+    shapes = [tuple(e.outvars[0].aval.shape) for e in compat.split_closed(body)[4] if e.primitive.name == "dot_general"]
+    assert (B * K, S, D) not in shapes
+
+
+def test_size_one_broadcast_is_untiled():
+    def f(enc, w, x):
+        big = jnp.broadcast_to(enc, (K, S, D))     # enc has a size-1 leading axis
+        def body(h, _):
+            kk = big @ w
+            att = jnp.einsum("bd,bsd->bs", h, kk)
+            return h + jnp.tanh(jnp.einsum("bs,bsd->bd", att, kk)) * 0.1, None
+        return lax.scan(body, x, None, length=3)[0]
+
+    ks = jax.random.split(jax.random.key(1), 3)
+    args = (jax.random.normal(ks[0], (1, S, D)), jax.random.normal(ks[1], (D, D)) / 8,
+            jax.random.normal(ks[2], (K, D)))
+    hf = kvhoist.hoist_invariants(f)
+    assert hf.report(*args).cache_bytes == S * D * 4
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))
+
+
+def test_value_and_its_transpose_are_cached_once():
+    """A body that reads an invariant projection as k and as k.T gets one cache, the view recomputed."""
+    def f(ctx, w, x):
+        def body(h, _):
+            k = ctx @ w
+            kt = k.T
+            return h + jnp.tanh(h @ kt) @ k * 0.01, None
+        return lax.scan(body, x, None, length=3)[0]
+
+    ks = jax.random.split(jax.random.key(2), 3)
+    args = (jax.random.normal(ks[0], (S, D)), jax.random.normal(ks[1], (D, D)) / 8, jax.random.normal(ks[2], (4, D)))
+    hf = kvhoist.hoist_invariants(f)
+    report = hf.report(*args)
+    assert report.cache_bytes == S * D * 4, report.table()
+    assert any("shared" in h.via for h in report.hoisted)
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))
+
+
+def test_identical_values_are_computed_and_stored_once():
+    def f(ctx, w, x):
+        def body(h, _):
+            a = jnp.tanh(ctx @ w)        # the same projection written twice (two attention calls, say)
+            b = jnp.tanh(ctx @ w)
+            return h + jnp.sum(a * h[:1]) + jnp.sum(b * h[1:2]), None
+        return lax.scan(body, x, None, length=3)[0]
+
+    ks = jax.random.split(jax.random.key(3), 3)
+    args = (jax.random.normal(ks[0], (S, D)), jax.random.normal(ks[1], (D, D)) / 8, jax.random.normal(ks[2], (S, D)))
+    hf = kvhoist.hoist_invariants(f)
+    _before, after = hf.jaxprs(*args)
+    outside = [e for e in compat.split_closed(after)[4] if e.primitive.name == "dot_general"]
+    assert len(outside) == 1
+    assert hf.report(*args).cache_bytes == S * D * 4
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))
+
+
+def test_tiled_axis_contracted_stays_tiled_and_correct():
+    """When the tiled axis is contracted, the work does not commute with the tiling: nothing shrinks."""
+    def f(enc, w, x):
+        enc_t = jnp.tile(enc, (K, 1))               # [K*S, D]
+        def body(h, _):
+            g = enc_t.T @ enc_t @ w                 # contracts the tiled axis
+            return h + jnp.tanh(h @ g) * 0.1, None
+        return lax.scan(body, x, None, length=3)[0]
+
+    ks = jax.random.split(jax.random.key(4), 3)
+    args = (jax.random.normal(ks[0], (S, D)) / 8, jax.random.normal(ks[1], (D, D)) / 8, jax.random.normal(ks[2], (2, D)))
+    hf = kvhoist.hoist_invariants(f)
+    report = hf.report(*args)
+    assert report.hoisted and not any("untiled" in h.via for h in report.hoisted)
+    np.testing.assert_allclose(hf(*args), jax.jit(f)(*args), rtol=1e-6)
