@@ -232,17 +232,15 @@ def totals_lines(d: dict) -> list[str]:
     out = [line]
     ib, ia = t["unknown_trip_flops_before"], t["unknown_trip_flops_after"]
     if ib or ia:
-        out.append(f"         {human_flops(ib)} FLOPs per iteration of loops with an unknown trip count (while) "
-                   f"before, {human_flops(ia)} after (counted per iteration, apart from the per-run figures: "
-                   f"hoisted work runs once, in front of the loop)")
+        out[0] += " outside while loops (work hoisted out of one runs once per run, in front of it)"
+        out.append(f"         + {human_flops(ib)} FLOPs per iteration of loops with an unknown trip count (while) "
+                   f"before, {human_flops(ia)} after")
     return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``kvhoist report``: the hoisting report as tables (``--json``: :func:`report_dict`)."""
     import json
-
-    from kvhoist.report import COLUMNS_DOC
 
     prog = _program(args)
     before, after, report = prog.optimize()
@@ -252,8 +250,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     t = d["totals"]
     out = [prog.description, "", report.hoisted_table()]
-    if report.hoisted:
-        out.append(f"(columns: {COLUMNS_DOC})")
     details = report.detail_lines()
     if details:
         out += [""] + details

@@ -283,12 +283,13 @@ class Report:
         return [COLUMN_NAMES] + hoisted_rows(hs, self.total_flops_before)
 
     def hoisted_table(self, max_rows: int | None = None) -> str:
-        """The hoisted values as a text table (columns: :data:`COLUMNS`)."""
+        """The hoisted values as a text table (columns: :data:`COLUMNS`), then where the columns are explained."""
         if not self.hoisted:
             return "nothing was hoisted"
         out = [_fmt_rows(self.rows(max_rows))]
         if max_rows is not None and len(self.hoisted) > max_rows:
             out.append(f"... {len(self.hoisted) - max_rows} more")
+        out.append(f"(columns: {COLUMNS_DOC})")
         return "\n".join(out)
 
     def detail_lines(self) -> list[str]:

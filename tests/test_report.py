@@ -191,7 +191,8 @@ def test_dots_per_step_finds_a_while_step_loop(while_program):
 def test_notes_and_reasons_render_in_human_units():
     from kvhoist.report import Skipped
 
-    r = Report(notes=[Note("repad", "x: 257 -> 512; +401241867782400 FLOPs per run, +13075742720 bytes of padded values"),
+    r = Report(notes=[Note("repad", "x: 257 -> 512; +401241867782400 FLOPs per run, "
+                                    "+13075742720 bytes of padded values"),
                       Note("fission", "producing 2 stacked value(s), 393216 bytes")],
                skipped=[Skipped("v", "a.py:1", "over the max_cache_bytes budget: needs 1048576 bytes")])
     text = r.table()
