@@ -166,7 +166,7 @@ def _load() -> list | None:
 
 
 def _summary(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "q1": q[0], "q3": q[2]}
 
