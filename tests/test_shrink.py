@@ -137,3 +137,20 @@ def test_tiled_axis_contracted_stays_tiled_and_correct():
     report = hf.report(*args)
     assert report.hoisted and not any("untiled" in h.via for h in report.hoisted)
     np.testing.assert_allclose(hf(*args), jax.jit(f)(*args), rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["scan x layer-scan", "scan x unrolled", "expert cond (A14B)", "I2V + CFG"])
+def test_wan_cache_is_no_larger_than_the_hand_written_one(form):
+    """The automatic cache holds exactly what sample(kv_cache=True) holds: the K/V, nothing more (constant
+    tables such as the timestep frequencies are left to XLA's constant folding)."""
+    import dataclasses
+
+    from kvhoist.bench import CONFIGS, FORMS, _hand_cache_bytes, _split_kwargs, build_case
+    from wan_ref.sample import sample
+
+    cfg = dataclasses.replace(CONFIGS["small"], steps=2, num_layers=2)
+    case = build_case(cfg, FORMS[form])
+    static, traced = _split_kwargs(case.kwargs)
+    report = kvhoist.hoist_invariants(functools.partial(sample, **static)).report(*case.args, **traced)
+    assert report.hoisted
+    assert report.cache_bytes <= _hand_cache_bytes(case, FORMS[form], cfg), report.table()

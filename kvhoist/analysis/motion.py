@@ -211,6 +211,22 @@ def source_bytes(var, eqns: Sequence, prod: dict, *, speculative: bool, aval_byt
     return total
 
 
+def reads_inputs(var, eqns: Sequence, prod: dict) -> bool:
+    """Does ``var`` depend on any block input? A value computed from literals alone (an ``iota``-derived
+    table, a mask ``iota < n``) is a constant: XLA folds it at compile time, so caching it only costs bytes."""
+    seen, stack = set(), [var]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        k = prod.get(v)
+        if k is None:
+            return True
+        stack.extend(a for a in eqns[k].invars if not compat.is_literal(a))
+    return False
+
+
 def inflation_ok(nbytes: int, sources: int) -> bool:
     """May a value of ``nbytes`` computed from ``sources`` bytes be held across a loop?"""
     return nbytes <= SMALL_BYTES or nbytes <= MAX_INFLATION * sources

@@ -434,24 +434,30 @@ class Licm:
                 if i not in selected:
                     needed.update(a for a in e.invars if is_var(a))
             needed.update(a for a in block_outvars if is_var(a))
-            bad = set()
+            bad: dict = {}
             for k in selected:
                 for v in eqns[k].outvars:
-                    if is_var(v) and v in needed:
-                        src = motion.source_bytes(v, eqns, prod, speculative=spec, aval_bytes=aval_bytes)
-                        if not motion.inflation_ok(aval_bytes(v.aval), src):
-                            bad.add(k)
+                    if not (is_var(v) and v in needed):
+                        continue
+                    if not motion.reads_inputs(v, eqns, prod):
+                        bad[k] = "not cached: a constant (computed from literals only; XLA folds it)"
+                        continue
+                    src = motion.source_bytes(v, eqns, prod, speculative=spec, aval_bytes=aval_bytes)
+                    if not motion.inflation_ok(aval_bytes(v.aval), src):
+                        bad[k] = ("not cached: an expansion (its result is more than "
+                                  f"{motion.MAX_INFLATION:g}x the bytes it is computed from and over "
+                                  f"{motion.SMALL_BYTES >> 20} MiB{'; speculative' if spec else ''})")
             if not bad:
                 return selected
-            for k in bad:
+            for k, reason in bad.items():
                 name, srcline = _describe(eqns[k])
-                self.report.skipped.append(Skipped(
-                    name, srcline, "not cached: an expansion (its result is more than "
-                    f"{motion.MAX_INFLATION:g}x the bytes it is computed from and over "
-                    f"{motion.SMALL_BYTES >> 20} MiB{'; speculative' if spec else ''})",
-                    cost.out_bytes(eqns[k]), cost.eqn_flops(eqns[k]),
-                    self.loops[-1].describe() if self.loops else ""))
-            selected -= bad
+                if (name, srcline, reason) in self._stayed:
+                    continue
+                self._stayed.add((name, srcline, reason))
+                self.report.skipped.append(Skipped(name, srcline, reason, cost.out_bytes(eqns[k]),
+                                                   cost.eqn_flops(eqns[k]),
+                                                   self.loops[-1].describe() if self.loops else ""))
+            selected -= set(bad)
             # Whatever read a dropped result cannot move either; a split is all-or-nothing.
             changed = True
             while changed:
