@@ -215,10 +215,6 @@ def report_dict(prog: Any, before: Any, after: Any, report: Any) -> dict:
     return d
 
 
-def _pct(x: float | None) -> str:
-    return "?" if x is None else f"{100 * x:.3f}%"
-
-
 def totals_lines(d: dict) -> list[str]:
     """The totals under ``kvhoist report``'s table: FLOPs per run before/after (and per iteration of loops
     with an unknown trip count, counted apart), then the one-line summary."""
@@ -242,6 +238,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``kvhoist report``: the hoisting report as tables (``--json``: :func:`report_dict`)."""
     import json
 
+    from kvhoist.report import percent
+
     prog = _program(args)
     before, after, report = prog.optimize()
     d = report_dict(prog, before, after, report)
@@ -257,9 +255,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if t["kv_projection_flops"] or t["kv_projection_flops_per_unknown_iteration"]:
         shares = []
         if t["kv_projection_flops"]:
-            shares.append(f"{_pct(t['kv_projection_share'])} of this sampler's FLOPs per run")
+            shares.append(f"{percent(t['kv_projection_share'])} of this sampler's FLOPs per run")
         if t["kv_projection_flops_per_unknown_iteration"]:
-            shares.append(f"{_pct(t['kv_projection_share_of_unknown_iteration'])} of each iteration of its while "
+            shares.append(f"{percent(t['kv_projection_share_of_unknown_iteration'])} of each iteration of its while "
                           "loop(s)")
         out.append(f"K/V projections are {' and '.join(shares)}; hoisting saves at most that (plus the context "
                    f"embedders it also moved).")

@@ -34,6 +34,8 @@ def human_flops(n: int | float | None) -> str:
 
 def signed(n: int | float | None, unit: str = "FLOPs") -> str:
     """``+1.20M FLOPs`` / ``-3.0 KiB``: a change in human units (``unit`` is ``'FLOPs'`` or ``'bytes'``)."""
+    if unit not in ("FLOPs", "bytes"):
+        raise ValueError(f"signed: unit must be 'FLOPs' or 'bytes', got {unit!r}")
     if n is None:
         return "?"
     text = human_bytes(abs(n)) if unit == "bytes" else f"{human_flops(abs(n))} FLOPs"
@@ -65,7 +67,8 @@ COLUMNS = (
                         "'unknown trips' for a while loop (see FLOPs/iteration); '≤' marks an upper bound"),
     ("share of run", "FLOPs saved/run as a share of the program's FLOPs per run before the rewrite"),
     ("loop", "the loop it left, e.g. scan(length=30) at sample.py:88"),
-    ("via", "how it got out: licm, plus fission (a nested scan) or speculation (a cond branch)"),
+    ("via", "how it got out: licm, plus fission (a nested scan), speculation (a cond branch), shared (stored "
+            "once with an identical value)"),
     ("branch", "for a value speculated out of a cond (Wan 2.2's two experts): which branch, e.g. "
                "'branch 1 of cond at sample.py:144'; empty otherwise"),
     ("source", "file.py:line of the user code behind the value"),
@@ -76,7 +79,8 @@ COLUMNS_DOC = "docs/user_guide.md#report-columns"
 UNKNOWN_TRIPS = "unknown trips"
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
+    """A share as ``'0.033%'``; ``'n/a'`` when there is none (no per-run total, or a while loop)."""
     return "n/a" if x is None else f"{100 * x:.3f}%"
 
 
@@ -93,7 +97,7 @@ def hoisted_rows(hoisted, total_flops_before: int | None = None) -> list[tuple[s
             saved, share = UNKNOWN_TRIPS, "n/a"
         else:
             saved = ("≤" if h.upper_bound else "") + human_flops(h.flops_saved)
-            share = _pct(h.flops_saved / total_flops_before if total_flops_before else None)
+            share = percent(h.flops_saved / total_flops_before if total_flops_before else None)
         rows.append((h.name, "x".join(map(str, h.shape)) or "()", h.dtype, human_bytes(h.bytes),
                      human_flops(h.flops_per_iteration), saved, share, h.loop, "+".join(h.via), h.branch,
                      h.source))
