@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.extend.core as jex
+from jax._src import config as _config
 from jax._src import core as _core
 from jax._src import source_info_util as _siu
 
@@ -287,8 +288,6 @@ def eval_primitive(primitive: Any, args: Sequence[Any], params: dict) -> Any:
 
 def trace_context() -> Any:
     """Every configuration value ``jax.jit`` keys its trace cache on (x64, default device, ...)."""
-    from jax._src import config as _config
-
     return _config.trace_context()
 
 
