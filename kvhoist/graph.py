@@ -67,28 +67,44 @@ def _inner_invars(e: Any) -> list[tuple[Any, list]]:
     return out
 
 
-def _uses(j: Any, v: Any) -> bool:
-    _cv, _c, _iv, outvars, eqns = compat.split_closed(j)
-    return any(a is v for e in eqns for a in e.invars) or any(a is v for a in outvars)
+class _Readers:
+    """Which equations of a jaxpr read each variable (and which variables it returns), indexed once per
+    jaxpr: a 40-layer unrolled program has thousands of hoisted values to trace into the loop."""
+
+    def __init__(self) -> None:
+        self._index: dict = {}
+
+    def __call__(self, j: Any) -> tuple[dict, set]:
+        key = id(j)
+        if key not in self._index:
+            _cv, _c, _iv, outvars, eqns = compat.split_closed(j)
+            readers: dict = {}
+            for e in eqns:
+                for a in e.invars:
+                    if is_var(a):
+                        readers.setdefault(id(a), []).append(e)
+            self._index[key] = (j, readers, {id(v) for v in outvars if is_var(v)})
+        return self._index[key][1:]
 
 
-def branches_reading(j: Any, v: Any) -> set[str]:
+def branches_reading(j: Any, v: Any, readers: _Readers | None = None) -> set[str]:
     """``'branch i of cond at file.py:line'`` for every cond branch (looking into loops and calls) that
     reads ``v``, a variable of ``j``: which expert a hoisted value belongs to."""
+    readers = readers or _Readers()
     found: set = set()
-    for e in compat.split_closed(j)[4]:
-        if not any(a is v for a in e.invars):
-            continue
+    eqns = readers(j)[0].get(id(v), [])
+    for e in dict.fromkeys(eqns):
         for k, (sub, inner) in enumerate(_inner_invars(e)):
             for a, w in zip(e.invars, inner):
                 if a is not v or w is None:
                     continue
                 if e.primitive.name == "cond":
-                    if _uses(sub, w):
+                    used, returned = readers(sub)
+                    if id(w) in used or id(w) in returned:
                         src = compat.source_line(e)
                         found.add(f"branch {k} of cond" + (f" at {src}" if src else ""))
                 else:
-                    found |= branches_reading(sub, w)
+                    found |= branches_reading(sub, w, readers)
     return found
 
 
@@ -102,6 +118,7 @@ def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
     _mb, marks = moved_marks(before, after)
     g = nx.DiGraph()
     counter = [0]
+    readers = _Readers()
 
     def visit(j: Any) -> None:
         _cv, _c, invars, _ov, eqns = compat.split_closed(j)
@@ -122,8 +139,8 @@ def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
         for i in chosen:
             e = eqns[i]
             heavy = any(x.primitive.name in ("dot_general", "conv_general_dilated") for x in _walk_eqn(e))
-            readers = set().union(*(branches_reading(j, v) for v in e.outvars if is_var(v)))
-            branch = next(iter(readers)) if len(readers) == 1 else ""
+            reading = set().union(*(branches_reading(j, v, readers) for v in e.outvars if is_var(v)))
+            branch = next(iter(reading)) if len(reading) == 1 else ""
             label = _label(e) + (f"\\n{branch}" if branch else "")
             g.add_node(node[i], label=label, kind="matmul" if heavy else "hoisted", branch=branch)
             for a in e.invars:
