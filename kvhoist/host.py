@@ -637,7 +637,10 @@ class HostHoistedFunction:
         # across calls: work invariant to an inner loop but not across calls still leaves that loop.
         block = engine.optimize_block(Block(list(constvars) + list(invars), list(outvars), list(eqns)))
         n_inner = len(engine.report.hoisted)
-        with engine.in_loop(LoopInfo("host loop", None, f"calls of {self.__name__}")):
+        from kvhoist.analysis.motion import surely_run_flops
+
+        with engine.in_loop(LoopInfo("host loop", None, f"calls of {self.__name__}",
+                                     surely_run_flops(block.eqns))):
             ext = engine.extract(block, set(constvars) | set(inv_vars), charge=True)
         outvars = block.outvars
         const_of = dict(zip(constvars, consts))

@@ -194,3 +194,22 @@ def test_options_are_validated_at_construction(kwargs, exc):
         kvhoist.hoist_invariants(_loop, **kwargs)
     with pytest.raises(exc):
         kvhoist.hoist_invariants(**kwargs)(_loop)
+
+
+def test_speculated_work_is_bounded_by_what_the_loop_surely_runs():
+    """A never-taken branch holding a long (static) fori_loop: no while, yet far too much work to speculate."""
+    def f(x, w):
+        def body(c, _):
+            def heavy(ops):
+                c, w = ops
+                return c + lax.fori_loop(0, 10**9, lambda i, v: jnp.tanh(v @ w), w).sum()
+            return lax.cond(c < 100.0, lambda ops: ops[0] + 1.0, heavy, (c, w)), None
+        return lax.scan(body, x, None, length=4)[0]
+
+    hf = kvhoist.hoist_invariants(f)
+    args = (jnp.float32(0.0), jnp.eye(8) * 0.5)
+    report = hf.report(*args)
+    assert not report.hoisted
+    assert any("not speculated" in s.reason for s in report.skipped), report.skipped
+    assert float(hf(*args)) == 4.0   # returns at once, like jit (the 10**9-step loop is never run)
+    assert motion.speculation_budget(10, 4) == 40 and motion.speculation_budget(None, 4) == 0

@@ -170,6 +170,39 @@ def can_move(eqn, speculative: bool) -> bool:
     return speculatable(eqn) if speculative else may_move(eqn)
 
 
+#: Speculated work may cost at most this many times what the enclosing loop surely runs (per iteration,
+#: times its trip count when known): a branch that never runs may not add more than that.
+MAX_SPECULATED_FLOPS_RATIO = 1.0
+
+
+def surely_run_flops(eqns: Iterable) -> int:
+    """FLOPs that certainly run when ``eqns`` run: a ``cond`` counts its cheapest branch, a ``while`` body
+    nothing (it may run zero times), a ``scan`` ``length`` times what its body surely runs."""
+    from kvhoist.analysis import cost
+
+    total = 0
+    for e in eqns:
+        name = e.primitive.name
+        if name == "cond":
+            total += min((surely_run_flops(compat.split_closed(b)[4]) for b in e.params["branches"]), default=0)
+        elif name == "while":
+            total += surely_run_flops(compat.split_closed(e.params["cond_jaxpr"])[4])
+        elif name == "scan":
+            total += int(e.params["length"]) * surely_run_flops(compat.split_closed(e.params["jaxpr"])[4])
+        elif compat.subjaxprs_of(e) and name in HIGHER_ORDER:
+            total += sum(surely_run_flops(compat.split_closed(s)[4]) for s in compat.subjaxprs_of(e)[:1])
+        else:
+            total += cost.eqn_flops(e)
+    return total
+
+
+def speculation_budget(surely_per_iteration: int | None, trip_count: int | None) -> int:
+    """FLOPs speculated work may cost in a loop that surely runs ``surely_per_iteration`` per iteration."""
+    if surely_per_iteration is None:
+        return 0
+    return int(MAX_SPECULATED_FLOPS_RATIO * surely_per_iteration * max(trip_count or 1, 1))
+
+
 # --------------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------------

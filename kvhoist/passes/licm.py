@@ -49,6 +49,8 @@ class LoopInfo:
     kind: str
     trip_count: int | None
     where: str
+    #: FLOPs one iteration surely runs (conds at their cheapest branch): bounds speculation.
+    surely_flops: int | None = None
 
     def describe(self) -> str:
         n = "?" if self.trip_count is None else str(self.trip_count)
@@ -240,7 +242,7 @@ class Licm:
     def in_loop(self, info: LoopInfo):
         self.loops.append(info)
         try:
-            yield
+            yield info
         finally:
             self.loops.pop()
 
@@ -417,6 +419,18 @@ class Licm:
         what = "speculated" if spec and motion.may_move(eqn) else "moved"
         self.report.skipped.append(Skipped(
             name, src, f"not {what}: {reason}", cost.out_bytes(eqn), cost.eqn_flops(eqn),
+            self.loops[-1].describe() if self.loops else ""))
+
+    def refuse_speculation(self, cond_eqn, flops: int, budget: int) -> None:
+        """Report a cond whose branches' invariant work is too expensive to speculate."""
+        name, src = _describe(cond_eqn)
+        key = (name, src, "speculation budget")
+        if key in self._stayed:
+            return
+        self._stayed.add(key)
+        self.report.skipped.append(Skipped(
+            name, src, f"not speculated: its branches' invariant work ({flops} FLOPs) would run even if the "
+            f"branch never does, more than the loop surely runs ({budget} FLOPs)", 0, flops,
             self.loops[-1].describe() if self.loops else ""))
 
     def _fit_memory(self, eqns, selected: set, units, block_outvars, spec: bool) -> set:

@@ -9,12 +9,15 @@ price is memory for every branch's results (both experts' caches), reported as a
 
 Only *speculatable* equations are speculated (:mod:`kvhoist.analysis.motion`): pure, deterministic,
 allowlisted primitives that cannot trap and terminate — no ``while`` loop, no callback — and no
-value larger than a small multiple of the branch's inputs (a never-taken branch may not allocate).
+value larger than a small multiple of the branch's inputs (a never-taken branch may not allocate), and
+at most as many FLOPs as the enclosing loop surely runs (its body with every cond at its cheapest
+branch, times its trip count): a never-taken branch may not add unbounded work.
 """
 
 from __future__ import annotations
 
 from kvhoist import compat
+from kvhoist.analysis import cost, motion
 from kvhoist.ir import Block, aval_bytes, clone_eqns
 from kvhoist.rules import register
 from kvhoist.rules.common import map_subjaxprs
@@ -37,6 +40,12 @@ class CondRule:
             return None
         exts = [engine.extract(b, [v for v, m in zip(b.invars, opmask) if m], speculative=True) for b in blocks]
         if all(x.empty for x in exts):
+            return None
+        spec_flops = sum(cost.eqn_flops(q) for x in exts for q in x.hoisted)
+        loop = engine.loops[-1] if engine.loops else None
+        budget = motion.speculation_budget(loop.surely_flops if loop else None, loop.trip_count if loop else None)
+        if spec_flops > budget:
+            engine.refuse_speculation(eqn, spec_flops, budget)
             return None
         pre, outer_new, branch_of = [], [], {}
         known_runs = engine.branch_runs.get(id(eqn))

@@ -64,8 +64,9 @@ class ScanRule:
         ny = len(eqn.outvars) - nk
         length = int(params["length"])
         engine.bind_known(body.invars[:nc], eqn.invars[:nc])
-        with engine.in_loop(_loop_info(eqn, "scan", length)):
+        with engine.in_loop(_loop_info(eqn, "scan", length)) as info:
             body = engine.optimize_block(body)
+            info.surely_flops = motion.surely_run_flops(body.eqns)
             for be in body.eqns:
                 if be.primitive.name == "cond":
                     try:

@@ -11,6 +11,7 @@ its results cannot be stacked without a static trip count — but moves as a who
 from __future__ import annotations
 
 from kvhoist import compat
+from kvhoist.analysis import motion
 from kvhoist.analysis.invariance import passthrough_carries
 from kvhoist.ir import Block, clone_eqns, used_vars
 from kvhoist.rules import register
@@ -47,8 +48,9 @@ class WhileRule:
             return [map_subjaxprs(eqn, engine.optimize_sub)]
         cn, bn = params["cond_nconsts"], params["body_nconsts"]
         nk = len(eqn.invars) - cn - bn
-        with engine.in_loop(LoopInfo("while", None, compat.source_line(eqn))):
+        with engine.in_loop(LoopInfo("while", None, compat.source_line(eqn))) as info:
             body = engine.optimize_block(body)
+            info.surely_flops = motion.surely_run_flops(body.eqns)
             through = passthrough_carries(body, bn, nk)
             inv_invars = body.invars[:bn] + [body.invars[bn + k] for k in range(nk) if through[k]]
             ext = engine.extract(body, inv_invars, charge=True, speculative=True)
