@@ -39,7 +39,7 @@ from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
 from kvhoist.ir import Block, aval_bytes, is_var, producers, verify_eqns, verify_jaxpr
-from kvhoist.report import HoistedValue, Note, Report, Skipped
+from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
 
 
 @dataclasses.dataclass
@@ -185,7 +185,7 @@ class Licm:
                 h, bytes=nbytes, shape=h.shape if shape is None else tuple(shape), via=h.via + (tag,))
         self.report.hoisted[len(self.report.hoisted) - count:] = entries
         saved = sum(old - nbytes for old, _shape, nbytes in sizes.values())
-        self.note("shrink", f"{name} at {compat.source_line(loop) or '?'}: cache {saved} bytes smaller "
+        self.note("shrink", f"{name} at {compat.source_line(loop) or '?'}: cache {human_bytes(saved)} smaller "
                   f"({sum(1 for _o, s, _n in sizes.values() if s is not None)} value(s) kept untiled, "
                   f"{dropped} shared with another value or recomputed as a view)", -saved)
         return new_pre, new_loop
@@ -429,8 +429,8 @@ class Licm:
             return
         self._stayed.add(key)
         self.report.skipped.append(Skipped(
-            name, src, f"not speculated: its branches' invariant work ({flops} FLOPs) would run even if the "
-            f"branch never does, more than the loop surely runs ({budget} FLOPs)", 0, flops,
+            name, src, f"not speculated: its branches' invariant work ({human_flops(flops)} FLOPs) would run even "
+            f"if the branch never does, more than the loop surely runs ({human_flops(budget)} FLOPs)", 0, flops,
             self.loops[-1].describe() if self.loops else ""))
 
     def _fit_memory(self, eqns, selected: set, units, block_outvars, spec: bool) -> set:
@@ -520,7 +520,7 @@ class Licm:
                 name, src = _describe(max((eqns[k] for k in comp), key=cost.eqn_flops))
                 self.report.skipped.append(Skipped(
                     name, src,
-                    f"over the max_cache_bytes budget: needs {nbytes} bytes, {self.budget_left} left",
+                    f"over the max_cache_bytes budget: needs {human_bytes(nbytes)}, {human_bytes(self.budget_left)} left",
                     nbytes, flops, self.loops[-1].describe() if self.loops else ""))
         return keep
 

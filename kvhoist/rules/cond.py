@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from kvhoist import compat
 from kvhoist.analysis import cost, motion
+from kvhoist.report import human_bytes
 from kvhoist.ir import Block, aval_bytes, clone_eqns
 from kvhoist.rules import register
 from kvhoist.rules.common import map_subjaxprs
@@ -68,6 +69,6 @@ class CondRule:
         nbytes = sum(aval_bytes(v.aval) for v in flat_new)
         return Split(pre, [post], "speculation",
                      f"speculated {len(pre)} invariant equation(s) out of a {len(branches)}-way cond "
-                     f"({nbytes} bytes of results for all branches"
+                     f"({human_bytes(nbytes)} of results for all branches"
                      + (f"; branch runs per loop: {known_runs[1]}" if known_runs else "") + ")", nbytes,
                      frozenset().union(*(x.kinds for x in exts)), branch_of)

@@ -24,6 +24,7 @@ from kvhoist import compat
 from kvhoist.analysis import branches, motion
 from kvhoist.analysis.invariance import outer_invariant_carries, passthrough_carries
 from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, used_vars
+from kvhoist.report import human_bytes
 from kvhoist.rules import register
 
 
@@ -154,7 +155,7 @@ class ScanRule:
         return Split(pre, [b_eqn], "fission",
                      f"fissioned scan(length={length}) at {compat.source_line(eqn)}: "
                      f"{len(ext.hoisted)} equation(s) per iteration moved to a separate scan "
-                     f"producing {len(stacked)} stacked value(s), {nbytes} bytes", nbytes, ext.kinds)
+                     f"producing {len(stacked)} stacked value(s), {human_bytes(nbytes)}", nbytes, ext.kinds)
 
 
 def _vmapped(a_body: Block, n_consts: int, operands: list, length: int):
