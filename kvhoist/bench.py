@@ -130,6 +130,7 @@ class Form:
     i2v: bool = False
     xla_hoists: bool = False   # FACTS.md: does plain jax.jit (CPU) hoist the K/V dots itself?
     note: str = ""
+    variant: str = "wan"       # "vace" (wan_ref.vace) or "animate" (wan_ref.animate; implies the I2V inputs)
 
 
 FORMS: dict[str, Form] = {f.name: f for f in [
@@ -141,6 +142,11 @@ FORMS: dict[str, Form] = {f.name: f for f in [
          note="two experts behind lax.cond (unrolled layers, so the cond is the only obstacle)"),
     Form("I2V + CFG", "scan", True, i2v=True, note="text + image K/V (257 image tokens padded to 384)"),
     Form("python loop", "python", True, note="a Python loop calling one jitted step"),
+    Form("VACE + CFG", "scan", True, variant="vace",
+         note="VACE: control video (96 ch) embedded + proj_in, hints after blocks 0 and 2; text K/V of 4 + 2 blocks"),
+    Form("Animate + CFG", "scan", True, i2v=True, variant="animate",
+         note="Wan Animate: pose latents, 4 face frames through a 32 px motion encoder, face adapters after "
+              "blocks 0 and 2 (lax.cond in the layer scan), text + CLIP K/V; 2 latent frames"),
 ]}
 """The sampler forms (``--forms``)."""
 
@@ -369,6 +375,13 @@ class Case:
     context_batch: int
 
 
+# The small Animate face path of the "Animate + CFG" form: 32 px faces, 4 frames (-> 2 motion frames).
+_ANIMATE_FACE = dict(motion_encoder_size=32, motion_encoder_channel_sizes={"4": 128, "8": 128, "16": 64, "32": 32},
+                     motion_style_dim=128, motion_dim=20, motion_encoder_dim=128, face_encoder_hidden_dim=128,
+                     face_encoder_num_heads=4, inject_face_latents_blocks=2, motion_encoder_batch_size=8)
+_ANIMATE_FACE_FRAMES = 4
+
+
 def _wan_config(cfg: BenchConfig, form: Form):
     from wan_ref.config import WanConfig
 
@@ -377,21 +390,41 @@ def _wan_config(cfg: BenchConfig, form: Form):
     if form.i2v:
         in_channels = 2 * cfg.z_dim + 4
         extra = dict(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim)
-    return WanConfig(num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=in_channels,
-                     out_channels=cfg.z_dim, text_dim=cfg.text_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
-                     scan_layers=form.scan_layers, **extra)
+    base = dict(num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=in_channels,
+                out_channels=cfg.z_dim, text_dim=cfg.text_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                scan_layers=form.scan_layers, **extra)
+    if form.variant == "vace":
+        from wan_ref.vace import WanVACEConfig
+
+        return WanVACEConfig(**base, vace_layers=(0, 2), vace_in_channels=2 * cfg.z_dim + 64)
+    if form.variant == "animate":
+        from wan_ref.animate import WanAnimateConfig
+
+        return WanAnimateConfig(**base, latent_channels=cfg.z_dim, **_ANIMATE_FACE)
+    return WanConfig(**base)
+
+
+def _model_class(form: Form):
+    if form.variant == "vace":
+        from wan_ref.vace import WanVACEModel
+        return WanVACEModel
+    if form.variant == "animate":
+        from wan_ref.animate import WanAnimateModel
+        return WanAnimateModel
+    from wan_ref.model import WanModel
+    return WanModel
 
 
 def build_case(cfg: BenchConfig, form: Form, seed: int = 0) -> Case:
     """Random models and inputs for ``form`` at ``cfg`` (CFG on, UniPC, float32)."""
     from flax import nnx
 
-    from wan_ref.model import WanModel
-
     wcfg = _wan_config(cfg, form)
-    models = tuple(WanModel(wcfg, rngs=nnx.Rngs(seed + i)) for i in range(form.experts))
-    keys = jax.random.split(jax.random.key(seed + 100), 5)
+    models = tuple(_model_class(form)(wcfg, rngs=nnx.Rngs(seed + i)) for i in range(form.experts))
+    keys = jax.random.split(jax.random.key(seed + 100), 7)
     f, h, w = cfg.latent_fhw
+    if form.variant == "animate":
+        f = max(f, 2)  # frame 0 is the reference; the pose latents cover frames 1..F-1
     b = cfg.batch
     text_tokens = 512 if form.i2v else cfg.text_tokens
     latents = jax.random.normal(keys[0], (b, cfg.z_dim, f, h, w), jnp.float32)
@@ -403,12 +436,34 @@ def build_case(cfg: BenchConfig, form: Form, seed: int = 0) -> Case:
     if form.i2v:
         kwargs["image_embeds"] = jax.random.normal(keys[3], (b, 257, cfg.image_dim), jnp.float32)
         kwargs["condition"] = jax.random.normal(keys[4], (b, cfg.z_dim + 4, f, h, w), jnp.float32)
+    if form.variant == "vace":
+        kwargs["control_hidden_states"] = jax.random.normal(keys[5], (b, wcfg.vace_in_channels, f, h, w),
+                                                            jnp.float32)
+    elif form.variant == "animate":
+        size = wcfg.motion_encoder_size
+        kwargs["pose_hidden_states"] = jax.random.normal(keys[5], (b, cfg.z_dim, f - 1, h, w), jnp.float32)
+        kwargs["face_pixel_values"] = jax.random.uniform(keys[6], (b, 3, _ANIMATE_FACE_FRAMES, size, size),
+                                                         jnp.float32, -1.0, 1.0)
     return Case((models[0], latents, pe, npe), kwargs, models, 2 * b)
+
+
+def _variant_cache_kwargs(case: Case, abstract: bool = False) -> dict:
+    """The VACE / Animate keyword inputs of ``compute_kv_cache`` at the CFG batch (abstract: shapes only)."""
+    out = {}
+    for name in ("control_hidden_states", "pose_hidden_states", "face_pixel_values"):
+        if name in case.kwargs:
+            x = case.kwargs[name]
+            shape = (case.context_batch, *x.shape[1:])
+            out[name] = jax.ShapeDtypeStruct(shape, x.dtype) if abstract else jnp.concatenate([x, x])
+    if "control_hidden_states" in out:
+        out["num_latent_frames"] = case.args[1].shape[2]
+    return out
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     """(static, traced) keyword arguments of ``sample``: arrays and models are traced."""
-    traced_names = ("model_2", "image_embeds", "condition")
+    traced_names = ("model_2", "image_embeds", "condition", "control_hidden_states", "pose_hidden_states",
+                    "face_pixel_values")
     return ({k: v for k, v in kwargs.items() if k not in traced_names},
             {k: v for k, v in kwargs.items() if k in traced_names})
 
@@ -419,9 +474,11 @@ def _kv_seconds(case: Case, form: Form, cfg: BenchConfig, repeats: int) -> tuple
     text_tokens = case.args[2].shape[1]
     ctx = jnp.ones((case.context_batch, text_tokens, cfg.text_dim), jnp.float32)
     img = jnp.ones((case.context_batch, 257, cfg.image_dim), jnp.float32) if form.i2v else None
-    fn = jax.jit(lambda m, c, i: m.compute_kv_cache(c, i))
+    extra = _variant_cache_kwargs(case)
+    static = {k: extra.pop(k) for k in [k for k in extra if k == "num_latent_frames"]}
+    fn = jax.jit(lambda m, c, i, e: m.compute_kv_cache(c, i, **e, **static))
     cpu: dict[str, list[float]] = {}
-    wall = time_interleaved({"kv": lambda: fn(case.models[0], ctx, img)}, repeats=max(repeats, 5), warmup=2,
+    wall = time_interleaved({"kv": lambda: fn(case.models[0], ctx, img, extra)}, repeats=max(repeats, 5), warmup=2,
                             cpu_times=cpu)
     return statistics.median(wall["kv"]), statistics.median(cpu["kv"])
 
@@ -433,7 +490,10 @@ def _hand_cache_bytes(case: Case, form: Form, cfg: BenchConfig) -> int:
     img = None
     if form.i2v:
         img = jax.ShapeDtypeStruct((case.context_batch, 257, cfg.image_dim), jnp.float32)
-    return sum(_tree_bytes(jax.eval_shape(m.compute_kv_cache, ctx, img)) for m in case.models)
+    extra = _variant_cache_kwargs(case, abstract=True)
+    static = {k: extra.pop(k) for k in [k for k in extra if k == "num_latent_frames"]}
+    return sum(_tree_bytes(jax.eval_shape(lambda c, i, e: m.compute_kv_cache(c, i, **e, **static), ctx, img, extra))
+               for m in case.models)
 
 
 def _host_hoisted(case: Case) -> tuple[Callable[[], Any] | None, Callable[[], int | None], str]:

@@ -121,8 +121,19 @@ def abstract_model(config: Any) -> Any:
     """
     from flax import nnx
 
+    from wan_ref.config import WanConfig
     from wan_ref.model import WanModel
 
+    if type(config) is not WanConfig:
+        # VACE / Animate: their extra module lists are not replicas of one block; build the whole model
+        # abstractly (wan_ref's initialisers are cheap under eval_shape: ~2 s for 14B).
+        from wan_ref.animate import WanAnimateConfig, WanAnimateModel
+        from wan_ref.vace import WanVACEConfig, WanVACEModel
+
+        classes = {WanVACEConfig: WanVACEModel, WanAnimateConfig: WanAnimateModel}
+        if type(config) not in classes:
+            raise SpecError(f"no abstract model for {type(config).__name__}")
+        return nnx.eval_shape(lambda: classes[type(config)](config, rngs=nnx.Rngs(0)))
     n = config.num_layers
     if n <= 1:
         return nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
@@ -210,6 +221,13 @@ def preset_program(name: str, opts: SamplerOptions) -> Program:
         kwargs["condition"] = jax.ShapeDtypeStruct((1, z, 1, lh, lw), jnp.float32)
     elif p.config.in_channels > z:
         kwargs["condition"] = jax.ShapeDtypeStruct((1, p.config.in_channels - z, lf, lh, lw), jnp.float32)
+    if p.task == "vace":  # WanVACEPipeline's control latents: video latents + 8x8-folded mask, one per frame
+        kwargs["control_hidden_states"] = jax.ShapeDtypeStruct(
+            (1, p.config.vace_in_channels, lf, lh, lw), dtype)
+    elif p.task == "animate":  # one segment: pose latents for frames 1.., the face video in pixels
+        size = p.config.motion_encoder_size
+        kwargs["pose_hidden_states"] = jax.ShapeDtypeStruct((1, z, lf - 1, lh, lw), dtype)
+        kwargs["face_pixel_values"] = jax.ShapeDtypeStruct((1, 3, f, size, size), dtype)
     static = dict(num_inference_steps=steps, guidance_scale=p.guidance_scale, flow_shift=p.flow_shift,
                   scheduler=opts.scheduler, loop=opts.loop, expand_timesteps=p.expand_timesteps)
     if p.two_experts:
@@ -221,7 +239,12 @@ def preset_program(name: str, opts: SamplerOptions) -> Program:
             f"{'scanned' if opts.scan_layers else 'unrolled'} layers, CFG {'on' if cfg else 'off'}, "
             f"{f}x{h}x{w} px -> latents {lf}x{lh}x{lw} ({tokens} tokens), {opts.text_len} text tokens, "
             f"{jnp.dtype(dtype).name}" + (f", target {opts.target}" if opts.target else "")
-            + (", two experts" if p.two_experts else ""))
+            + (", two experts" if p.two_experts else "")
+            + (f", VACE control {p.config.vace_in_channels} ch, hints after {len(p.config.vace_layers)} blocks"
+               if p.task == "vace" else "")
+            + (f", Animate: pose latents, {f} face frames of {p.config.motion_encoder_size}^2 px (motion encoder "
+               f"batch {p.config.motion_encoder_batch_size}), {p.config.num_face_adapters} face adapters"
+               if p.task == "animate" else ""))
     return Program(name, desc, fun, args, kwargs, target=target, real_size=not tiny)
 
 

@@ -13,6 +13,10 @@ from typing import Any
 
 import pytest
 
+# Internal kvhoist failures raise in tests instead of falling back to the unoptimised program (tests
+# of the fallback itself set KVHOIST_STRICT=0 with monkeypatch).
+os.environ.setdefault("KVHOIST_STRICT", "1")
+
 
 def _as_diffusers_dict(config: Any) -> dict:
     if isinstance(config, dict):
@@ -66,3 +70,35 @@ def diffusers_wan():
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     return make_diffusers_wan
+
+
+def make_diffusers_transformer(class_name: str, config: Any, path: str | os.PathLike | None = None, *, seed: int = 0,
+                               std: float = 0.1, unit_std_prefixes: tuple[str, ...] = (),
+                               max_shard_size: str | int | None = None):
+    """A random diffusers transformer of class `class_name` (e.g. "WanVACETransformer3DModel"), fp32, eval mode.
+
+    Weights as `make_diffusers_wan`, except parameters whose name starts with one of `unit_std_prefixes`
+    (e.g. "motion_encoder.", whose layers rescale their own weights) are drawn ~ N(0, 1).
+    Optionally saved with `save_pretrained(path, max_shard_size=...)`.
+    """
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    model = getattr(diffusers, class_name)(**_as_diffusers_dict(config)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            leaf = name.split(".")[-2] if "." in name else name
+            if name.startswith(unit_std_prefixes):
+                param.copy_(noise)
+            elif "norm" in leaf and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("scale_shift_table") or name.endswith("pos_embed"):
+                param.copy_(0.5 * noise)
+            else:
+                param.copy_(std * noise)
+    if path is not None:
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(os.fspath(path), **kwargs)
+    return model

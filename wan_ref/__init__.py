@@ -3,14 +3,22 @@
 Public API (one import line per module, so other modules can add theirs):
 """
 
+from wan_ref.animate import AnimateCache, WanAnimateConfig, WanAnimateModel
 from wan_ref.config import WanConfig
 from wan_ref.load import load_diffusers, save_diffusers
 from wan_ref.model import KVCache, WanModel
 from wan_ref.presets import PRESETS, Preset, get_preset
 from wan_ref.sample import sample
 from wan_ref.schedulers import SCHEDULERS, FlowMatchEuler, UniPCMultistep, make_scheduler
+from wan_ref.vace import VACECache, WanVACEConfig, WanVACEModel
 
 __all__ = [
+    "AnimateCache",
+    "VACECache",
+    "WanAnimateConfig",
+    "WanAnimateModel",
+    "WanVACEConfig",
+    "WanVACEModel",
     "FlowMatchEuler",
     "KVCache",
     "PRESETS",

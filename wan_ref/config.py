@@ -87,11 +87,17 @@ class WanConfig:
     def from_diffusers(cls, config: Mapping[str, Any], **overrides: Any) -> "WanConfig":
         """Builds a config from diffusers' `config.json` contents (a dict); `overrides` set wan_ref options.
 
-        Unknown keys are ignored with a warning, as diffusers does.
+        Unknown keys are ignored with a warning, as diffusers does. Called on `WanConfig` with a VACE or
+        Animate config (by `_class_name`, or by their own keys such as `vace_layers`), it returns
+        `wan_ref.vace.WanVACEConfig` / `wan_ref.animate.WanAnimateConfig`.
 
         Raises:
           ValueError: for an unsupported `qk_norm` or inconsistent values.
         """
+        if cls is WanConfig:
+            variant = _variant_config_class(config)
+            if variant is not None:  # VACE / Animate fields would otherwise be dropped
+                return variant.from_diffusers(config, **overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         qk_norm = config.get("qk_norm", "rms_norm_across_heads")
         if qk_norm != "rms_norm_across_heads":
@@ -121,3 +127,20 @@ class WanConfig:
     def replace(self, **changes: Any) -> "WanConfig":
         """A copy with `changes` applied (dataclasses.replace)."""
         return dataclasses.replace(self, **changes)
+
+
+# VACE / Animate: (module, config class, a config key only that variant has).
+_VARIANTS = {
+    "WanVACETransformer3DModel": ("wan_ref.vace", "WanVACEConfig", "vace_layers"),
+    "WanAnimateTransformer3DModel": ("wan_ref.animate", "WanAnimateConfig", "inject_face_latents_blocks"),
+}
+
+
+def _variant_config_class(config: Mapping[str, Any]) -> type | None:
+    """The VACE / Animate config class a diffusers config dict describes, or None for a plain Wan."""
+    import importlib
+
+    for class_name, (module, name, key) in _VARIANTS.items():
+        if config.get("_class_name") == class_name or key in config:
+            return getattr(importlib.import_module(module), name)
+    return None

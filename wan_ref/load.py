@@ -31,6 +31,14 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _RENAME = {"kernel": "weight", "scale": "weight", "to_out": "to_out.0", "net_0_proj": "net.0.proj", "net_2": "net.2"}
 # Keys diffusers itself ignores when loading (`_keys_to_ignore_on_load_unexpected`).
 _IGNORED_KEYS = ("norm_added_q",)
+# Modules whose `to_out` is a plain Linear in diffusers (not `to_out.0` of a ModuleList).
+_PLAIN_TO_OUT = ("face_adapter",)
+# diffusers `_class_name` -> (wan_ref module, model class, config class); None = this module's WanModel.
+_MODEL_CLASSES = {
+    "WanTransformer3DModel": None,
+    "WanVACETransformer3DModel": ("wan_ref.vace", "WanVACEModel", "WanVACEConfig"),
+    "WanAnimateTransformer3DModel": ("wan_ref.animate", "WanAnimateModel", "WanAnimateConfig"),
+}
 
 
 def _flat_params(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
@@ -48,7 +56,9 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 
 def _diffusers_key(path: tuple) -> str:
-    return ".".join(_RENAME.get(p, p) if isinstance(p, str) else str(p) for p in path)
+    plain = path[0] in _PLAIN_TO_OUT
+    return ".".join(p if plain and p == "to_out" else _RENAME.get(p, p) if isinstance(p, str) else str(p)
+                    for p in path)
 
 
 def _to_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
@@ -68,11 +78,43 @@ def _from_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _entries(path: tuple, stacked_layers: int | None) -> list[tuple[str, tuple]]:
-    """(diffusers key, per-layer path) for one wan_ref parameter; several when layers are stacked."""
-    if stacked_layers is not None and path[0] == "blocks":
-        return [(_diffusers_key(("blocks", i) + path[1:]), path) for i in range(stacked_layers)]
+def _entries(path: tuple, stacked: dict[str, int]) -> list[tuple[str, tuple]]:
+    """(diffusers key, per-layer path) for one wan_ref parameter; several when its module list is stacked.
+
+    `stacked` maps a top-level module list stored stacked (`blocks`, Animate's `face_adapter`) to its length.
+    """
+    if path[0] in stacked:
+        return [(_diffusers_key((path[0], i) + path[1:]), path) for i in range(stacked[path[0]])]
     return [(_diffusers_key(path), path)]
+
+
+def _stacked_lists(model_or_config: Any) -> dict[str, int]:
+    """Top-level module lists that `model_or_config` stores stacked on a leading axis, with their lengths."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if not config.scan_layers:
+        return {}
+    out = {"blocks": config.num_layers}
+    if hasattr(config, "num_face_adapters"):
+        out["face_adapter"] = config.num_face_adapters
+    return out
+
+
+def model_classes(config: dict, path: str = "") -> tuple[type, type]:
+    """(model class, config class) for a diffusers `config.json` dict, by its `_class_name`.
+
+    Raises:
+      ValueError: a transformer class wan_ref does not implement (named, with the supported ones).
+    """
+    import importlib
+
+    name = config.get("_class_name", "WanTransformer3DModel")
+    if name not in _MODEL_CLASSES:
+        raise ValueError(f"{path!r} holds a {name}; wan_ref loads {', '.join(_MODEL_CLASSES)} only")
+    entry = _MODEL_CLASSES[name]
+    if entry is None:
+        return WanModel, WanConfig
+    module = importlib.import_module(entry[0])
+    return getattr(module, entry[1]), getattr(module, entry[2])
 
 
 def _read_config(path: str) -> dict:
@@ -112,7 +154,11 @@ def _open_tensors(path: str) -> dict[str, Any]:
 
 def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: bool = True,
                    image_token_alignment: int = 128) -> WanModel:
-    """Loads a `WanTransformer3DModel.save_pretrained` directory as a `WanModel`.
+    """Loads a diffusers Wan transformer directory (`save_pretrained`) as a `WanModel` or subclass.
+
+    `config.json`'s `_class_name` picks the model: `WanTransformer3DModel` -> `WanModel`,
+    `WanVACETransformer3DModel` -> `wan_ref.vace.WanVACEModel`, `WanAnimateTransformer3DModel` ->
+    `wan_ref.animate.WanAnimateModel`; any other class is refused (its tensors would be ignored otherwise).
 
     Args:
       path: directory holding config.json and the safetensors weights (single file or sharded).
@@ -120,25 +166,27 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
       scan_layers, image_token_alignment: wan_ref options (see WanConfig).
 
     Raises:
-      ValueError: missing config.json or weights, a missing tensor, or a tensor of the wrong shape
-        (naming the diffusers key and the expected shape).
+      ValueError: missing config.json or weights, an unsupported `_class_name`, a missing tensor, or a
+        tensor of the wrong shape (naming the diffusers key and the expected shape).
 
     Example:
       >>> model = load_diffusers("Wan2.1-T2V-1.3B-Diffusers/transformer", dtype=jnp.bfloat16)
     """
     path = os.fspath(path)
     dtype = jnp.float32 if dtype is None else dtype
-    config = WanConfig.from_diffusers(_read_config(path), scan_layers=scan_layers,
-                                      image_token_alignment=image_token_alignment, param_dtype=dtype, dtype=dtype)
+    raw = _read_config(path)
+    model_cls, config_cls = model_classes(raw, path)
+    config = config_cls.from_diffusers(raw, scan_layers=scan_layers, image_token_alignment=image_token_alignment,
+                                       param_dtype=dtype, dtype=dtype)
     tensors = _open_tensors(path)
     # Build the module without computing random weights; every leaf is replaced below.
-    abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     values = nnx.to_pure_dict(state)
-    stacked = config.num_layers if scan_layers else None
+    stacked = _stacked_lists(config)
     used = set()
     for p, spec in list(_flat_params(values)):
-        per_layer_shape = tuple(spec.shape[1:]) if stacked is not None and p[0] == "blocks" else tuple(spec.shape)
+        per_layer_shape = tuple(spec.shape[1:]) if p[0] in stacked else tuple(spec.shape)
         expected = _to_torch_layout(p, np.empty(per_layer_shape, np.int8)).shape
         layers = []
         for key, _ in _entries(p, stacked):
@@ -151,7 +199,7 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
                                  f"{list(expected)} for this config.json")
             layers.append(_from_torch_layout(p, array).astype(spec.dtype))
             used.add(key)
-        _set(values, p, jnp.stack(layers) if stacked is not None and p[0] == "blocks" else layers[0])
+        _set(values, p, jnp.stack(layers) if p[0] in stacked else layers[0])
     unused = sorted(k for k in tensors if k not in used and not any(s in k for s in _IGNORED_KEYS))
     if unused:
         warnings.warn(f"ignoring {len(unused)} checkpoint tensors wan_ref does not use, e.g. {unused[:3]}",
@@ -161,7 +209,10 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
 
 
 def save_diffusers(model: WanModel, path: str | os.PathLike) -> None:
-    """Writes `model` as `WanTransformer3DModel.save_pretrained` would (config.json + one safetensors file).
+    """Writes `model` as diffusers' `save_pretrained` would (config.json + one safetensors file).
+
+    `_class_name` is the model's diffusers class (`WanTransformer3DModel`, `WanVACETransformer3DModel` or
+    `WanAnimateTransformer3DModel`).
 
     Parameters are saved in their stored dtype (bfloat16 stays bfloat16, fp32 islands stay float32).
     """
@@ -170,15 +221,16 @@ def save_diffusers(model: WanModel, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config = model.config
-    stacked = config.num_layers if config.scan_layers else None
+    stacked = _stacked_lists(model)
     tensors = {}
     for p, value in _flat_params(nnx.to_pure_dict(nnx.state(model))):
         for i, (key, _) in enumerate(_entries(p, stacked)):
-            layer = value[i] if stacked is not None and p[0] == "blocks" else value
+            layer = value[i] if p[0] in stacked else value
             # Through numpy for the transpose; jnp keeps bfloat16 intact via ml_dtypes.
             tensors[key] = jnp.asarray(np.ascontiguousarray(_to_torch_layout(p, np.asarray(layer))))
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    diffusers_config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1",
+    class_name = getattr(model, "diffusers_class_name", "WanTransformer3DModel")
+    diffusers_config = {"_class_name": class_name, "_diffusers_version": "0.42.1",
                         **config.to_diffusers()}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(diffusers_config, f, indent=2)

@@ -13,7 +13,7 @@ import difflib
 
 from wan_ref.config import WanConfig
 
-TaskName = str  # "t2v" | "i2v" | "flf2v" | "ti2v"
+TaskName = str  # "t2v" | "i2v" | "flf2v" | "ti2v" | "vace" | "animate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,8 @@ class Preset:
       name: preset key.
       config: the (first / high-noise) transformer.
       config_2: the second (low-noise) expert of Wan 2.2 A14B, else None.
-      task: "t2v", "i2v", "flf2v" or "ti2v".
+      task: "t2v", "i2v", "flf2v", "ti2v", "vace" (`wan_ref.vace`) or "animate" (`wan_ref.animate`; one
+        segment of `num_frames` pixel frames, latents have one extra reference frame).
       boundary_ratio: Wan 2.2 A14B: use `config` while t >= boundary_ratio * 1000, else `config_2`.
       flow_shift: shift of the flow-matching sigma schedule.
       guidance_scale: CFG scale (for `config`); guidance_scale_2: for `config_2` (None for one expert).
@@ -65,9 +66,12 @@ class Preset:
 
     def latent_shape(self, batch: int = 1, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None) -> tuple[int, int, int, int, int]:
-        """Shape [B, z_dim, F, H, W] of the noise latents for a video size (defaults: the preset's)."""
+        """Shape [B, z_dim, F, H, W] of the noise latents for a video size (defaults: the preset's).
+
+        Animate: F has one extra (reference) frame, as `WanAnimatePipeline.prepare_latents`."""
         h, w, f = height or self.height, width or self.width, num_frames or self.num_frames
-        return (batch, self.z_dim, (f - 1) // self.vae_scale_factor_temporal + 1,
+        extra = 1 if self.task == "animate" else 0
+        return (batch, self.z_dim, (f - 1) // self.vae_scale_factor_temporal + 1 + extra,
                 h // self.vae_scale_factor_spatial, w // self.vae_scale_factor_spatial)
 
 
@@ -92,7 +96,34 @@ _TINY_FLF2V = dataclasses.replace(_TINY_I2V, pos_embed_seq_len=2 * 257)
 _TINY_I2V_A14B = dataclasses.replace(_TINY, in_channels=12)
 
 
+def _variants() -> dict[str, WanConfig]:
+    """VACE and Animate configs (imported here: those modules import wan_ref.model)."""
+    from wan_ref.animate import WanAnimateConfig
+    from wan_ref.vace import WanVACEConfig
+
+    def vace(base: WanConfig, layers: tuple[int, ...], vace_in: int) -> WanVACEConfig:
+        return WanVACEConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                             vace_layers=layers, vace_in_channels=vace_in)
+
+    animate_14b = WanAnimateConfig(**{f.name: getattr(_I2V_14B, f.name) for f in dataclasses.fields(_I2V_14B)})
+    tiny_animate = WanAnimateConfig(
+        **{f.name: getattr(_TINY_I2V, f.name) for f in dataclasses.fields(_TINY_I2V)} | {"num_layers": 4},
+        latent_channels=4, motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 4}, motion_encoder_size=16,
+        motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2, inject_face_latents_blocks=2, motion_encoder_batch_size=3)
+    return {
+        # VACE control channels: 16 inactive + 16 reactive latents + 64 (8x8-folded mask).
+        "vace-1.3b": vace(_T2V_1_3B, tuple(range(0, 30, 2)), 96),
+        "vace-14b": vace(_T2V_14B, tuple(range(0, 40, 5)), 96),
+        "animate-14b": animate_14b,
+        # Tiny: 3 layers with hints after blocks 0 and 2; control = 4 + 4 latents + 64 mask channels.
+        "tiny-vace": vace(dataclasses.replace(_TINY, num_layers=3), (0, 2), 72),
+        "tiny-animate": tiny_animate,
+    }
+
+
 def _presets() -> dict[str, Preset]:
+    v = _variants()
     p = [
         Preset("wan2.1-t2v-1.3b", _T2V_1_3B, "t2v", flow_shift=3.0, guidance_scale=5.0, height=480, width=832,
                num_frames=81),
@@ -112,6 +143,13 @@ def _presets() -> dict[str, Preset]:
                num_inference_steps=40),
         Preset("wan2.2-ti2v-5b", _TI2V_5B, "ti2v", flow_shift=5.0, guidance_scale=5.0, height=704, width=1280,
                num_frames=121, vae_scale_factor_spatial=16, z_dim=48, expand_timesteps=True),
+        Preset("wan2.1-vace-1.3b", v["vace-1.3b"], "vace", flow_shift=3.0, guidance_scale=5.0, height=480,
+               width=832, num_frames=81),
+        Preset("wan2.1-vace-14b", v["vace-14b"], "vace", flow_shift=5.0, guidance_scale=5.0, height=720,
+               width=1280, num_frames=81),
+        # Wan Animate: one 77-frame segment (20 latent frames + the reference frame), CFG off by default.
+        Preset("wan2.2-animate-14b", v["animate-14b"], "animate", flow_shift=5.0, guidance_scale=1.0, height=720,
+               width=1280, num_frames=77, num_inference_steps=20),
         # Tiny test presets: 32x32 pixels x 5 frames -> latents 2 x 4 x 4 (8 tokens with patch (1, 2, 2)).
         Preset("tiny-t2v", _TINY, "t2v", flow_shift=3.0, guidance_scale=5.0, height=32, width=32, num_frames=5,
                num_inference_steps=4, z_dim=4),
@@ -124,6 +162,11 @@ def _presets() -> dict[str, Preset]:
         Preset("tiny-t2v-a14b", _TINY, "t2v", config_2=_TINY, boundary_ratio=0.875, flow_shift=12.0,
                guidance_scale=4.0, guidance_scale_2=3.0, height=32, width=32, num_frames=5, num_inference_steps=4,
                z_dim=4),
+        Preset("tiny-vace", v["tiny-vace"], "vace", flow_shift=3.0, guidance_scale=5.0, height=32, width=32,
+               num_frames=5, num_inference_steps=4, z_dim=4),
+        # 5 frames -> 2 latent frames + the reference frame; face video 16x16 pixels.
+        Preset("tiny-animate", v["tiny-animate"], "animate", flow_shift=5.0, guidance_scale=5.0, height=32,
+               width=32, num_frames=5, num_inference_steps=4, z_dim=4),
         Preset("tiny-i2v-a14b", _TINY_I2V_A14B, "i2v", config_2=_TINY_I2V_A14B, boundary_ratio=0.9,
                flow_shift=5.0, guidance_scale=3.5, guidance_scale_2=3.5, height=32, width=32, num_frames=5,
                num_inference_steps=4, z_dim=4),

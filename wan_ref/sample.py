@@ -55,6 +55,8 @@ class _Plan:
     expand_timesteps: bool
     patch_size: tuple[int, int, int]
     kv_cache: bool
+    # Static keyword arguments of every forward (Wan Animate: motion_encode_batch_size), as sorted items.
+    model_static: tuple[tuple[str, Any], ...] = ()
 
 
 class _Expert(NamedTuple):
@@ -72,6 +74,8 @@ class _Shared(NamedTuple):
     context: jax.Array  # [B or 2B, S, text_dim], CFG-concatenated
     condition: jax.Array | None
     mask: jax.Array | None  # TI2V first-frame mask [1, 1, F, H, W] (0 on the condition frame)
+    # CFG-doubled keyword inputs of VACE / Animate forwards (control_hidden_states, pose, face, ...); {} else.
+    model_inputs: dict = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +107,8 @@ def _guided_velocity(plan: _Plan, expert: _Expert, shared: _Shared, model_input:
     if expert.cache is not None:
         out = model(model_input, timestep, None, None, kv_cache=expert.cache)
     else:
-        out = model(model_input, timestep, shared.context, expert.image_embeds)
+        out = model(model_input, timestep, shared.context, expert.image_embeds, **shared.model_inputs,
+                    **dict(plan.model_static))
     if not plan.cfg:
         return out
     cond, uncond = jnp.split(out, 2, axis=0)
@@ -145,9 +150,28 @@ def _denoise_step(plan: _Plan, experts: tuple[_Expert, ...], shared: _Shared, la
 # --------------------------------------------------------------------------------------------------
 
 
+def _cfg_model_inputs(plan: _Plan, variant_inputs: dict | None) -> dict:
+    """VACE / Animate keyword inputs for the CFG batch, as the pipelines give them to the two forwards.
+
+    VACE: the same control latents for both halves (the per-hint scale is not batched). Animate: the same
+    pose latents; the unconditional half gets the face video blanked to -1 (`face * 0 - 1`).
+    """
+    inputs = dict(variant_inputs or {})
+    if not plan.cfg:
+        return inputs
+    for name in ("control_hidden_states", "pose_hidden_states"):
+        if name in inputs:
+            inputs[name] = jnp.concatenate([inputs[name], inputs[name]], axis=0)
+    if "face_pixel_values" in inputs:
+        face = inputs["face_pixel_values"]
+        inputs["face_pixel_values"] = jnp.concatenate([face, face * 0 - 1], axis=0)
+    return inputs
+
+
 def _prepare(plan: _Plan, models: tuple[Any, ...], prompt_embeds: jax.Array,
              negative_prompt_embeds: jax.Array | None, image_embeds: jax.Array | None,
-             condition: jax.Array | None, latents: jax.Array) -> tuple[tuple[tuple[Any, Any], ...], _Shared]:
+             condition: jax.Array | None, latents: jax.Array,
+             variant_inputs: dict | None = None) -> tuple[tuple[tuple[Any, Any], ...], _Shared]:
     """CFG-concatenates the context, builds the TI2V mask and (kv_cache=True) the per-expert caches.
 
     Returns `((image_embeds, cache) per expert, shared)`; the models themselves are not returned, so the
@@ -158,15 +182,21 @@ def _prepare(plan: _Plan, models: tuple[Any, ...], prompt_embeds: jax.Array,
         context = jnp.concatenate([prompt_embeds, negative_prompt_embeds], axis=0)
         if image_embeds is not None:  # diffusers gives the same image embeddings to both halves
             images = jnp.concatenate([image_embeds, image_embeds], axis=0)
+    model_inputs = _cfg_model_inputs(plan, variant_inputs)
     per_expert = []
     for model in models:
         model_images = images if model.config.image_dim is not None else None
-        cache = model.compute_kv_cache(context, model_images) if plan.kv_cache else None
+        cache = None
+        if plan.kv_cache:
+            extra = dict(model_inputs, **dict(plan.model_static))
+            if "control_hidden_states" in extra:  # VACE pads the control tokens to the latent frames
+                extra["num_latent_frames"] = latents.shape[2]
+            cache = model.compute_kv_cache(context, model_images, **extra)
         per_expert.append((model_images, cache))
     mask = None
     if plan.conditioning == "mask":
         mask = jnp.ones((1, 1, *latents.shape[2:]), jnp.float32).at[:, :, 0].set(0)
-    return tuple(per_expert), _Shared(context, condition, mask)
+    return tuple(per_expert), _Shared(context, condition, mask, model_inputs)
 
 
 def _experts(models, guidance, per_expert) -> tuple[_Expert, ...]:
@@ -180,9 +210,9 @@ def _finish(plan: _Plan, shared: _Shared, latents: jax.Array) -> jax.Array:
 
 
 def _traced_loop(plan: _Plan, loop: str, models, guidance, latents, prompt_embeds, negative_prompt_embeds,
-                 image_embeds, condition):
+                 image_embeds, condition, variant_inputs=None):
     per_expert, shared = _prepare(plan, models, prompt_embeds, negative_prompt_embeds, image_embeds, condition,
-                                  latents)
+                                  latents, variant_inputs)
     experts = _experts(models, guidance, per_expert)
     n = plan.scheduler.num_inference_steps
     carry = (latents, plan.scheduler.init(latents))
@@ -224,9 +254,9 @@ def one_step(plan: Any, expert: Any, shared: Any, latents: jax.Array, state: Any
 
 
 def _python_loop(plan: _Plan, models, guidance, latents, prompt_embeds, negative_prompt_embeds, image_embeds,
-                 condition, step_fn=None):
+                 condition, variant_inputs=None, step_fn=None):
     per_expert, shared = _prepare_jit(plan, models, prompt_embeds, negative_prompt_embeds, image_embeds,
-                                      condition, latents)
+                                      condition, latents, variant_inputs)
     experts = _experts(models, guidance, per_expert)
     # The step plan carries no expert table: the expert is picked here, by a Python `if`.
     step_plan = dataclasses.replace(plan, first_expert=None)
@@ -235,6 +265,69 @@ def _python_loop(plan: _Plan, models, guidance, latents, prompt_embeds, negative
         expert = experts[0] if plan.first_expert is None or plan.first_expert[i] else experts[1]
         latents, state = (_one_step_jit if step_fn is None else step_fn)(step_plan, expert, shared, latents, state)
     return _finish_jit(plan, shared, latents)
+
+
+# --------------------------------------------------------------------------------------------------
+# VACE / Animate inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_kind(model: Any) -> str:
+    """"vace", "animate" or "wan" from the model's config class (no import of the variant modules)."""
+    cfg = model.config
+    if hasattr(cfg, "vace_layers"):
+        return "vace"
+    if hasattr(cfg, "inject_face_latents_blocks"):
+        return "animate"
+    return "wan"
+
+
+def _check_variant_inputs(models: tuple[Any, ...], latents: jax.Array, *, control_hidden_states,
+                          control_hidden_states_scale, pose_hidden_states, face_pixel_values,
+                          motion_encode_batch_size) -> tuple[dict | None, tuple]:
+    """Validates the VACE / Animate inputs against the model kind -> (traced inputs or None, static items)."""
+    kinds = {_model_kind(m) for m in models}
+    if len(kinds) > 1:
+        raise ValueError(f"model and model_2 must be the same kind of Wan transformer, got {sorted(kinds)}")
+    kind = kinds.pop()
+    batch = latents.shape[0]
+    given = {"control_hidden_states": control_hidden_states, "control_hidden_states_scale": control_hidden_states_scale,
+             "pose_hidden_states": pose_hidden_states, "face_pixel_values": face_pixel_values,
+             "motion_encode_batch_size": motion_encode_batch_size}
+    own = {"vace": ("control_hidden_states", "control_hidden_states_scale"),
+           "animate": ("pose_hidden_states", "face_pixel_values", "motion_encode_batch_size")}.get(kind, ())
+    stray = [k for k, v in given.items() if v is not None and k not in own]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} given to a {kind!r} model, which does not take them (VACE takes "
+                         "control_hidden_states[_scale]; Animate takes pose_hidden_states, face_pixel_values, "
+                         "motion_encode_batch_size)")
+
+    def per_batch(name, x):
+        x = jnp.asarray(x)
+        if x.ndim != 5 or x.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must be [1 or B={batch}, C, frames, H, W], got {tuple(x.shape)}")
+        return jnp.broadcast_to(x, (batch, *x.shape[1:]))
+
+    if kind == "vace":
+        if control_hidden_states is None:
+            raise ValueError("a VACE model needs control_hidden_states (WanVACEPipeline's conditioning latents "
+                             "[1, vace_in_channels, F, H, W])")
+        inputs = {"control_hidden_states": per_batch("control_hidden_states", control_hidden_states)}
+        if control_hidden_states_scale is not None:
+            inputs["control_hidden_states_scale"] = jnp.asarray(control_hidden_states_scale, jnp.float32)
+        return inputs, ()
+    if kind == "animate":
+        if pose_hidden_states is None or face_pixel_values is None:
+            raise ValueError("an Animate model needs pose_hidden_states ([B, z, F - 1, H, W] pose latents) and "
+                             "face_pixel_values ([B, 3, S, size, size] face video)")
+        if motion_encode_batch_size is not None and (not isinstance(motion_encode_batch_size, int)
+                                                     or motion_encode_batch_size < 1):
+            raise ValueError(f"motion_encode_batch_size must be a positive int, got {motion_encode_batch_size!r}")
+        inputs = {"pose_hidden_states": per_batch("pose_hidden_states", pose_hidden_states),
+                  "face_pixel_values": per_batch("face_pixel_values", face_pixel_values)}
+        static = (("motion_encode_batch_size", motion_encode_batch_size),) if motion_encode_batch_size else ()
+        return inputs, static
+    return None, ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +354,11 @@ def sample(
     loop: LoopName = "scan",
     kv_cache: bool = False,
     step_fn: Any | None = None,
+    control_hidden_states: jax.Array | None = None,
+    control_hidden_states_scale: jax.Array | float | None = None,
+    pose_hidden_states: jax.Array | None = None,
+    face_pixel_values: jax.Array | None = None,
+    motion_encode_batch_size: int | None = None,
 ) -> jax.Array:
     """Denoises `latents` with a Wan transformer, as diffusers' Wan pipelines with `output_type="latent"`.
 
@@ -295,6 +393,17 @@ def sample(
         `jax.jit(one_step, static_argnames=("plan",))`. Pass a `kvhoist.hoist_invariants(one_step, ...)` with
         `invariant_argnames=("expert", "shared")` to compute the text/image K/V once per expert (host-loop
         hoisting, docs/host_loop.md). Reuse one wrapped step across calls: it caches its compiled programs.
+      control_hidden_states: VACE (`wan_ref.vace.WanVACEModel`) only: the conditioning latents
+        `WanVACEPipeline` builds ([1 or B, vace_in_channels, F, H, W]: inactive + reactive latents and the
+        folded mask; with reference images their latent frames come first, and `latents` has as many extra
+        frames). Given to both CFG halves.
+      control_hidden_states_scale: VACE: the pipeline's `conditioning_scale`, a float or [len(vace_layers)].
+      pose_hidden_states: Animate (`wan_ref.animate.WanAnimateModel`) only: pose latents [1 or B, z, F - 1, H, W].
+      face_pixel_values: Animate only: the face video [1 or B, 3, S, size, size] in [-1, 1]; the
+        unconditional CFG half gets `face * 0 - 1`, as `WanAnimatePipeline`. Animate's reference latents
+        (4 mask channels + z; `reference_latents` in the pipeline, built for mode "animate" or "replace")
+        are the `condition`, concatenated on channels like I2V.
+      motion_encode_batch_size: Animate only (static): face frames per motion-encoder call.
 
     Returns:
       The denoised latents, [B, z, F, H, W] float32.
@@ -381,11 +490,16 @@ def sample(
         first_expert = tuple(bool(np.float32(t) >= boundary) for t in sched.timesteps)
         guidance = (guidance_scale, guidance_scale if guidance_scale_2 is None else guidance_scale_2)
     guidance = tuple(jnp.asarray(g, jnp.float32) for g in guidance)
-    plan = _Plan(sched, cfg, first_expert, conditioning, expand_timesteps, tuple(model.config.patch_size), kv_cache)
+    variant_inputs, model_static = _check_variant_inputs(
+        models, latents, control_hidden_states=control_hidden_states,
+        control_hidden_states_scale=control_hidden_states_scale, pose_hidden_states=pose_hidden_states,
+        face_pixel_values=face_pixel_values, motion_encode_batch_size=motion_encode_batch_size)
+    plan = _Plan(sched, cfg, first_expert, conditioning, expand_timesteps, tuple(model.config.patch_size), kv_cache,
+                 model_static)
 
     latents = latents.astype(jnp.float32)  # diffusers prepares latents in float32 whatever the model dtype
     negative = negative_prompt_embeds if cfg else None
-    args = (models, guidance, latents, prompt_embeds, negative, image_embeds, condition)
+    args = (models, guidance, latents, prompt_embeds, negative, image_embeds, condition, variant_inputs)
     if step_fn is not None and loop != "python":
         raise ValueError(f"step_fn is only used by loop='python' (got loop={loop!r}); pass loop='python'")
     if loop == "python":
