@@ -386,6 +386,8 @@ def beam_search(params: dict, src, *, cfg: EncDecConfig, beam_size: int = 4, alp
     def cond(s):
         not_at_end = s["index"] < length
         # The best a live beam can still reach: its log-prob with the largest penalty divisor (log-probs < 0).
+        # Flax divides the *worst* live beam (``live_logprobs[:, -1:]``), which can stop while the best live
+        # beam could still win; the best one gives the exact stopping rule.
         best_live = s["live_logprobs"][:, :1] / brevity_penalty(alpha, length)
         worst_finished = jnp.where(s["finished_flags"], jnp.min(s["finished_scores"], axis=1, keepdims=True), NEG_INF)
         return not_at_end & ~jnp.all(worst_finished > best_live)
