@@ -15,14 +15,50 @@ Public API:
   Report            what a pass did
 """
 
-from kvhoist.api import HoistedFunction, KvhoistWarning, hoist_invariants
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+# Nothing below imports jax until a name is used (PEP 562), so `kvhoist --help` and
+# `import kvhoist.cli` stay fast; `kvhoist.hoist_invariants` etc. import their module on first access.
 from kvhoist.errors import KvhoistError, PassError, TraceError
-from kvhoist.host import HostHoistedFunction
-from kvhoist import targets
-from kvhoist.passes.layout import repad_tokens
-from kvhoist.passes.licm import licm
-from kvhoist.passes.pipeline import optimize
-from kvhoist.report import HoistedValue, Note, Report, Skipped
+
+#: public name -> the module that defines it (a submodule itself when the name is that module's).
+_LAZY = {
+    "hoist_invariants": "kvhoist.api", "HoistedFunction": "kvhoist.api", "KvhoistWarning": "kvhoist.api",
+    "HostHoistedFunction": "kvhoist.host", "targets": "kvhoist.targets", "repad_tokens": "kvhoist.passes.layout",
+    "licm": "kvhoist.passes.licm", "optimize": "kvhoist.passes.pipeline", "HoistedValue": "kvhoist.report",
+    "Note": "kvhoist.report", "Report": "kvhoist.report", "Skipped": "kvhoist.report",
+}
+
+if TYPE_CHECKING:
+    from kvhoist import targets
+    from kvhoist.api import HoistedFunction, KvhoistWarning, hoist_invariants
+    from kvhoist.host import HostHoistedFunction
+    from kvhoist.passes.layout import repad_tokens
+    from kvhoist.passes.licm import licm
+    from kvhoist.passes.pipeline import optimize
+    from kvhoist.report import HoistedValue, Note, Report, Skipped
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        # `import kvhoist; kvhoist.compat` worked when the package imported everything eagerly: keep it working
+        if name.startswith("_") or importlib.util.find_spec(f"kvhoist.{name}") is None:
+            raise AttributeError(f"module 'kvhoist' has no attribute {name!r}")
+        module = f"kvhoist.{name}"
+    mod = importlib.import_module(module)
+    value = mod if module == f"kvhoist.{name}" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -4,24 +4,32 @@
 SPEC accepts a ``wan_ref`` preset (traced over an abstract model: no weights are allocated) or
 ``package.module:function`` returning ``(fun, args, kwargs)`` (see :mod:`kvhoist.specs`).
 
-Errors a user can fix (unknown preset, a SPEC that does not import, a bad factory, an unknown
-target) print one line on stderr and exit with status 2.
+Errors a user can fix print one line on stderr and exit with status 2, before any tracing starts:
+
+* a bad option value (``--steps 0``, ``--frames -3``, an unknown option) is rejected by the parser,
+  which prints the *subcommand's* usage and one ``kvhoist <command>: error: ...`` line;
+* an output path (``--out``, ``--html``) whose folder does not exist or is not writable, and a SPEC
+  that cannot be used (unknown preset, a module that does not import, a bad factory, an unknown
+  target), print the error line only.
+
+The module imports nothing heavy (no jax) until a command runs, so ``kvhoist --help`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
 import sys
 import time
-from typing import Any, Sequence
-
-from kvhoist.specs import SamplerOptions, SpecError
+from typing import Any, Callable, Iterator, Sequence
 
 PROG = "kvhoist"
 EXIT_USAGE = 2
+#: The narrowest ``--side-by-side`` page: two 20-character columns and the ``" | "`` gutter.
+MIN_COLUMNS = 43
 
 _SPEC_HELP = ("a wan_ref preset (wan2.1-t2v-14b, wan2.1-t2v-1.3b, wan2.1-i2v-14b, wan2.1-flf2v-14b, "
               "wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-t2v, tiny-i2v, ...; full-size presets are "
@@ -49,6 +57,50 @@ _EXAMPLES = {
 }
 
 
+# -- option values ----------------------------------------------------------------------------------
+
+def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer >= ``minimum``; ``what`` names the allowed range in the error
+    (e.g. ``int_at_least(1, "a positive integer")`` turns ``--steps 0`` into ``argument --steps: must be
+    a positive integer, got 0``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+_POSITIVE = int_at_least(1, "a positive integer")
+_NON_NEGATIVE = int_at_least(0, "an integer >= 0")
+
+
+def check_output_path(option: str, path: str) -> str | None:
+    """Why ``path`` (the value of ``option``) cannot be written, in one line, or None if it can.
+
+    Checked before any work starts, so that a typo in ``--out`` does not cost a trace of a 14B sampler.
+    """
+    if not path:
+        return f"{option}: empty file name"
+    if os.path.isdir(path):
+        return f"{option} {path}: is a directory; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a directory" if os.path.exists(folder) else "does not exist"
+        return f"{option} {path}: folder {folder} {what}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{option} {path}: folder {folder} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{option} {path}: file exists and is not writable"
+    return None
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,10 +111,10 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
                    help="blocks as one lax.scan (default) or unrolled")
     g.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True,
                    help="classifier-free guidance, both halves in one batch (default: on)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    g.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
-    g.add_argument("--width", type=int, help="video width in pixels")
-    g.add_argument("--frames", type=int, help="video frames, 4k+1 (latent frames = (f-1)//4+1)")
+    g.add_argument("--steps", type=_POSITIVE, help="denoising steps (default: the preset's)")
+    g.add_argument("--height", type=_POSITIVE, help="video height in pixels (default: the preset's)")
+    g.add_argument("--width", type=_POSITIVE, help="video width in pixels")
+    g.add_argument("--frames", type=_POSITIVE, help="video frames, 4k+1 (latent frames = (f-1)//4+1)")
     g.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
     g.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="parameter/activation dtype (default: bfloat16, float32 for tiny-*)")
@@ -88,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side-by-side", action="store_true", help="two columns instead of a unified diff")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
     p.add_argument("--full", action="store_true", help="expand folded layer blocks and call bodies")
-    p.add_argument("--context", type=int, default=3, help="context lines around changes (default 3)")
-    p.add_argument("--columns", type=int, help="line width for --side-by-side (default: the terminal's)")
+    p.add_argument("--context", type=_NON_NEGATIVE, default=3, help="context lines around changes (default 3)")
+    p.add_argument("--columns", type=int_at_least(MIN_COLUMNS, f"an integer >= {MIN_COLUMNS}"),
+                   help="line width for --side-by-side (default: the terminal's)")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="colour (default: on a terminal, unless NO_COLOR is set)")
     p.add_argument("--no-summary", action="store_true", help="print only the diff")
@@ -113,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens), sample it with plain jax.jit, with the hand-written K/V cache and with "
                                    "@hoist_invariants; check the latents agree and time the three.",
                        epilog=_EXAMPLES["demo"])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=_POSITIVE, default=4, help="transformer blocks (default 4)")
+    p.add_argument("--steps", type=_POSITIVE, default=10, help="denoising steps (default 10)")
+    p.add_argument("--repeats", type=_POSITIVE, default=3, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--seed", type=_NON_NEGATIVE, default=0, help="random seed of weights and inputs (default 0)")
 
     sub.add_parser("bench", help="benchmarks (kvhoist.bench); `kvhoist bench --help` for its options",
                    add_help=False)
@@ -125,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- helpers ----------------------------------------------------------------------------------------------
 
-def _options(args: argparse.Namespace) -> SamplerOptions:
+def _options(args: argparse.Namespace) -> Any:
+    from kvhoist.specs import SamplerOptions
+
     return SamplerOptions(loop=args.loop, scan_layers=args.scan_layers, cfg=args.cfg, steps=args.steps,
                           height=args.height, width=args.width, frames=args.frames, scheduler=args.scheduler,
                           target=args.target, dtype=args.dtype)
@@ -141,6 +196,18 @@ def _use_color(flag: bool | None, stream: Any) -> bool:
     if flag is not None:
         return flag
     return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: str) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` (a disk that filled up, a folder removed since the
+    early check) into the one-line usage error of the CLI."""
+    from kvhoist.specs import SpecError
+
+    try:
+        yield
+    except OSError as err:
+        raise SpecError(f"{option} {path}: cannot write: {err.strerror or err}") from None
 
 
 _KV_SCOPE = re.compile(r"(attn2/(to_k|to_v|add_k_proj|add_v_proj))(/|$)")
@@ -187,8 +254,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         out.append(d.unified(color=color, names=(f"{args.spec} (traced)", f"{args.spec} (kvhoist)")))
     print("\n".join(out))
     if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(d.html(title=f"kvhoist diff {args.spec}", description=prog.description))
+        page = d.html(title=f"kvhoist diff {args.spec}", description=prog.description)
+        with _writing("--html", args.html):
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(page)
         print(f"wrote {args.html}", file=sys.stderr)
     return 0
 
@@ -282,12 +351,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
     """``kvhoist graph``: the dependence graph of the hoisted values to ``--out``."""
     from kvhoist.graph import hoisted_graph, write_graph
 
-    if not args.out.endswith((".dot", ".svg")):
-        raise SpecError(f"--out {args.out}: use a .dot or .svg file name")
     prog = _program(args)
     before, after, _report = prog.optimize()
     g = hoisted_graph(before, after)
-    path, message = write_graph(g, args.out, title=args.spec)
+    with _writing("--out", args.out):
+        path, message = write_graph(g, args.out, title=args.spec)
     print(message, file=sys.stderr if path != args.out else sys.stdout)
     return 0
 
@@ -396,25 +464,63 @@ def cmd_bench(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"{PROG} bench", description=(bench.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(parser)
-    return int(bench.main(parser.parse_args(list(argv))) or 0)
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exc:  # --help (0) or a usage error (2), printed with `kvhoist bench`'s usage
+        return int(exc.code or 0)
+    return int(bench.main(args) or 0)
 
 
 _COMMANDS = {"diff": cmd_diff, "report": cmd_report, "graph": cmd_graph, "demo": cmd_demo}
 
 
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommand parsers of :func:`build_parser`'s parser, by command name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def output_path_errors(args: argparse.Namespace) -> list[str]:
+    """One line per output path of ``args`` (``--html``, ``--out``) that cannot be written."""
+    errors = []
+    if args.command == "graph" and not args.out.endswith((".dot", ".svg")):
+        errors.append(f"--out {args.out}: use a .dot or .svg file name")
+    for option in ("html", "out"):
+        path = getattr(args, option, None)
+        if path is not None:
+            why = check_output_path(f"--{option}", path)
+            if why:
+                errors.append(why)
+    return errors
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``kvhoist`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run the ``kvhoist`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Exit status: 0 on success, 1 when ``demo``'s latents disagree, 2 for a usage error (one line on
+    stderr; parser errors print the subcommand's usage first)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # report them with the subcommand's usage, not the top-level one
+            sub = subcommand_parsers(parser).get(args.command, parser)
+            sub.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    errors = output_path_errors(args)
+    if errors:
+        print(f"{PROG} {args.command}: error: {errors[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    from kvhoist.specs import SpecError
+
     try:
         return _COMMANDS[args.command](args)
     except SpecError as err:

@@ -304,3 +304,147 @@ def test_abstract_model_matches_eval_shape():
         cfg = get_preset("tiny-t2v").config.replace(num_layers=3, scan_layers=scan)
         full = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
         assert str(jax.make_jaxpr(f)(full, lat, pe, pe)) == str(jax.make_jaxpr(f)(abstract_model(cfg), lat, pe, pe))
+
+
+# -- option values and output paths: rejected before any work starts ---------------------------------------
+
+def _no_work(monkeypatch):
+    """Make any trace or demo run fail the test: these errors must come before the work."""
+    def boom(*_a, **_k):
+        raise AssertionError("the command started working before rejecting its arguments")
+
+    monkeypatch.setattr(cli, "_program", boom)
+    monkeypatch.setattr(cli, "random_model", boom)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["diff", "tiny-t2v", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["report", "tiny-t2v", "--steps", "-3"], "argument --steps: must be a positive integer, got -3"),
+    (["report", "tiny-t2v", "--frames", "0"], "argument --frames: must be a positive integer, got 0"),
+    (["graph", "tiny-t2v", "--out", "g.dot", "--height", "0"], "argument --height: must be a positive integer"),
+    (["diff", "tiny-t2v", "--width", "-16"], "argument --width: must be a positive integer, got -16"),
+    (["diff", "tiny-t2v", "--steps", "ten"], "argument --steps: must be a positive integer, got 'ten'"),
+    (["diff", "tiny-t2v", "--context", "-1"], "argument --context: must be an integer >= 0, got -1"),
+    (["diff", "tiny-t2v", "--side-by-side", "--columns", "10"], "argument --columns: must be an integer >= 43"),
+    (["demo", "--layers", "0"], "argument --layers: must be a positive integer, got 0"),
+    (["demo", "--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+    (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["demo", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    (["report", "tiny-t2v", "--bogus"], "unrecognized arguments: --bogus"),
+    (["demo", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["report"], "the following arguments are required: SPEC"),
+])
+def test_bad_values_print_the_subcommands_usage(capsys, monkeypatch, argv, needle):
+    _no_work(monkeypatch)
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    command = argv[0]
+    assert lines[0].startswith(f"usage: kvhoist {command} ")       # the subcommand's usage, not the top level's
+    assert lines[-1] == f"kvhoist {command}: error: {needle}" or (
+        lines[-1].startswith(f"kvhoist {command}: error: ") and needle in lines[-1]), lines[-1]
+    assert sum(l.startswith("kvhoist") for l in lines) == 1        # one error line
+
+
+def test_top_level_unknown_option_prints_top_level_usage(capsys):
+    rc, _out, err = run(capsys, "--bogus")
+    assert rc == 2 and err.startswith("usage: kvhoist [-h] COMMAND") and "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("argv_of, needle", [
+    (lambda d: ["graph", "tiny-t2v", "--out", str(d / "missing" / "x.svg")], "folder {d}/missing does not exist"),
+    (lambda d: ["diff", "tiny-t2v", "--html", str(d / "missing" / "x.html")], "folder {d}/missing does not exist"),
+    (lambda d: ["diff", "tiny-t2v", "--html", str(d)], "is a directory"),
+    (lambda d: ["graph", "tiny-t2v", "--out", str(d / "file.txt" / "g.dot")], "file.txt is not a directory"),
+    (lambda d: ["graph", "tiny-t2v", "--out", str(d / "g.png")], "use a .dot or .svg"),
+])
+def test_output_paths_checked_before_work(capsys, monkeypatch, tmp_path, argv_of, needle):
+    _no_work(monkeypatch)
+    (tmp_path / "file.txt").write_text("x")
+    rc, out, err = run(capsys, *argv_of(tmp_path))
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kvhoist {argv_of(tmp_path)[0]}: error: --")
+    assert needle.format(d=tmp_path) in lines[0]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_output_path_not_writable(capsys, monkeypatch, tmp_path):
+    _no_work(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, _out, err = run(capsys, "graph", "tiny-t2v", "--out", str(ro / "g.dot"))
+    finally:
+        ro.chmod(0o700)
+    assert rc == 2 and "is not writable" in err
+
+
+def test_check_output_path_accepts_a_new_file_and_rejects_an_unwritable_one(tmp_path, monkeypatch):
+    assert cli.check_output_path("--out", str(tmp_path / "new.svg")) is None
+    assert "empty file name" in cli.check_output_path("--out", "")
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)   # as for a read-only folder, even as root
+    assert "is not writable" in cli.check_output_path("--out", str(tmp_path / "new.svg"))
+
+
+def test_write_failure_is_one_line(tmp_path):
+    from kvhoist.specs import SpecError
+
+    with pytest.raises(SpecError) as info:
+        with cli._writing("--html", str(tmp_path / "x.html")):
+            raise OSError(28, "No space left on device")
+    assert str(info.value) == f"--html {tmp_path / 'x.html'}: cannot write: No space left on device"
+
+
+def test_bench_usage_error_returns_2(capsys, monkeypatch):
+    import types
+
+    fake = types.ModuleType("kvhoist.bench")
+    fake.__doc__ = "fake bench"
+    fake.add_arguments = lambda p: p.add_argument("--repeats", type=cli.int_at_least(1, "a positive integer"))
+    fake.main = lambda args: 0
+    monkeypatch.setitem(sys.modules, "kvhoist.bench", fake)
+    import kvhoist
+
+    monkeypatch.setattr(kvhoist, "bench", fake, raising=False)
+    rc, _out, err = run(capsys, "bench", "--repeats", "0")
+    assert rc == 2 and "usage: kvhoist bench" in err and "must be a positive integer, got 0" in err
+
+
+# -- `kvhoist --help` is fast: nothing imports jax until a command runs ----------------------------------------
+
+_IMPORTS_OF = """
+import sys
+from kvhoist.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("jax", "jaxlib", "flax", "numpy", "networkx", "kvhoist.api", "wan_ref") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("argv, rc", [
+    (["--help"], 0), (["diff", "--help"], 0), (["demo", "--help"], 0), ([], 2),
+    (["report", "tiny-t2v", "--bogus"], 2), (["demo", "--layers", "0"], 2),
+    (["graph", "tiny-t2v", "--out", "/no/such/folder/g.svg"], 2),
+])
+def test_help_and_usage_errors_do_not_import_jax(argv, rc):
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=HERE.parent, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == rc, proc.stderr
+    assert "HEAVY=\n" in proc.stderr or proc.stderr.rstrip().endswith("HEAVY="), proc.stderr[-500:]
+
+
+def test_import_kvhoist_is_lazy_but_complete():
+    code = ("import sys, kvhoist; assert 'jax' not in sys.modules, 'import kvhoist imported jax'; "
+            "names = [getattr(kvhoist, n) for n in kvhoist.__all__]; assert 'jax' in sys.modules; "
+            "assert kvhoist.targets.__name__ == 'kvhoist.targets'; from kvhoist import licm, Report; "
+            "assert callable(licm) and Report.__name__ == 'Report'; "
+            "assert set(kvhoist.__all__) <= set(dir(kvhoist)); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE.parent,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", "import kvhoist; kvhoist.no_such_name"], capture_output=True,
+                          text=True, timeout=120, cwd=HERE.parent)
+    assert proc.returncode == 1 and "module 'kvhoist' has no attribute 'no_such_name'" in proc.stderr
