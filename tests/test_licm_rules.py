@@ -559,3 +559,26 @@ def test_while_report_counts_work_per_iteration_in_one_line():
     line = report.summary()
     assert "\n" not in line
     assert "1.02K FLOPs per iteration of loops with an unknown trip count" in line, line
+
+
+def test_layer_index_constant_is_recomputed_not_blocking_fission():
+    """A layer scan over (weights, arange(L)) with a cond on the layer index: the index is a constant
+    (iota), recomputed where needed, and the invariant K projection is still fissioned out."""
+    L, D = 4, 8
+
+    def f(w, wk, ctx, x):
+        def step(h, _):
+            def layer(h, xs):
+                wl, wkl, i = xs
+                h = jnp.tanh(h @ wl + jnp.mean(ctx @ wkl))
+                return jax.lax.cond(i % 2 == 0, lambda h: h * 2.0, lambda h: h, h), None
+            return jax.lax.scan(layer, h, (w, wk, jnp.arange(L)))[0], None
+        return jax.lax.scan(step, x, None, length=3)[0]
+
+    args = (rand(L, D, D, seed=0) * 0.3, rand(L, D, D, seed=1), rand(5, D, seed=2), rand(3, D, seed=3))
+    closed = jax.make_jaxpr(f)(*args)
+    new, report = licm(closed)
+    assert any("dot_general" in h.primitives for h in report.hoisted), report.table()
+    assert any("fission" in h.via for h in report.hoisted), report.table()
+    assert not any("constant" in s.reason for s in report.skipped)
+    np.testing.assert_allclose(jax.jit(jax.extend.core.jaxpr_as_fun(new))(*args)[0], jax.jit(f)(*args), rtol=1e-5)

@@ -38,7 +38,7 @@ from kvhoist import compat
 from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
-from kvhoist.ir import Block, aval_bytes, is_var, producers, verify_eqns, verify_jaxpr
+from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, producers, verify_eqns, verify_jaxpr
 from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
 
 
@@ -339,6 +339,8 @@ class Licm:
                     eqns[i] = None
         hoisted = [eqns[i] for i in sorted(selected)]
         residual = [e for i, e in enumerate(eqns) if e is not None and i not in selected]
+        residual = _rematerialize_constants(hoisted, residual, block.outvars)
+        hoisted = _live_hoisted(hoisted, residual, block.outvars)
         defined = {v for e in hoisted for v in e.outvars if is_var(v)}
         needed = set()
         for e in residual:
@@ -454,8 +456,7 @@ class Licm:
                     if not (is_var(v) and v in needed):
                         continue
                     if not motion.reads_inputs(v, eqns, prod):
-                        bad[k] = "not cached: a constant (computed from literals only; XLA folds it)"
-                        continue
+                        continue  # a constant: recomputed in the block, never cached (_rematerialize_constants)
                     src = motion.source_bytes(v, eqns, prod, speculative=spec, aval_bytes=aval_bytes)
                     if not motion.inflation_ok(aval_bytes(v.aval), src):
                         bad[k] = ("not cached: an expansion (its result is more than "
@@ -578,6 +579,41 @@ class Licm:
             return None
         _cond, branch, runs, src = next(iter(infos))
         return branch, runs, src
+
+
+def _rematerialize_constants(hoisted: list, residual: list, outvars: Sequence) -> list:
+    """The residual block with its own copies of the constants it reads from the hoisted part.
+
+    A value computed from literals alone by first-order equations (an ``iota``-derived table, a mask
+    ``iota < n``, a layer index) is a constant: XLA folds it at compile time, so it is never worth a
+    cache. Where the block still needs one, it gets a fresh copy of the equations computing it, and the
+    value does not cross the loop boundary.
+    """
+    prod = producers(hoisted)
+    needed = {a for e in residual for a in e.invars if is_var(a)}
+    out_set = {a for a in outvars if is_var(a)}
+    chosen: set = set()
+    for v in [v for e in hoisted for v in e.outvars if is_var(v) and v in needed and v not in out_set]:
+        chain = list(_ancestors(hoisted, prod, prod[v]))
+        if any(compat.subjaxprs_of(hoisted[k]) for k in chain):
+            continue
+        if all(is_var(a) is False or a in prod for k in chain for a in hoisted[k].invars):
+            chosen.update(chain)
+    if not chosen:
+        return residual
+    copies, sub = clone_eqns([hoisted[k] for k in sorted(chosen)], {})
+    return copies + [e.replace(invars=[sub.get(a, a) if is_var(a) else a for a in e.invars]) for e in residual]
+
+
+def _live_hoisted(hoisted: list, residual: list, outvars: Sequence) -> list:
+    """Hoisted equations whose results are still needed (by the residual, the outputs or each other)."""
+    need = {a for e in residual for a in e.invars if is_var(a)} | {a for a in outvars if is_var(a)}
+    live = []
+    for e in reversed(hoisted):
+        if any(is_var(v) and v in need for v in e.outvars):
+            live.append(e)
+            need.update(a for a in e.invars if is_var(a))
+    return list(reversed(live))
 
 
 def carry_closure(read: set, carry_pairs: Sequence) -> set:
