@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +135,132 @@ def test_bad_config_values():
         WanConfig(image_dim=1280)
     with pytest.raises(ValueError, match="image_token_alignment"):
         WanConfig(image_token_alignment=0)
+
+
+# -- checkpoint files that cannot be used: one error naming the file ---------------------------------------
+
+from wan_ref.load import CONFIG_NAME, INDEX_NAME, CheckpointError  # noqa: E402
+
+
+@pytest.fixture()
+def saved(tmp_path, t2v):
+    pytest.importorskip("safetensors")
+    save_diffusers(t2v, tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[: len(b) // 2],          # truncated in the data
+    lambda b: b[:20],                    # truncated in the header
+    lambda b: b"",                       # empty
+    lambda b: b"hello world " * 50,      # not safetensors at all
+    lambda b: b[:9] + b"#" + b[10:],     # header JSON broken (byte 8 is its "{")
+])
+def test_corrupt_or_truncated_safetensors_names_the_file(saved, damage):
+    weights = saved / WEIGHTS_NAME
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(CheckpointError) as info:
+        load_diffusers(saved)
+    message = str(info.value)
+    assert message.startswith(f"{weights}: not a readable safetensors file (")
+    assert "truncated or corrupt" in message and len(message.splitlines()) == 1
+    assert isinstance(info.value, ValueError)            # still a ValueError for existing callers
+
+
+def test_corrupt_shard_names_the_shard(saved):
+    (saved / WEIGHTS_NAME).rename(saved / "shard-1.safetensors")
+    (saved / INDEX_NAME).write_text(json.dumps({"weight_map": {"proj_out.weight": "shard-1.safetensors"}}))
+    (saved / "shard-1.safetensors").write_bytes(b"\0" * 7)
+    with pytest.raises(CheckpointError, match=r"shard-1\.safetensors: not a readable safetensors file"):
+        load_diffusers(saved)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", r"malformed config\.json \(not valid JSON: Expecting property name .* at line 1 column 2\)"),
+    ("", r"malformed config\.json \(not valid JSON: Expecting value at line 1 column 1\)"),
+    ("[1, 2]", r"malformed config\.json: expected a JSON object \{\.\.\.\}, got a list"),
+    (json.dumps({"num_layers": "two"}), r"malformed config\.json: its values do not make a WanModel: TypeError: "),
+    (json.dumps({"attention_head_dim": 9}), r"malformed config\.json for WanTransformer3DModel: ValueError: .*RoPE"),
+])
+def test_malformed_config_json_names_the_file(saved, text, needle):
+    (saved / CONFIG_NAME).write_text(text)
+    with pytest.raises(CheckpointError) as info:
+        load_diffusers(saved)
+    assert str(info.value).startswith(f"{saved / CONFIG_NAME}: ")
+    assert re.search(needle, str(info.value)), str(info.value)
+
+
+def test_malformed_index_names_the_file(saved):
+    (saved / INDEX_NAME).write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(saved / INDEX_NAME))}: malformed .*weight_map"):
+        load_diffusers(saved)
+    (saved / INDEX_NAME).write_text("{")
+    with pytest.raises(CheckpointError, match=r"index\.json: malformed .*not valid JSON"):
+        load_diffusers(saved)
+
+
+@pytest.mark.parametrize("class_name", ["UNet2DModel", "AutoencoderKL", "AutoencoderKLWan", "CLIPVisionModel"])
+def test_other_diffusers_class_is_refused_by_name(saved, class_name):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["_class_name"] = class_name
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    with _no_warning():
+        with pytest.raises(ValueError) as info:
+            load_diffusers(saved)
+    message = str(info.value)
+    assert f"holds a {class_name}; wan_ref loads WanTransformer3DModel, WanVACETransformer3DModel, " \
+           "WanAnimateTransformer3DModel only" in message
+    assert "is not a Wan transformer" in message and "'transformer'" in message
+
+
+def test_pipeline_folder_points_to_the_transformer(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    with pytest.raises(ValueError, match=r"no config\.json .*pipeline folder; pass its 'transformer'"):
+        load_diffusers(tmp_path)
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def cm():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # refused up front: no "ignoring N tensors" warning first
+            yield
+
+    return cm()
+
+
+def test_vace_and_animate_folders_are_routed_not_refused(tmp_path):
+    from wan_ref.animate import WanAnimateModel
+    from wan_ref.vace import WanVACEModel
+
+    for preset, cls in (("tiny-vace", WanVACEModel), ("tiny-animate", WanAnimateModel)):
+        model = nnx.eval_shape(lambda: cls(get_preset(preset).config, rngs=nnx.Rngs(0)))
+        config = {"_class_name": model.diffusers_class_name, **model.config.to_diffusers()}
+        (tmp_path / preset).mkdir()
+        (tmp_path / preset / CONFIG_NAME).write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="safe_serialization"):   # past the class check, to the weights
+            load_diffusers(tmp_path / preset)
+
+
+# -- sample(): latents with the wrong channel count ------------------------------------------------------
+
+def test_t2v_given_8_channel_latents_says_so(t2v):
+    from wan_ref.sample import sample
+
+    assert t2v.config.in_channels == t2v.config.out_channels == 4
+    with pytest.raises(ValueError) as info:
+        sample(t2v, jnp.zeros((1, 8, 2, 4, 4)), TEXT, num_inference_steps=1)
+    message = str(info.value)
+    assert "latents have 8 channels, more than the model's in_channels=4" in message
+    assert "pass noise latents [B, 4, F, H, W]" in message and "-4" not in message and "condition=" not in message
+
+
+def test_condition_for_a_t2v_model(t2v):
+    from wan_ref.sample import sample
+
+    with pytest.raises(ValueError, match=r"condition was given but the model is not image-conditioned .*drop "
+                                         r"condition"):
+        sample(t2v, X, TEXT, condition=jnp.zeros((1, 4, 2, 4, 4)), num_inference_steps=1)

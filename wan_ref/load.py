@@ -99,17 +99,27 @@ def _stacked_lists(model_or_config: Any) -> dict[str, int]:
     return out
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated or corrupt safetensors, malformed
+    JSON, or a `config.json` whose values do not make a model. The message names the file."""
+
+
 def model_classes(config: dict, path: str = "") -> tuple[type, type]:
     """(model class, config class) for a diffusers `config.json` dict, by its `_class_name`.
 
     Raises:
-      ValueError: a transformer class wan_ref does not implement (named, with the supported ones).
+      ValueError: a class wan_ref does not implement (named, with the supported ones; for another
+        component of a pipeline, such as the VAE or a UNet, the message says to pass the transformer).
     """
     import importlib
 
     name = config.get("_class_name", "WanTransformer3DModel")
-    if name not in _MODEL_CLASSES:
-        raise ValueError(f"{path!r} holds a {name}; wan_ref loads {', '.join(_MODEL_CLASSES)} only")
+    if not isinstance(name, str) or name not in _MODEL_CLASSES:
+        hint = ""
+        if not (isinstance(name, str) and "Transformer" in name):
+            hint = (f" ({name} is not a Wan transformer: for a Wan pipeline repository pass its 'transformer' or "
+                    "'transformer_2' subfolder)")
+        raise ValueError(f"{path!r} holds a {name}; wan_ref loads {', '.join(_MODEL_CLASSES)} only{hint}")
     entry = _MODEL_CLASSES[name]
     if entry is None:
         return WanModel, WanConfig
@@ -117,24 +127,64 @@ def model_classes(config: dict, path: str = "") -> tuple[type, type]:
     return getattr(module, entry[1]), getattr(module, entry[2])
 
 
+def _read_json(file: str, what: str) -> dict:
+    """The JSON object in `file`; a `CheckpointError` naming the file if it cannot be read or parsed."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: malformed {what} (not valid JSON: {err.msg} at line {err.lineno} column "
+                              f"{err.colno}); restore it or save the model again") from None
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise CheckpointError(f"{file}: cannot read {what}: {why}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: malformed {what}: expected a JSON object {{...}}, got a "
+                              f"{type(data).__name__}")
+    return data
+
+
 def _read_config(path: str) -> dict:
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
+        pipeline = os.path.isfile(os.path.join(path, "model_index.json"))
         raise ValueError(
-            f"no {CONFIG_NAME} in {path!r}: pass the directory written by WanTransformer3DModel.save_pretrained "
-            "(for a pipeline repository, its 'transformer' or 'transformer_2' subfolder)")
-    with open(config_file) as f:
-        return json.load(f)
+            f"no {CONFIG_NAME} in {path!r}: " + ("this is a diffusers pipeline folder; pass its 'transformer' "
+                                                 "(or 'transformer_2') subfolder" if pipeline else
+                                                 "pass the directory written by WanTransformer3DModel.save_pretrained "
+                                                 "(for a pipeline repository, its 'transformer' or 'transformer_2' "
+                                                 "subfolder)"))
+    return _read_json(config_file, CONFIG_NAME)
 
 
-def _open_tensors(path: str) -> dict[str, Any]:
-    """key -> lazily readable tensor source (safetensors handle), over one file or all shards."""
+def _config_from(raw: dict, config_cls: type, path: str, **options: Any) -> Any:
+    """`config_cls.from_diffusers(raw, **options)`; a value it cannot use is a `CheckpointError` naming the file."""
+    try:
+        return config_cls.from_diffusers(raw, **options)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: malformed {CONFIG_NAME} for "
+                              f"{raw.get('_class_name', 'WanTransformer3DModel')}: {type(err).__name__}: "
+                              f"{first}") from None
+
+
+def _safetensors_error(file_path: str, err: Exception) -> CheckpointError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{file_path}: not a readable safetensors file ({first}); it is truncated or corrupt: "
+                           "download or save it again")
+
+
+def _open_tensors(path: str) -> dict[str, tuple[str, Any]]:
+    """key -> (file, safetensors handle) to read it from lazily, over one file or all shards."""
     from safetensors import safe_open
 
     index_file = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = _read_json(index_file, INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file}: malformed {INDEX_NAME}: no 'weight_map' of tensor name -> "
+                                  "shard file name")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         files = [WEIGHTS_NAME]
     else:
@@ -146,10 +196,22 @@ def _open_tensors(path: str) -> dict[str, Any]:
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
             raise ValueError(f"checkpoint shard {name!r} listed in {INDEX_NAME} is missing from {path!r}")
-        handle = safe_open(file_path, framework="flax")
-        for key in handle.keys():
-            handles[key] = handle
+        try:
+            handle = safe_open(file_path, framework="flax")
+            keys = list(handle.keys())
+        except Exception as err:  # safetensors' SafetensorError derives from Exception only
+            raise _safetensors_error(file_path, err) from None
+        for key in keys:
+            handles[key] = (file_path, handle)
     return handles
+
+
+def _get_tensor(source: tuple[str, Any], key: str) -> np.ndarray:
+    file_path, handle = source
+    try:
+        return handle.get_tensor(key)
+    except Exception as err:
+        raise _safetensors_error(file_path, err) from None
 
 
 def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: bool = True,
@@ -166,8 +228,10 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
       scan_layers, image_token_alignment: wan_ref options (see WanConfig).
 
     Raises:
-      ValueError: missing config.json or weights, an unsupported `_class_name`, a missing tensor, or a
-        tensor of the wrong shape (naming the diffusers key and the expected shape).
+      CheckpointError: (a ValueError) a truncated or corrupt safetensors file, a malformed config.json or
+        index (not JSON, not an object, values that make no model), each naming the file.
+      ValueError: missing config.json or weights, an unsupported `_class_name` (named: a VAE, a UNet, ...),
+        a missing tensor, or a tensor of the wrong shape (naming the diffusers key and the expected shape).
 
     Example:
       >>> model = load_diffusers("Wan2.1-T2V-1.3B-Diffusers/transformer", dtype=jnp.bfloat16)
@@ -176,11 +240,16 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
     dtype = jnp.float32 if dtype is None else dtype
     raw = _read_config(path)
     model_cls, config_cls = model_classes(raw, path)
-    config = config_cls.from_diffusers(raw, scan_layers=scan_layers, image_token_alignment=image_token_alignment,
-                                       param_dtype=dtype, dtype=dtype)
+    config = _config_from(raw, config_cls, path, scan_layers=scan_layers, image_token_alignment=image_token_alignment,
+                          param_dtype=dtype, dtype=dtype)
     tensors = _open_tensors(path)
     # Build the module without computing random weights; every leaf is replaced below.
-    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    try:
+        abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    except (TypeError, ValueError) as err:  # e.g. "num_layers": "two"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: malformed {CONFIG_NAME}: its values do not make a "
+                              f"{model_cls.__name__}: {type(err).__name__}: {first}") from None
     graphdef, state = nnx.split(abstract)
     values = nnx.to_pure_dict(state)
     stacked = _stacked_lists(config)
@@ -193,7 +262,7 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
             if key not in tensors:
                 raise ValueError(f"checkpoint {path!r} has no tensor {key!r} (expected shape {list(expected)}); "
                                  "is config.json the one saved with these weights?")
-            array = tensors[key].get_tensor(key)
+            array = _get_tensor(tensors[key], key)
             if tuple(array.shape) != tuple(expected):
                 raise ValueError(f"checkpoint tensor {key!r} has shape {list(array.shape)}, expected "
                                  f"{list(expected)} for this config.json")

@@ -462,6 +462,13 @@ def sample(
                     f"{latents.shape[4]}] (channels = latent channels z={z}), got {c}")
     else:
         expected = in_channels - z
+        if expected < 0:
+            raise ValueError(f"latents have {z} channels, more than the model's in_channels={in_channels}: pass noise "
+                             f"latents [B, {model.config.out_channels}, F, H, W] (out_channels="
+                             f"{model.config.out_channels}, the VAE's latent channels)")
+        if expected == 0 and condition is not None:
+            raise ValueError(f"condition was given but the model is not image-conditioned (in_channels={in_channels} "
+                             f"= latent channels): drop condition (for Wan 2.2 TI2V pass expand_timesteps=True)")
         if condition is None:
             if expected != 0:
                 raise ValueError(f"the model takes in_channels={in_channels} but latents have {z} channels: this "
