@@ -154,3 +154,31 @@ def test_wan_cache_is_no_larger_than_the_hand_written_one(form):
     report = kvhoist.hoist_invariants(functools.partial(sample, **static)).report(*case.args, **traced)
     assert report.hoisted
     assert report.cache_bytes <= _hand_cache_bytes(case, FORMS[form], cfg), report.table()
+
+
+def test_fissioned_layer_scan_over_a_tiled_value_caches_one_copy():
+    """Beam search with a layer scan: the per-layer K of a tiled encoder output leaves the step loop by
+    fission; the stacked cache is computed on the untiled value ([L, B, ...], not [L, B*K, ...])."""
+    L = 3
+
+    def f(enc, w, x):
+        tiled = jnp.broadcast_to(enc[:, None], (B, K, S, D)).reshape(B * K, S, D)
+
+        def layer(h, wl):
+            k = tiled @ wl
+            p = jax.nn.softmax(jnp.einsum("nd,nsd->ns", h, k), -1)
+            return h + jnp.einsum("ns,nsd->nd", p, k), None
+
+        def body(c):
+            i, h = c
+            return i + 1, lax.scan(layer, h, w)[0]
+        return lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    ks = jax.random.split(jax.random.key(5), 3)
+    args = (jax.random.normal(ks[0], (B, S, D)), jax.random.normal(ks[1], (L, D, D)) * 0.1,
+            jax.random.normal(ks[2], (B * K, D)))
+    hf = kvhoist.hoist_invariants(f)
+    report = hf.report(*args)
+    assert report.cache_bytes == L * B * S * D * 4, report.table()
+    assert [h.shape for h in report.hoisted] == [(L, B, S, D)]
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))

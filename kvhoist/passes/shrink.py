@@ -170,7 +170,11 @@ class _Shrinker:
     def twin(self, e) -> list:
         """Small equations computing ``e`` on the small operands, or [] when ``e`` does not commute."""
         ts = [self.tiling(a) for a in e.invars]
-        if not any(ts) or len(e.outvars) != 1 or not is_var(e.outvars[0]) or e.effects:
+        if not any(ts) or e.effects:
+            return []
+        if e.primitive.name == "scan":
+            return self._twin_scan(e, ts)
+        if len(e.outvars) != 1 or not is_var(e.outvars[0]):
             return []
         out_full = e.outvars[0]
         name = e.primitive.name
@@ -256,9 +260,70 @@ class _Shrinker:
         self.out.append(e.replace(invars=ins, outvars=[small_out]))
         return self._done(out_full, small_out, t0, new_axis)
 
+    def _twin_scan(self, e, ts) -> list:
+        """A scan whose tiled *consts* (fission's per-layer K/V of a tiled encoder output) become small:
+        the body gets the small const, re-expands it at its top for whatever still needs the full value,
+        and returns small twins of the ys that have one (stacked: the tiled axis moves one right)."""
+        params = e.params
+        if not compat.scan_params_supported(params):
+            return []
+        nc, nk = compat.scan_arity(params)
+        if any(t is not None for t in ts[nc:]):
+            return []
+        constvars, consts, invars, outvars, beqns = compat.split_closed(params["jaxpr"])
+        if constvars or consts:
+            return []
+        inner = _Shrinker([], beqns)
+        new_invars, prologue = list(invars), []
+        for i in range(nc):
+            t = ts[i]
+            if t is None:
+                continue
+            small_in = compat.new_var(t.small.aval)
+            inner.tiled[invars[i]] = Tiling(small_in, t.axis, t.k, t.mode)
+            prologue.extend(expansion_eqns(small_in, t, invars[i]))
+            new_invars[i] = small_in
+        body: list = []
+        for be in beqns:
+            body.extend(inner.twin(be))
+            body.append(be)
+        new_outvars, out_tilings = list(outvars), {}
+        for j in range(nk, len(outvars)):
+            t = inner.tiled.get(outvars[j]) if is_var(outvars[j]) else None
+            if t is not None and outvars[j] not in set(invars):
+                new_outvars[j] = t.small
+                out_tilings[j] = t
+        if not out_tilings:
+            return []
+        body = _dce(prologue + body, new_outvars)
+        new_body = compat.rebuild_like(params["jaxpr"], [], [], new_invars, new_outvars, body)
+        length = int(params["length"])
+        new_outs = list(e.outvars)
+        for j, t in out_tilings.items():
+            full = e.outvars[j]
+            if not is_var(full):
+                continue
+            small = compat.new_var(compat.stacked_aval(t.small.aval, length))
+            new_outs[j] = small
+            self.tiled[full] = Tiling(small, t.axis + 1, t.k, t.mode)
+        new_outs = [o if o is not e.outvars[j] or j in out_tilings else compat.drop_var(o.aval) if is_var(o) else o
+                    for j, o in enumerate(new_outs)]
+        ops = [ts[i].small if (i < nc and ts[i] is not None) else a for i, a in enumerate(e.invars)]
+        return [e.replace(invars=ops, outvars=new_outs, params={**params, "jaxpr": new_body})]
+
     def _done(self, out_full, small_out, t0: Tiling, new_axis: int) -> list:
         self.tiled[out_full] = Tiling(small_out, new_axis, t0.k, t0.mode)
         return self.out
+
+
+def _dce(eqns: Sequence, outvars: Sequence) -> list:
+    need = {a for a in outvars if is_var(a)}
+    live = []
+    for e in reversed(list(eqns)):
+        if e.effects or any(is_var(v) and v in need for v in e.outvars):
+            live.append(e)
+            need.update(a for a in e.invars if is_var(a))
+    return list(reversed(live))
 
 
 def expansion_eqns(small_var, t: Tiling, full_var) -> list:
