@@ -12,13 +12,25 @@ signature.
 
 If the pipeline itself fails (a kvhoist bug), the original program runs, exactly as under ``jax.jit``,
 and a :class:`KvhoistWarning` says so; set ``KVHOIST_STRICT=1`` to raise instead.
+
+What happened is logged to ``logging.getLogger("kvhoist")`` (silent unless configured): for every
+traced signature, INFO lines for the trace, the rewrite (with the report's summary) and the compile,
+with their timings, and one DEBUG line per hoisted value. With ``KVHOIST_DUMP_TO=dir`` every traced
+signature also writes ``<prefix>.before.txt`` / ``.after.txt`` (the jaxprs) and ``.report.json`` there
+(see :func:`dump_signature`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import json
+import logging
+import os
+import re
 import threading
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -33,6 +45,115 @@ __all__ = ["hoist_invariants", "HoistedFunction", "KvhoistError", "TraceError", 
 
 class KvhoistWarning(UserWarning):
     """The pipeline could not optimise a program; it runs unoptimised (as under ``jax.jit``)."""
+
+
+#: The logger of the whole package; configure it (``logging.basicConfig(level=logging.INFO)``) to see
+#: trace / rewrite / compile timings and what moved.
+logger = logging.getLogger("kvhoist")
+
+#: Environment variable: a folder to which every traced signature's before/after jaxprs and report go.
+DUMP_ENV = "KVHOIST_DUMP_TO"
+
+_dump_counter = itertools.count(1)
+_dump_lock = threading.Lock()
+_dump_failed: set = set()
+
+
+def signature_text(specs: Sequence[Any]) -> str:
+    """``f32[1,16,2,8,8], bf16[1,512,32]``: the traced inputs of one signature, for logs and dumps."""
+    out = []
+    for s in specs:
+        dtype = getattr(s, "dtype", None)
+        name = jax.numpy.dtype(dtype).name if dtype is not None else type(s).__name__
+        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64", "int32": "i32",
+                 "int64": "i64", "bool": "bool", "uint32": "u32"}.get(name, name)
+        out.append(f"{short}[{','.join(map(str, getattr(s, 'shape', ())))}]")
+    return ", ".join(out) if out else "(no traced inputs)"
+
+
+def log_report(name: str, report: Report, seconds: float) -> None:
+    """The rewrite's INFO line (the report's summary) and one DEBUG line per hoisted value."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    logger.info("rewrote %s in %.3f s: %s", name, seconds, report.summary())
+    if logger.isEnabledFor(logging.DEBUG):
+        for h in report.hoisted:
+            via = "+".join(h.via) if isinstance(h.via, (tuple, list)) else h.via
+            logger.debug("  moved %s %s%s (%d bytes) out of %s via %s (from %s)", h.name, h.dtype,
+                         list(h.shape), h.bytes, h.loop, via, h.source)
+        for sk in report.skipped:
+            logger.debug("  skipped %s", getattr(sk, "name", sk))
+
+
+def dump_signature(name: str, signature: str, before: Any, after: Any, report: Report, *,
+                   kind: str = "jit") -> str | None:
+    """Write one traced signature to ``$KVHOIST_DUMP_TO`` (nothing when it is unset).
+
+    Files: ``<prefix>.before.txt`` and ``<prefix>.after.txt`` (the jaxprs as text; for a host-loop step
+    ``after`` is the prologue and the step, one after the other) and ``<prefix>.report.json`` (the report,
+    plus the function, the signature and ``kind``). ``<prefix>`` is ``kvhoist-<pid>-<n>-<function>``, ``n``
+    counting signatures in this process, so every signature gets its own files.
+
+    Returns:
+      The prefix's path, or None when nothing was written. A folder that cannot be written is reported
+      once per folder as a :class:`KvhoistWarning`; the program itself runs on.
+    """
+    folder = os.environ.get(DUMP_ENV)
+    if not folder:
+        return None
+    with _dump_lock:
+        n = next(_dump_counter)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "fun"
+    prefix = os.path.join(folder, f"kvhoist-{os.getpid()}-{n:04d}-{safe}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        data = {"function": name, "kind": kind, "signature": signature, **report.to_dict()}
+        for suffix, text in ((".before.txt", str(before)), (".after.txt", str(after)),
+                             (".report.json", json.dumps(data, indent=2, default=str))):
+            with open(prefix + suffix, "x", encoding="utf-8") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+    except OSError as err:
+        if folder not in _dump_failed:
+            _dump_failed.add(folder)
+            warnings.warn(f"{DUMP_ENV}={folder}: cannot write the dump ({err.strerror or err}); the program runs "
+                          "on without it", KvhoistWarning, stacklevel=2)
+        logger.warning("%s=%s: cannot write %s: %s", DUMP_ENV, folder, prefix, err)
+        return None
+    logger.info("dumped %s (%s) to %s.{before.txt,after.txt,report.json}", name, signature, prefix)
+    return prefix
+
+
+class _CompileLog(threading.local):
+    """The signature this thread just traced, waiting for jit to compile it (for the compile log line)."""
+
+    pending: tuple | None = None  # (jit's function name, our name, signature, lowering seconds)
+
+
+_compile_log = _CompileLog()
+_compile_listener_installed = False
+
+
+def _on_jax_event(event: str, seconds: float, **kwargs: Any) -> None:
+    pending = _compile_log.pending
+    if pending is None or kwargs.get("fun_name") != f"jit({pending[0]})":
+        return
+    if event.endswith("/jaxpr_to_mlir_module_duration"):
+        _compile_log.pending = (*pending[:3], seconds)
+    elif event.endswith("/backend_compile_duration"):
+        _compile_log.pending = None
+        logger.info("compiled %s (%s) in %.3f s (lowering %.3f s, XLA %.3f s)", pending[1], pending[2],
+                    pending[3] + seconds, pending[3], seconds)
+
+
+def _expect_compile(jit_name: str, name: str, signature: str) -> None:
+    """Log the compile that follows this trace (jit compiles right after the trace, in this thread)."""
+    global _compile_listener_installed
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if not _compile_listener_installed:
+        _compile_listener_installed = True
+        jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+    _compile_log.pending = (jit_name, name, signature, 0.0)
 
 
 def _normalize_argnums(static_argnums, what: str = "static_argnums") -> tuple[int, ...]:
@@ -179,6 +300,7 @@ class HoistedFunction:
             jit_kwargs["in_shardings"] = in_shardings
         if out_shardings is not None:
             jit_kwargs["out_shardings"] = out_shardings
+        self._jit_name = traced.__name__  # jax's events name the compile `jit(<this>)` (compile log line)
         self.jitted = jax.jit(traced, **jit_kwargs)
         functools.update_wrapper(self, fun, updated=())
         self.__name__ = function_name(fun)
@@ -200,8 +322,16 @@ class HoistedFunction:
 
         specs = [jax.ShapeDtypeStruct(leaves[i].aval.shape, leaves[i].aval.dtype,
                                       weak_type=getattr(leaves[i].aval, "weak_type", False)) for i in dyn]
+        t0 = time.perf_counter()
         before, out_shape = trace_to_jaxpr(flat_fun, specs, self.__name__, return_shape=True)
+        t1 = time.perf_counter()
+        signature = signature_text(specs) if logger.isEnabledFor(logging.INFO) or os.environ.get(DUMP_ENV) else ""
+        logger.info("traced %s (%s) in %.3f s: %d equations", self.__name__, signature, t1 - t0,
+                    len(before.jaxpr.eqns))
         after, report = self._optimize(before)
+        log_report(self.__name__, report, time.perf_counter() - t1)
+        dump_signature(self.__name__, signature, before, after, report)
+        _expect_compile(self._jit_name, self.__name__, signature)
         record = _Traced(before, after, report)
         with self._lock:
             self._records[key] = record
@@ -257,6 +387,7 @@ class HoistedFunction:
         with self._lock:
             self._last.clear()
         self.jitted.trace(*args, **kwargs)
+        _compile_log.pending = None
         with self._lock:
             if self._last:
                 return self._last[-1]
@@ -265,6 +396,7 @@ class HoistedFunction:
                                 static_argnames=self.static_argnames, max_cache_bytes=self.max_cache_bytes,
                                 fission=self.fission)
         fresh.jitted.trace(*args, **kwargs)
+        _compile_log.pending = None
         return fresh._last[-1]
 
     # -- public ----------------------------------------------------------------------------------
@@ -282,15 +414,24 @@ class HoistedFunction:
 
     def lower(self, *args, **kwargs):
         """``jax.jit(...).lower``: the rewritten program lowered (accepts ``jax.ShapeDtypeStruct`` values)."""
-        return self.jitted.lower(*args, **kwargs)
+        try:
+            return self.jitted.lower(*args, **kwargs)
+        finally:
+            _compile_log.pending = None  # traced, not compiled here: no compile line to wait for
 
     def trace(self, *args, **kwargs):
         """``jax.jit(...).trace``: the traced (rewritten) program."""
-        return self.jitted.trace(*args, **kwargs)
+        try:
+            return self.jitted.trace(*args, **kwargs)
+        finally:
+            _compile_log.pending = None  # traced, not compiled here: no compile line to wait for
 
     def eval_shape(self, *args, **kwargs):
         """``jax.jit(...).eval_shape``: output shapes and dtypes without running anything."""
-        return self.jitted.eval_shape(*args, **kwargs)
+        try:
+            return self.jitted.eval_shape(*args, **kwargs)
+        finally:
+            _compile_log.pending = None  # traced, not compiled here: no compile line to wait for
 
     def clear_cache(self) -> None:
         """Drop jit's compiled programs and the recorded jaxprs/reports."""
