@@ -54,13 +54,31 @@ logger = logging.getLogger("kvhoist")
 #: Environment variable: a folder to which every traced signature's before/after jaxprs and report go.
 DUMP_ENV = "KVHOIST_DUMP_TO"
 
+#: How many traced inputs a log line lists (the largest; a model contributes one input per weight).
+LOG_INPUTS = 6
+
 _dump_counter = itertools.count(1)
 _dump_lock = threading.Lock()
 _dump_failed: set = set()
 
 
-def signature_text(specs: Sequence[Any]) -> str:
-    """``f32[1,16,2,8,8], bf16[1,512,32]``: the traced inputs of one signature, for logs and dumps."""
+def signature_text(specs: Sequence[Any], limit: int | None = None) -> str:
+    """``f32[1,16,2,8,8], bf16[1,512,32]``: the traced inputs of one signature, for logs and dumps.
+
+    With ``limit``, at most that many inputs are listed, the largest first (a model's weights are many
+    leaves), then ``... (+N more; 48 inputs, 1.2 MiB)``."""
+    if limit is not None and len(specs) > limit:
+        import math
+
+        from kvhoist.report import human_bytes
+
+        def size(s: Any) -> int:
+            return math.prod(getattr(s, "shape", ())) * jax.numpy.dtype(getattr(s, "dtype", "float32")).itemsize
+
+        largest = sorted(range(len(specs)), key=lambda i: -size(specs[i]))[:limit]
+        total = sum(size(s) for s in specs)
+        return (signature_text([specs[i] for i in sorted(largest)]) +
+                f", ... (+{len(specs) - limit} more; {len(specs)} inputs, {human_bytes(total)})")
     out = []
     for s in specs:
         dtype = getattr(s, "dtype", None)
@@ -79,8 +97,8 @@ def log_report(name: str, report: Report, seconds: float) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         for h in report.hoisted:
             via = "+".join(h.via) if isinstance(h.via, (tuple, list)) else h.via
-            logger.debug("  moved %s %s%s (%d bytes) out of %s via %s (from %s)", h.name, h.dtype,
-                         list(h.shape), h.bytes, h.loop, via, h.source)
+            logger.debug("  moved %s %s[%s] (%d bytes) out of %s via %s (from %s)", h.name, h.dtype,
+                         ",".join(map(str, h.shape)), h.bytes, h.loop, via, h.source)
         for sk in report.skipped:
             logger.debug("  skipped %s", getattr(sk, "name", sk))
 
@@ -218,6 +236,11 @@ def function_name(fun: Callable) -> str:
     return getattr(fun, "__name__", None) or type(fun).__name__
 
 
+def count_equations(j) -> int:
+    """Equations of a (closed) jaxpr, those of its sub-jaxprs (loop bodies, branches, calls) included."""
+    return sum(1 + sum(count_equations(sub) for sub in compat.subjaxprs_of(e)) for e in compat.split_closed(j)[4])
+
+
 def _has_loop(j) -> bool:
     for e in compat.split_closed(j)[4]:
         if e.primitive.name in ("scan", "while"):
@@ -325,12 +348,14 @@ class HoistedFunction:
         t0 = time.perf_counter()
         before, out_shape = trace_to_jaxpr(flat_fun, specs, self.__name__, return_shape=True)
         t1 = time.perf_counter()
-        signature = signature_text(specs) if logger.isEnabledFor(logging.INFO) or os.environ.get(DUMP_ENV) else ""
-        logger.info("traced %s (%s) in %.3f s: %d equations", self.__name__, signature, t1 - t0,
-                    len(before.jaxpr.eqns))
+        signature = signature_text(specs, LOG_INPUTS) if logger.isEnabledFor(logging.INFO) else ""
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("traced %s (%s) in %.3f s: %d equations", self.__name__, signature, t1 - t0,
+                        count_equations(before))
         after, report = self._optimize(before)
         log_report(self.__name__, report, time.perf_counter() - t1)
-        dump_signature(self.__name__, signature, before, after, report)
+        if os.environ.get(DUMP_ENV):
+            dump_signature(self.__name__, signature_text(specs), before, after, report)
         _expect_compile(self._jit_name, self.__name__, signature)
         record = _Traced(before, after, report)
         with self._lock:

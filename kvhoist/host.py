@@ -69,8 +69,9 @@ import numpy as np
 
 from kvhoist import compat
 from kvhoist.analysis import cost
-from kvhoist.api import (DUMP_ENV, KvhoistError, _normalize_argnames, _normalize_argnums, dump_signature,
-                         function_name, log_report, logger, signature_text, trace_to_jaxpr)
+from kvhoist.api import (DUMP_ENV, LOG_INPUTS, KvhoistError, _normalize_argnames, _normalize_argnums,
+                         count_equations, dump_signature, function_name, log_report, logger, signature_text,
+                         trace_to_jaxpr)
 from kvhoist.ir import Block, used_vars
 from kvhoist.report import Report
 
@@ -631,10 +632,11 @@ class HostHoistedFunction:
         t0 = time.perf_counter()
         before = trace_to_jaxpr(flat_fun, [*call.inv_leaves, *call.var_leaves], self.__name__)
         t1 = time.perf_counter()
-        signature = (signature_text([*call.inv_leaves, *call.var_leaves])
-                     if logger.isEnabledFor(logging.INFO) or os.environ.get(DUMP_ENV) else "")
-        logger.info("traced host-loop step %s (%s) in %.3f s: %d equations", self.__name__, signature, t1 - t0,
-                    len(before.jaxpr.eqns))
+        leaves = [*call.inv_leaves, *call.var_leaves]
+        signature = signature_text(leaves, LOG_INPUTS) if logger.isEnabledFor(logging.INFO) else ""
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("traced host-loop step %s (%s) in %.3f s: %d equations", self.__name__, signature,
+                        t1 - t0, count_equations(before))
         out_tree = out_store[-1]
         # The pipeline's passes before hoisting (the layout pass, with a target); the split below is
         # this module's hoisting.
@@ -687,9 +689,10 @@ class HostHoistedFunction:
         step_inv = [position[v] for v in st_inv]
         step_var = [var_position[v] for v in st_var]
         log_report(f"host-loop step {self.__name__}", report, time.perf_counter() - t1)
-        dump_signature(self.__name__, signature, before,
-                       f"# prologue: once per set of invariant arguments\n{prologue}\n# step: every call\n{step}",
-                       report, kind="host")
+        if os.environ.get(DUMP_ENV):
+            dump_signature(self.__name__, signature_text(leaves), before,
+                           f"# prologue: once per set of invariant arguments\n{prologue}\n# step: every call\n{step}",
+                           report, kind="host")
         return _Program(
             before=before, prologue=prologue, step=step, report=report, out_tree=out_tree,
             prologue_inv=[position[v] for v in pro_inv], step_inv=step_inv, step_var=step_var,

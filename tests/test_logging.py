@@ -160,3 +160,22 @@ def test_unwritable_dump_folder_warns_once_and_runs(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", kvhoist.KvhoistWarning)
         fast(W, X, C2)                            # the same folder: not warned again
+
+
+def test_log_lines_list_the_largest_inputs_only():
+    from kvhoist.api import signature_text
+
+    specs = [jax.ShapeDtypeStruct((n,), jnp.float32) for n in range(1, 11)] + [jax.ShapeDtypeStruct((2, 3),
+                                                                                                     jnp.bfloat16)]
+    assert signature_text(specs[:2]) == "f32[1], f32[2]"
+    short = signature_text(specs, 3)
+    assert short == "f32[8], f32[9], f32[10], ... (+8 more; 11 inputs, 232 B)", short
+    assert signature_text([]) == "(no traced inputs)"
+    assert signature_text(specs).endswith("f32[10], bf16[2,3]")
+
+
+def test_equation_count_includes_loop_bodies(caplog):
+    caplog.set_level(logging.INFO, logger="kvhoist")
+    kvhoist.hoist_invariants(sampler)(W, X, C4)
+    (line,) = [l for l in kv_lines(caplog) if l.startswith("traced sampler")]
+    assert int(re.search(r": (\d+) equations", line).group(1)) > 3      # the scan and its body
