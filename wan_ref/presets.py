@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import Any
 
 from wan_ref.config import WanConfig
 
@@ -73,6 +74,170 @@ class Preset:
         extra = 1 if self.task == "animate" else 0
         return (batch, self.z_dim, (f - 1) // self.vae_scale_factor_temporal + 1 + extra,
                 h // self.vae_scale_factor_spatial, w // self.vae_scale_factor_spatial)
+
+
+    def inputs(self, *, seed: int = 0, batch: int = 1, text_len: int = 512, abstract: bool | None = None,
+               cfg: bool = True, num_inference_steps: int | None = None) -> "SampleInputs":
+        """A random model (both experts for A14B) and matching random inputs for `wan_ref.sample`.
+
+        The weights are drawn by NumPy (matrices ~ N(0, 1/fan_in), norms 1, the rest small): a model to run
+        and trace, not a trained one, built in well under a second for the tiny presets.
+
+        Args:
+          seed: seeds the weights and the inputs.
+          batch: batch size of the latents and embeddings.
+          text_len: text tokens (512, as Wan's pipelines pad to; models with an image branch need 512).
+          abstract: `jax.ShapeDtypeStruct`s instead of arrays, the model built by `nnx.eval_shape` (no
+            weights allocated: for tracing, `jax.make_jaxpr`, `kvhoist report`). Default: True for full-size
+            presets, False for `tiny-*`.
+          cfg: include `negative_prompt_embeds` (classifier-free guidance) when the preset guides.
+          num_inference_steps: default: the preset's.
+
+        Returns:
+          A `SampleInputs`: `sample(*inputs.args, **inputs.kwargs)` runs the preset's sampler.
+
+        Example:
+          >>> inputs = get_preset("tiny-t2v").inputs()
+          >>> latents = wan_ref.sample(*inputs.args, **inputs.kwargs)
+        """
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        if batch < 1 or text_len < 1:
+            raise ValueError(f"batch and text_len must be >= 1, got batch={batch}, text_len={text_len}")
+        abstract = (not self.name.startswith("tiny")) if abstract is None else abstract
+        model_cls = _model_class(self.task)
+
+        def build(config: WanConfig, key_seed: int) -> Any:
+            model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(key_seed)))
+            return model if abstract else _random_weights(model, config, key_seed)
+
+        rng = np.random.default_rng(seed)
+
+        def array(shape: tuple, dtype: Any = jnp.float32) -> Any:
+            if abstract:
+                return jax.ShapeDtypeStruct(shape, dtype)
+            # NumPy, not jax.random: one jax.random.normal compiles per shape (seconds on a loaded CPU)
+            return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+        c = self.config
+        z, f = self.z_dim, self.num_frames
+        shape = self.latent_shape(batch)
+        _b, _z, lf, lh, lw = shape
+        text_dtype = c.dtype
+        extra: dict = {}
+        if self.two_experts:
+            extra["model_2"] = build(self.config_2, seed + 1)
+        if c.image_dim is not None:
+            extra["image_embeds"] = array((batch, 2 * 257 if c.pos_embed_seq_len else 257, c.image_dim), text_dtype)
+        if self.expand_timesteps:
+            extra["condition"] = array((batch, z, 1, lh, lw))
+        elif c.in_channels > z:
+            extra["condition"] = array((batch, c.in_channels - z, lf, lh, lw))
+        if self.task == "vace":
+            extra["control_hidden_states"] = array((batch, c.vace_in_channels, lf, lh, lw), text_dtype)
+        elif self.task == "animate":
+            size = c.motion_encoder_size
+            extra["pose_hidden_states"] = array((batch, z, lf - 1, lh, lw), text_dtype)
+            extra["face_pixel_values"] = array((batch, 3, f, size, size), text_dtype)
+        options: dict = dict(num_inference_steps=num_inference_steps or self.num_inference_steps,
+                             guidance_scale=self.guidance_scale, flow_shift=self.flow_shift,
+                             expand_timesteps=self.expand_timesteps)
+        if self.two_experts:
+            options.update(boundary_ratio=self.boundary_ratio, guidance_scale_2=self.guidance_scale_2)
+        model = build(c, seed)
+        latents = array(shape)
+        prompt = array((batch, text_len, c.text_dim), text_dtype)
+        negative = array((batch, text_len, c.text_dim), text_dtype) if cfg and self.guidance_scale > 1.0 else None
+        return SampleInputs(self, (model, latents, prompt, negative), extra, options)
+
+
+@dataclasses.dataclass
+class SampleInputs:
+    """A model and inputs for `wan_ref.sample`, made by `Preset.inputs` / `tiny_inputs`.
+
+    Attributes:
+      preset: the preset they were made for.
+      args: `(model, latents, prompt_embeds, negative_prompt_embeds)`, the positional arguments of
+        `sample` (`negative_prompt_embeds` is None without CFG).
+      extra: the array keyword arguments the preset's task needs: `model_2` (A14B), `image_embeds`
+        (I2V / FLF2V), `condition` (I2V, TI2V, Animate), `control_hidden_states` (VACE),
+        `pose_hidden_states` and `face_pixel_values` (Animate).
+      options: the static sampler settings: `num_inference_steps`, `guidance_scale`, `flow_shift`,
+        `expand_timesteps` (and `boundary_ratio`, `guidance_scale_2` for A14B) — bind them with
+        `functools.partial` before `jax.jit` / `kvhoist.hoist_invariants`.
+    """
+
+    preset: Preset
+    args: tuple
+    extra: dict
+    options: dict
+
+    @property
+    def kwargs(self) -> dict:
+        """`extra` and `options` together: `sample(*inputs.args, **inputs.kwargs)`."""
+        return {**self.extra, **self.options}
+
+    @property
+    def model(self) -> Any:
+        """The (first) model, `args[0]`."""
+        return self.args[0]
+
+
+def tiny_inputs(name: str = "tiny-t2v", **kw: Any) -> SampleInputs:
+    """`get_preset(name).inputs(**kw)`: a random model and matching inputs in one line (see `Preset.inputs`).
+
+    Example:
+      >>> model, noise, prompt_embeds, negative_prompt_embeds = tiny_inputs("tiny-t2v").args
+    """
+    return get_preset(name).inputs(**kw)
+
+
+def _random_weights(abstract: Any, config: WanConfig, seed: int) -> Any:
+    """`abstract` (an `nnx.eval_shape` model) with random weights drawn by NumPy.
+
+    Seconds faster than running the initialisers eagerly (op by op) on a loaded CPU: matrices and kernels
+    ~ N(0, 1/fan_in), norm weights 1, modulation tables and biases ~ N(0, 0.02^2)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def draw(path: Any, s: Any) -> Any:
+        name = jax.tree_util.keystr(path).lower()
+        if not jnp.issubdtype(s.dtype, jnp.floating):
+            return jnp.zeros(s.shape, s.dtype)
+        layer_axis = 1 if config.scan_layers and ("blocks" in name or "face_adapter" in name) else 0
+        if "scale_shift" in name or "pos_embed" in name:
+            x = 0.02 * rng.standard_normal(s.shape)
+        elif len(s.shape) >= 2 + layer_axis:
+            x = rng.standard_normal(s.shape) / np.sqrt(s.shape[-2])
+        elif "norm" in name:
+            x = np.ones(s.shape)
+        else:
+            x = 0.02 * rng.standard_normal(s.shape)
+        return jnp.asarray(x, s.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def _model_class(task: TaskName) -> type:
+    if task == "vace":
+        from wan_ref.vace import WanVACEModel
+
+        return WanVACEModel
+    if task == "animate":
+        from wan_ref.animate import WanAnimateModel
+
+        return WanAnimateModel
+    from wan_ref.model import WanModel
+
+    return WanModel
 
 
 def _wan21(heads: int, ffn: int, layers: int, **kw) -> WanConfig:
