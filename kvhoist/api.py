@@ -100,7 +100,7 @@ def log_report(name: str, report: Report, seconds: float) -> None:
             logger.debug("  moved %s %s[%s] (%d bytes) out of %s via %s (from %s)", h.name, h.dtype,
                          ",".join(map(str, h.shape)), h.bytes, h.loop, via, h.source)
         for sk in report.skipped:
-            logger.debug("  skipped %s", getattr(sk, "name", sk))
+            logger.debug("  kept %s in %s: %s (from %s)", sk.name, sk.loop or "its loop", sk.reason, sk.source)
 
 
 def dump_signature(name: str, signature: str, before: Any, after: Any, report: Report, *,
@@ -119,15 +119,17 @@ def dump_signature(name: str, signature: str, before: Any, after: Any, report: R
     folder = os.environ.get(DUMP_ENV)
     if not folder:
         return None
-    with _dump_lock:
-        n = next(_dump_counter)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "fun"
-    prefix = os.path.join(folder, f"kvhoist-{os.getpid()}-{n:04d}-{safe}")
+    suffixes = (".before.txt", ".after.txt", ".report.json")
     try:
         os.makedirs(folder, exist_ok=True)
+        with _dump_lock:
+            while True:  # skip names an earlier process with the same pid left in this folder
+                prefix = os.path.join(folder, f"kvhoist-{os.getpid()}-{next(_dump_counter):04d}-{safe}")
+                if not any(os.path.exists(prefix + x) for x in suffixes):
+                    break
         data = {"function": name, "kind": kind, "signature": signature, **report.to_dict()}
-        for suffix, text in ((".before.txt", str(before)), (".after.txt", str(after)),
-                             (".report.json", json.dumps(data, indent=2, default=str))):
+        for suffix, text in zip(suffixes, (str(before), str(after), json.dumps(data, indent=2, default=str))):
             with open(prefix + suffix, "x", encoding="utf-8") as f:
                 f.write(text if text.endswith("\n") else text + "\n")
     except OSError as err:
@@ -135,9 +137,9 @@ def dump_signature(name: str, signature: str, before: Any, after: Any, report: R
             _dump_failed.add(folder)
             warnings.warn(f"{DUMP_ENV}={folder}: cannot write the dump ({err.strerror or err}); the program runs "
                           "on without it", KvhoistWarning, stacklevel=2)
-        logger.warning("%s=%s: cannot write %s: %s", DUMP_ENV, folder, prefix, err)
+        logger.warning("%s=%s: cannot write the dump of %s: %s", DUMP_ENV, folder, name, err)
         return None
-    logger.info("dumped %s (%s) to %s.{before.txt,after.txt,report.json}", name, signature, prefix)
+    logger.info("dumped %s to %s.{before.txt,after.txt,report.json}", name, prefix)
     return prefix
 
 

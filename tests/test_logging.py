@@ -179,3 +179,29 @@ def test_equation_count_includes_loop_bodies(caplog):
     kvhoist.hoist_invariants(sampler)(W, X, C4)
     (line,) = [l for l in kv_lines(caplog) if l.startswith("traced sampler")]
     assert int(re.search(r": (\d+) equations", line).group(1)) > 3      # the scan and its body
+
+
+def test_dump_skips_names_left_by_an_earlier_process(tmp_path, monkeypatch):
+    import itertools
+
+    import kvhoist.api as api
+
+    monkeypatch.setenv(DUMP_ENV, str(tmp_path))
+    monkeypatch.setattr(api, "_dump_counter", itertools.count(1))
+    stale = tmp_path / f"kvhoist-{os.getpid()}-0001-sampler.report.json"
+    stale.write_text("{}")                           # same pid, same counter: a previous run's file
+    kvhoist.hoist_invariants(sampler)(W, X, C4)
+    assert stale.read_text() == "{}"
+    assert (tmp_path / f"kvhoist-{os.getpid()}-0002-sampler.report.json").exists()
+
+
+def test_kept_candidates_are_logged_with_their_reason(caplog):
+    caplog.set_level(logging.DEBUG, logger="kvhoist")
+    fast = kvhoist.hoist_invariants(sampler, max_cache_bytes=0)     # no budget: the K/V stays in the loop
+    fast(W, X, C4)
+    report = fast.report(W, X, C4)
+    assert report.skipped and not report.hoisted
+    kept = [l for l in kv_lines(caplog) if l.strip().startswith("kept ")]
+    assert len(kept) == len(report.skipped)
+    for line, sk in zip(kept, report.skipped):
+        assert line.strip().startswith(f"kept {sk.name} in ") and sk.reason in line
