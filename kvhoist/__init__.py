@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 # Nothing below imports jax until a name is used (PEP 562), so `kvhoist --help` and
@@ -43,13 +44,24 @@ if TYPE_CHECKING:
     from kvhoist.report import HoistedValue, Note, Report, Skipped
 
 
+def _is_submodule(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         # `import kvhoist; kvhoist.compat` worked when the package imported everything eagerly: keep it working
-        if name.startswith("_") or importlib.util.find_spec(f"kvhoist.{name}") is None:
-            raise AttributeError(f"module 'kvhoist' has no attribute {name!r}")
         module = f"kvhoist.{name}"
+        if name.startswith("_") or (module not in sys.modules and not _is_submodule(module)):
+            raise AttributeError(f"module 'kvhoist' has no attribute {name!r}")
+        try:
+            return importlib.import_module(module)
+        except ImportError as err:  # hasattr() / getattr(..., default) expect an AttributeError
+            raise AttributeError(f"module 'kvhoist' has no attribute {name!r} ({err})") from err
     mod = importlib.import_module(module)
     value = mod if module == f"kvhoist.{name}" else getattr(mod, name)
     globals()[name] = value

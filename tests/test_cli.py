@@ -441,7 +441,8 @@ def test_import_kvhoist_is_lazy_but_complete():
             "names = [getattr(kvhoist, n) for n in kvhoist.__all__]; assert 'jax' in sys.modules; "
             "assert kvhoist.targets.__name__ == 'kvhoist.targets'; from kvhoist import licm, Report; "
             "assert callable(licm) and Report.__name__ == 'Report'; "
-            "assert set(kvhoist.__all__) <= set(dir(kvhoist)); print('ok')")
+            "assert set(kvhoist.__all__) <= set(dir(kvhoist)); assert kvhoist.compat.__name__ == 'kvhoist.compat'; "
+            "sys.modules['kvhoist.bench'] = None; assert not hasattr(kvhoist, 'bench'); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE.parent,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
