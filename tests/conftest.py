@@ -43,25 +43,8 @@ def make_diffusers_wan(config: Any, path: str | os.PathLike | None = None, *, se
     Returns:
       The torch module.
     """
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    model = diffusers.WanTransformer3DModel(**_as_diffusers_dict(config)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            leaf = name.split(".")[-2] if "." in name else name
-            if "norm" in leaf and name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("scale_shift_table") or name.endswith("pos_embed"):
-                param.copy_(0.5 * noise)
-            else:
-                param.copy_(std * noise)
-    if path is not None:
-        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        model.save_pretrained(os.fspath(path), **kwargs)
-    return model
+    return make_diffusers_transformer("WanTransformer3DModel", config, path, seed=seed, std=std,
+                                      max_shard_size=max_shard_size)
 
 
 @pytest.fixture

@@ -225,39 +225,34 @@ def source_bytes(var, eqns: Sequence, prod: dict, *, speculative: bool, aval_byt
     materialises anyway (a matmul's K: caching it costs what jit holds). A value produced by such a
     primitive is its own source.
     """
-    seen, total, stack = set(), 0, [var]
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        k = prod.get(v)
-        if k is None:
-            total += aval_bytes(v.aval)
-            continue
-        e = eqns[k]
-        name = e.primitive.name
-        if name in HIGHER_ORDER or (not speculative and name not in FUSIBLE):
-            total += aval_bytes(v.aval)
-            continue
-        stack.extend(a for a in e.invars if not compat.is_literal(a))
-    return total
+    def is_source(e) -> bool:
+        return e.primitive.name in HIGHER_ORDER or (not speculative and e.primitive.name not in FUSIBLE)
+
+    return sum(aval_bytes(v.aval) for v in _sources(var, eqns, prod, is_source))
 
 
 def reads_inputs(var, eqns: Sequence, prod: dict) -> bool:
     """Does ``var`` depend on any block input? A value computed from literals alone (an ``iota``-derived
     table, a mask ``iota < n``) is a constant: XLA folds it at compile time, so caching it only costs bytes."""
-    seen, stack = set(), [var]
+    return any(v not in prod for v in _sources(var, eqns, prod, lambda e: False))
+
+
+def _sources(var, eqns: Sequence, prod: dict, is_source) -> list:
+    """The values ``var`` is computed from, each once: walking back through producers, stopping at block
+    inputs (not in ``prod``) and at values whose producing equation ``is_source``. ``var`` itself counts
+    when its own producer is a source."""
+    seen, out, stack = set(), [], [var]
     while stack:
         v = stack.pop()
         if v in seen:
             continue
         seen.add(v)
         k = prod.get(v)
-        if k is None:
-            return True
+        if k is None or is_source(eqns[k]):
+            out.append(v)
+            continue
         stack.extend(a for a in eqns[k].invars if not compat.is_literal(a))
-    return False
+    return out
 
 
 def inflation_ok(nbytes: int, sources: int) -> bool:
