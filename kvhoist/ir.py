@@ -130,6 +130,24 @@ def _verify_scope(eqns: Sequence, scope: set, outvars: Sequence, where: str) -> 
             raise VerifyError(f"output {a}{where} is not defined")
 
 
+def live_indices(eqns: Sequence, roots: Iterable) -> set:
+    """Indices of ``eqns`` whose results reach ``roots`` (variables) or that have effects."""
+    need = {a for a in roots if is_var(a)}
+    live = set()
+    for k in range(len(eqns) - 1, -1, -1):
+        e = eqns[k]
+        if e.effects or any(is_var(v) and v in need for v in e.outvars):
+            live.add(k)
+            need.update(a for a in e.invars if is_var(a))
+    return live
+
+
+def live_eqns(eqns: Sequence, roots: Iterable) -> list:
+    """``eqns`` without the dead ones (see :func:`live_indices`), in order."""
+    live = live_indices(eqns, roots)
+    return [e for k, e in enumerate(eqns) if k in live]
+
+
 def producers(eqns: Sequence) -> dict:
     """Map each variable to the index of the equation defining it."""
     prod = {}

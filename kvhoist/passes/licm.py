@@ -38,7 +38,8 @@ from kvhoist import compat
 from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
-from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, producers, verify_eqns, verify_jaxpr
+from kvhoist.ir import (Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers, verify_eqns,
+                        verify_jaxpr)
 from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
 
 
@@ -340,7 +341,7 @@ class Licm:
         hoisted = [eqns[i] for i in sorted(selected)]
         residual = [e for i, e in enumerate(eqns) if e is not None and i not in selected]
         residual = _rematerialize_constants(hoisted, residual, block.outvars)
-        hoisted = _live_hoisted(hoisted, residual, block.outvars)
+        hoisted = live_eqns(hoisted, [a for e in residual for a in e.invars] + list(block.outvars))
         defined = {v for e in hoisted for v in e.outvars if is_var(v)}
         needed = set()
         for e in residual:
@@ -373,7 +374,7 @@ class Licm:
                     if is_var(a) and a in prod and prod[a] not in selected:
                         stack.append(prod[a])
 
-        live = _live(eqns, block_outvars)
+        live = live_indices(eqns, block_outvars)  # dead work is XLA's to drop
         seeds = [k for k in sorted(invariant_idx & live)
                  if not cost.is_shape_only(eqns[k]) and cost.eqn_flops(eqns[k]) >= self.min_flops]
         close(seeds)
@@ -413,27 +414,23 @@ class Licm:
         reason = motion.why_not_speculatable(eqn) if spec else motion.why_not_movable(eqn)
         if reason is None or reason == "has effects" or eqn.primitive.name in ("scan", "while", "cond"):
             return  # effects stay by design; loops and conds are split by their rules instead
-        name, src = _describe(eqn)
-        key = (name, src, reason)
-        if key in self._stayed:
-            return
-        self._stayed.add(key)
         what = "speculated" if spec and motion.may_move(eqn) else "moved"
-        self.report.skipped.append(Skipped(
-            name, src, f"not {what}: {reason}", cost.out_bytes(eqn), cost.eqn_flops(eqn),
-            self.loops[-1].describe() if self.loops else ""))
+        self._skip(eqn, f"not {what}: {reason}", cost.out_bytes(eqn), cost.eqn_flops(eqn))
+
+    def _skip(self, eqn, reason: str, nbytes: int, flops: int, key: str | None = None) -> None:
+        """Record in ``report.skipped`` that ``eqn`` stays, once per (equation name, source, ``key or reason``)."""
+        name, src = _describe(eqn)
+        if (name, src, key or reason) in self._stayed:
+            return
+        self._stayed.add((name, src, key or reason))
+        self.report.skipped.append(Skipped(name, src, reason, nbytes, flops,
+                                           self.loops[-1].describe() if self.loops else ""))
 
     def refuse_speculation(self, cond_eqn, flops: int, budget: int) -> None:
         """Report a cond whose branches' invariant work is too expensive to speculate."""
-        name, src = _describe(cond_eqn)
-        key = (name, src, "speculation budget")
-        if key in self._stayed:
-            return
-        self._stayed.add(key)
-        self.report.skipped.append(Skipped(
-            name, src, f"not speculated: its branches' invariant work ({human_flops(flops)} FLOPs) would run even "
-            f"if the branch never does, more than the loop surely runs ({human_flops(budget)} FLOPs)", 0, flops,
-            self.loops[-1].describe() if self.loops else ""))
+        self._skip(cond_eqn, f"not speculated: its branches' invariant work ({human_flops(flops)} FLOPs) would run "
+                   f"even if the branch never does, more than the loop surely runs ({human_flops(budget)} FLOPs)",
+                   0, flops, key="speculation budget")
 
     def _fit_memory(self, eqns, selected: set, units, block_outvars, spec: bool) -> set:
         """Drop selected work whose results would be cached expansions (the memory model).
@@ -465,13 +462,7 @@ class Licm:
             if not bad:
                 return selected
             for k, reason in bad.items():
-                name, srcline = _describe(eqns[k])
-                if (name, srcline, reason) in self._stayed:
-                    continue
-                self._stayed.add((name, srcline, reason))
-                self.report.skipped.append(Skipped(name, srcline, reason, cost.out_bytes(eqns[k]),
-                                                   cost.eqn_flops(eqns[k]),
-                                                   self.loops[-1].describe() if self.loops else ""))
+                self._skip(eqns[k], reason, cost.out_bytes(eqns[k]), cost.eqn_flops(eqns[k]))
             selected -= set(bad)
             # Whatever read a dropped result cannot move either; a split is all-or-nothing.
             changed = True
@@ -605,17 +596,6 @@ def _rematerialize_constants(hoisted: list, residual: list, outvars: Sequence) -
     return copies + [e.replace(invars=[sub.get(a, a) if is_var(a) else a for a in e.invars]) for e in residual]
 
 
-def _live_hoisted(hoisted: list, residual: list, outvars: Sequence) -> list:
-    """Hoisted equations whose results are still needed (by the residual, the outputs or each other)."""
-    need = {a for e in residual for a in e.invars if is_var(a)} | {a for a in outvars if is_var(a)}
-    live = []
-    for e in reversed(hoisted):
-        if any(is_var(v) and v in need for v in e.outvars):
-            live.append(e)
-            need.update(a for a in e.invars if is_var(a))
-    return list(reversed(live))
-
-
 def carry_closure(read: set, carry_pairs: Sequence) -> set:
     """``read`` plus the carry outputs a fissioned scan must compute because it reads their inputs.
 
@@ -684,18 +664,6 @@ def _ancestors(eqns, prod, start: int):
         seen.add(k)
         yield k
         stack.extend(prod[a] for a in eqns[k].invars if is_var(a) and a in prod)
-
-
-def _live(eqns, outvars) -> set:
-    """Indices of equations whose results reach ``outvars`` or an effect (dead work is XLA's to drop)."""
-    need = {a for a in outvars if is_var(a)}
-    live = set()
-    for k in range(len(eqns) - 1, -1, -1):
-        e = eqns[k]
-        if e.effects or any(is_var(v) and v in need for v in e.outvars):
-            live.add(k)
-            need.update(a for a in e.invars if is_var(a))
-    return live
 
 
 def _provenance(hoisted, prod, v, claimed: set):

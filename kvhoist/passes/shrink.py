@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from kvhoist import compat
 from kvhoist.analysis import motion
-from kvhoist.ir import aval_bytes, clone_eqns, is_var, producers
+from kvhoist.ir import aval_bytes, clone_eqns, is_var, live_eqns, producers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +295,7 @@ class _Shrinker:
                 out_tilings[j] = t
         if not out_tilings:
             return []
-        body = _dce(prologue + body, new_outvars)
+        body = live_eqns(prologue + body, new_outvars)
         new_body = compat.rebuild_like(params["jaxpr"], [], [], new_invars, new_outvars, body)
         length = int(params["length"])
         new_outs = list(e.outvars)
@@ -314,16 +314,6 @@ class _Shrinker:
     def _done(self, out_full, small_out, t0: Tiling, new_axis: int) -> list:
         self.tiled[out_full] = Tiling(small_out, new_axis, t0.k, t0.mode)
         return self.out
-
-
-def _dce(eqns: Sequence, outvars: Sequence) -> list:
-    need = {a for a in outvars if is_var(a)}
-    live = []
-    for e in reversed(list(eqns)):
-        if e.effects or any(is_var(v) and v in need for v in e.outvars):
-            live.append(e)
-            need.update(a for a in e.invars if is_var(a))
-    return list(reversed(live))
 
 
 def expansion_eqns(small_var, t: Tiling, full_var) -> list:
@@ -467,10 +457,4 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
     new_body = compat.rebuild_like(body_j, [], [], new_binvars, boutvars, body_eqns)
     new_loop = loop.replace(invars=[operands[i] for i in keep], params={**loop.params, body_key: new_body})
     # Dead hoisted equations (the full-size work the loop no longer reads) are dropped.
-    needed = {a for a in new_loop.invars if is_var(a)}
-    live = []
-    for e in reversed(new_pre):
-        if any(is_var(v) and v in needed for v in e.outvars):
-            live.append(e)
-            needed.update(a for a in e.invars if is_var(a))
-    return list(reversed(live)), new_loop, sizes
+    return live_eqns(new_pre, new_loop.invars), new_loop, sizes
