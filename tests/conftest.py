@@ -17,6 +17,16 @@ import pytest
 # of the fallback itself set KVHOIST_STRICT=0 with monkeypatch).
 os.environ.setdefault("KVHOIST_STRICT", "1")
 
+# The property tests draw the same examples on every run (CI must not pass or fail by chance); set
+# KVHOIST_FUZZ_RANDOM=1 to explore new ones (with `-m slow` for the long runs).
+try:
+    from hypothesis import settings as _hyp_settings
+except ImportError:  # hypothesis is a test extra
+    pass
+else:
+    _hyp_settings.register_profile("kvhoist", derandomize=os.environ.get("KVHOIST_FUZZ_RANDOM") != "1")
+    _hyp_settings.load_profile("kvhoist")
+
 
 def _as_diffusers_dict(config: Any) -> dict:
     if isinstance(config, dict):

@@ -182,3 +182,55 @@ def test_fissioned_layer_scan_over_a_tiled_value_caches_one_copy():
     assert report.cache_bytes == L * B * S * D * 4, report.table()
     assert [h.shape for h in report.hoisted] == [(L, B, S, D)]
     np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))
+
+
+def test_sunk_broadcasts_leave_no_dead_cache():
+    """Sinking ``bcast(x) * 0.1`` leaves the broadcasts dead in the body; they must not keep their
+    small operands crossing into the loop (one [1, 4] row is cached, not three)."""
+    def f(w, x):
+        h = jnp.tanh(w @ w)
+
+        def body(c, _):
+            a = jnp.broadcast_to(h.sum(0, keepdims=True), (4, 4)) * 0.1
+            b = jnp.broadcast_to(h.sum(0, keepdims=True), (4, 4)) * 0.1
+            return jnp.tanh(c + a * b), None
+        return lax.scan(body, x, None, length=3)[0]
+
+    ks = jax.random.split(jax.random.key(4), 2)
+    args = (jax.random.normal(ks[0], (4, 4)), jax.random.normal(ks[1], (4, 4)))
+    hf = kvhoist.hoist_invariants(f)
+    assert hf.report(*args).cache_bytes == 4 * 4, hf.report(*args).table()
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))
+
+
+def test_different_tilings_with_one_small_twin():
+    """``tile(x) @ w`` and ``repeat(x) @ w`` differ but share their small twin ``x @ w``: the loop
+    must read the twin that survives common-value elimination (it read the dropped one)."""
+    def f(enc, w, x):
+        def body(c, _):
+            a = jnp.tile(enc, (4, 1)) @ w
+            b = jnp.repeat(enc, 4, axis=0) @ w
+            return jnp.tanh(c + a) * b, None
+        return lax.scan(body, x, None, length=3)[0]
+
+    ks = jax.random.split(jax.random.key(5), 3)
+    args = (jax.random.normal(ks[0], (2, 8)), jax.random.normal(ks[1], (8, 8)), jax.random.normal(ks[2], (8, 8)))
+    hf = kvhoist.hoist_invariants(f)
+    report = hf.report(*args)
+    assert report.cache_bytes == 2 * 8 * 4, report.table()   # x @ w once, re-expanded both ways
+    assert not [n for n in report.notes if n.kind == "refused"]
+    np.testing.assert_allclose(hf(*args), jax.jit(f)(*args), rtol=1e-5, atol=1e-6)  # [2,8]@ vs [8,8]@ rounding
+
+
+def test_zero_length_scan_is_left_alone():
+    """Its body never runs: hoisting anything out of it could only add work."""
+    def f(w, x):
+        return lax.scan(lambda c, _: (c + jnp.tanh(w @ w), None), x, None, length=0)[0]
+
+    args = (jnp.ones((4, 4)), jnp.ones((4, 4)))
+    hf = kvhoist.hoist_invariants(f)
+    report = hf.report(*args)
+    assert not report.hoisted
+    before, after = hf.jaxprs(*args)
+    assert str(after) == str(before)
+    np.testing.assert_array_equal(hf(*args), jax.jit(f)(*args))

@@ -6,7 +6,8 @@ kvhoist moves work in two ways, and they need different guarantees (MLIR's model
   host-loop step): the equation runs once instead of once per iteration. It must be *memory-effect
   free* and *deterministic*: same inputs, same outputs, no state read or written. :func:`may_move`.
 * **Speculation**: the equation runs where it might not have run at all: out of a ``cond`` branch, out
-  of a ``while`` body (which may run zero times), out of a zero-length ``scan``. Besides may_move it
+  of a ``while`` body (which may run zero times). (Nothing leaves a zero-length ``scan``: its body never
+  runs, so moving work out of it could only add work.) Besides may_move it
   must *always terminate*, *never fail* and have a cost known at trace time: no ``while`` loop (its trip
   count depends on data), no callback (it may raise, block or count its calls), nothing opaque.
   :func:`speculatable`.

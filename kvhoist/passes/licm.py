@@ -112,7 +112,7 @@ class Licm:
         self.branch_runs: dict = {}    # id(cond eqn) -> (eqn, {branch: runs})
         self.branch_of: dict = {}      # id(speculated eqn) -> (eqn, id(cond eqn), branch, runs or None, cond source)
         # True while extracting work that will run where it might not have run (a cond branch, a while
-        # body, a zero-length scan): only speculatable equations move (kvhoist.analysis.motion).
+        # body): only speculatable equations move (kvhoist.analysis.motion).
         self.speculating = False
         self._stayed: set = set()
         self._emitted: list = []       # stack: the equations emitted so far in each block being optimised
@@ -341,6 +341,9 @@ class Licm:
         hoisted = [eqns[i] for i in sorted(selected)]
         residual = [e for i, e in enumerate(eqns) if e is not None and i not in selected]
         residual = _rematerialize_constants(hoisted, residual, block.outvars)
+        # Dead residual work (e.g. the expansions left behind when a broadcast was sunk below its
+        # consumers) must not keep a value crossing into the loop.
+        residual = live_eqns(residual, block.outvars)
         hoisted = live_eqns(hoisted, [a for e in residual for a in e.invars] + list(block.outvars))
         defined = {v for e in hoisted for v in e.outvars if is_var(v)}
         needed = set()

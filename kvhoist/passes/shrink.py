@@ -425,11 +425,17 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
             continue
         t = sh.tiled.get(op)
         if t is not None and op in pre_prod:
-            small_in = compat.new_var(t.small.aval)
+            small = subst.get(t.small, t.small)  # the small twin may itself be a common value
+            if small in seen_operand:  # another operand's twin too (tile(x) @ w and repeat(x) @ w)
+                prologue.extend(expansion_eqns(seen_operand[small], t, binvars[j]))
+                drop.add(i)
+                sizes[i] = (old_bytes, None, 0)
+                continue
+            small_in = compat.new_var(small.aval)
             prologue.extend(expansion_eqns(small_in, t, binvars[j]))
             binvars[j] = small_in
-            operands[i] = t.small
-            sizes[i] = (old_bytes, _shape(t.small), aval_bytes(t.small.aval))
+            operands[i] = small
+            sizes[i] = (old_bytes, _shape(small), aval_bytes(small.aval))
         seen_operand[operands[i]] = binvars[j]
     # Views: an operand that is a transpose/reshape of another operand is recomputed in the body.
     position = {operands[i]: i for i in range(first, first + count) if i not in drop and is_var(operands[i])}

@@ -64,6 +64,8 @@ class ScanRule:
         nx = len(eqn.invars) - nc - nk
         ny = len(eqn.outvars) - nk
         length = int(params["length"])
+        if length == 0:
+            return [eqn]  # its body never runs: anything moved out of it would only add work
         engine.bind_known(body.invars[:nc], eqn.invars[:nc])
         with engine.in_loop(_loop_info(eqn, "scan", length)) as info:
             body = engine.optimize_block(body)
@@ -79,8 +81,7 @@ class ScanRule:
                         engine.branch_runs[id(be)] = (be, runs)
             through = passthrough_carries(body, nc, nk)
             inv_invars = body.invars[:nc] + [body.invars[nc + k] for k in range(nk) if through[k]]
-            # A zero-length scan never runs its body: moving work out of it is speculation.
-            ext = engine.extract(body, inv_invars, charge=True, speculative=length == 0)
+            ext = engine.extract(body, inv_invars, charge=True)
         if ext.empty:
             new_params = compat.scan_params(params, jaxpr=body.to_closed(), num_consts=nc,
                                             num_carry=nk, num_xs=nx, num_ys=ny)
