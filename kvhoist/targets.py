@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 from typing import Any, Sequence
 
-from kvhoist.api import KvhoistError
+from kvhoist.errors import KvhoistError
 
 __all__ = ["Target", "TARGETS", "UnknownTargetError", "get_target", "detect_target", "target_for_device_kind"]
 
