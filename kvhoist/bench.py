@@ -1071,20 +1071,30 @@ def quick(*, repeats: int = 10, log: Callable[[str], None] = lambda s: print(s, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``kvhoist bench``'s options to ``parser``."""
+    """Adds ``kvhoist bench``'s options to ``parser``.
+
+    Every value is checked by the parser before anything runs: counts must be positive (``--warmup``
+    >= 0), ``--config`` / ``--form`` must name known ones, ``--out`` / ``--markdown`` must be writable
+    files in existing folders and ``--from-json`` an existing file; a bad one is a usage error (exit 2).
+    """
+    from kvhoist.cli import input_file, int_at_least, output_file
+
+    positive = int_at_least(1, "a positive integer")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), default=None,
                         help="benchmark config(s) (repeatable; default: all)")
-    parser.add_argument("--form", action="append", choices=list(FORMS), default=None,
-                        help="sampler form(s) (repeatable; default: all)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (default 7)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after compiling (default 1)")
+    parser.add_argument("--form", action="append", choices=list(FORMS), default=None, metavar="FORM",
+                        help="sampler form(s) (repeatable; default: all): " + ", ".join(map(repr, FORMS)))
+    parser.add_argument("--repeats", type=positive, default=7, help="timed repeats per variant (default 7)")
+    parser.add_argument("--warmup", type=int_at_least(0, "an integer >= 0"), default=1,
+                        help="untimed rounds after compiling (default 1)")
     parser.add_argument("--no-overhead", dest="overhead", action="store_false",
                         help="skip the pass-overhead measurement on the abstract 14B sampler")
-    parser.add_argument("--overhead-layers", type=int, default=None,
+    parser.add_argument("--overhead-layers", type=positive, default=None,
                         help="layers of the abstract 14B model for the overhead measurement (default: all 40)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--markdown", default=None, help="write the results as a markdown page here")
-    parser.add_argument("--from-json", default=None, metavar="JSON",
+    parser.add_argument("--out", type=output_file("--out"), default=None, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=output_file("--markdown"), default=None,
+                        help="write the results as a markdown page here")
+    parser.add_argument("--from-json", type=input_file, default=None, metavar="JSON",
                         help="re-render --markdown from a previous run's JSON instead of running")
     parser.add_argument("--quick", action="store_true",
                         help="the short accelerator check (does XLA hoist on its own?); prints a JSON summary")

@@ -101,6 +101,31 @@ def check_output_path(option: str, path: str) -> str | None:
     return None
 
 
+def output_file(option: str) -> Callable[[str], str]:
+    """An argparse ``type=`` for an output file: :func:`check_output_path` at parse time, so a bad path
+    is a usage error (the subcommand's usage, exit 2) before any work starts."""
+
+    def parse(path: str) -> str:
+        why = check_output_path(option, path)
+        if why:
+            raise argparse.ArgumentTypeError(why.removeprefix(f"{option} "))
+        return path
+
+    parse.__name__ = "output file"
+    return parse
+
+
+def input_file(path: str) -> str:
+    """An argparse ``type=`` for a file that must exist and be readable."""
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path}: is a directory; give a file name")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{path}: not readable")
+    return path
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 def _add_spec_arguments(p: argparse.ArgumentParser) -> None:

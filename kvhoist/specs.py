@@ -62,6 +62,31 @@ class SamplerOptions:
     dtype: str | None = None
     text_len: int = 512
 
+    def __post_init__(self) -> None:
+        """Reject nonsensical values at construction, one clear ``SpecError`` (a ``ValueError``) each."""
+        from wan_ref.schedulers import SCHEDULERS
+
+        def bad(name: str, why: str) -> SpecError:
+            return SpecError(f"SamplerOptions({name}={getattr(self, name)!r}): {why}")
+
+        if self.loop not in ("scan", "fori"):
+            raise bad("loop", "use 'scan' or 'fori' (a Python loop has no loop in its jaxpr to hoist from)")
+        for name in ("scan_layers", "cfg"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
+        for name in ("steps", "height", "width", "frames"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise bad(name, "must be a positive integer, or None for the preset's default")
+        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 1:
+            raise bad("text_len", "must be a positive integer (Wan's pipelines use 512)")
+        if self.scheduler not in SCHEDULERS:
+            raise bad("scheduler", f"unknown scheduler; use one of {', '.join(map(repr, SCHEDULERS))}")
+        if self.dtype is not None and self.dtype not in ("bfloat16", "bf16", "float32", "f32"):
+            raise bad("dtype", "use 'bfloat16' or 'float32', or None for the preset's default")
+        if self.target is not None and (not isinstance(self.target, str) or not self.target.strip()):
+            raise bad("target", "must be a TPU generation name such as 'v5e' or 'v6e', or None")
+
 
 @dataclasses.dataclass
 class Program:

@@ -407,7 +407,9 @@ def test_bench_usage_error_returns_2(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "kvhoist.bench", fake)
     import kvhoist
 
-    monkeypatch.setattr(kvhoist, "bench", fake, raising=False)
+    # on the module's dict: monkeypatch.setattr would read the old value through kvhoist.__getattr__, which
+    # imports the fake from sys.modules, and "restore" the fake after the test
+    monkeypatch.setitem(vars(kvhoist), "bench", fake)
     rc, _out, err = run(capsys, "bench", "--repeats", "0")
     assert rc == 2 and "usage: kvhoist bench" in err and "must be a positive integer, got 0" in err
 
@@ -449,3 +451,61 @@ def test_import_kvhoist_is_lazy_but_complete():
     proc = subprocess.run([sys.executable, "-c", "import kvhoist; kvhoist.no_such_name"], capture_output=True,
                           text=True, timeout=120, cwd=HERE.parent)
     assert proc.returncode == 1 and "module 'kvhoist' has no attribute 'no_such_name'" in proc.stderr
+
+
+# -- SamplerOptions and `kvhoist bench` values: one clear error each ---------------------------------------
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(steps=0), "SamplerOptions(steps=0): must be a positive integer"),
+    (dict(steps=-2), "SamplerOptions(steps=-2): must be a positive integer"),
+    (dict(steps=2.5), "SamplerOptions(steps=2.5): must be a positive integer"),
+    (dict(frames=0), "SamplerOptions(frames=0)"),
+    (dict(height=-8), "SamplerOptions(height=-8)"),
+    (dict(width=True), "SamplerOptions(width=True)"),
+    (dict(text_len=0), "SamplerOptions(text_len=0)"),
+    (dict(loop="python"), "use 'scan' or 'fori'"),
+    (dict(loop="while"), "SamplerOptions(loop='while')"),
+    (dict(scheduler="ddim"), "unknown scheduler; use one of 'unipc', 'euler'"),
+    (dict(dtype="float16"), "use 'bfloat16' or 'float32'"),
+    (dict(cfg="yes"), "SamplerOptions(cfg='yes'): must be True or False"),
+    (dict(target=""), "SamplerOptions(target='')"),
+])
+def test_sampler_options_reject_nonsense_at_construction(kwargs, needle):
+    from kvhoist.specs import SamplerOptions
+
+    with pytest.raises(ValueError) as info:
+        SamplerOptions(**kwargs)
+    assert needle in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_sampler_options_accept_defaults_and_real_values():
+    from kvhoist.specs import SamplerOptions
+
+    SamplerOptions()
+    SamplerOptions(loop="fori", steps=1, height=480, width=832, frames=81, scheduler="euler", dtype="float32",
+                   target="v6e", text_len=1)
+
+
+@pytest.mark.parametrize("argv_of, needle", [
+    (lambda d: ["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+    (lambda d: ["--repeats", "-3"], "argument --repeats: must be a positive integer, got -3"),
+    (lambda d: ["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+    (lambda d: ["--overhead-layers", "0"], "argument --overhead-layers: must be a positive integer"),
+    (lambda d: ["--form", "bogus"], "argument --form: invalid choice: 'bogus'"),
+    (lambda d: ["--config", "huge"], "argument --config: invalid choice: 'huge'"),
+    (lambda d: ["--out", str(d / "missing" / "b.json")], "folder {d}/missing does not exist"),
+    (lambda d: ["--markdown", str(d)], "is a directory"),
+    (lambda d: ["--from-json", str(d / "nope.json")], "nope.json: no such file"),
+])
+def test_bench_bad_values_exit_2_with_usage(capsys, monkeypatch, tmp_path, argv_of, needle):
+    from kvhoist import bench
+
+    def boom(*_a, **_k):
+        raise AssertionError("kvhoist bench started working before rejecting its arguments")
+
+    monkeypatch.setattr(bench, "main", boom)
+    rc, out, err = run(capsys, "bench", *argv_of(tmp_path))
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("usage: kvhoist bench ")
+    assert lines[-1].startswith("kvhoist bench: error: ") and needle.format(d=tmp_path) in lines[-1], lines[-1]
