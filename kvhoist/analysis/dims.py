@@ -45,6 +45,9 @@ REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
 #: Cumulative / sorting ops: same shape in and out, positions mix along one axis.
 SAME_SHAPE_AXIS_OPS = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "rev", "sort"})
 
+#: kvhoist's attention primitive (:mod:`kvhoist.kernels`): its dimension and masking rules are known.
+ATTENTION = "kvhoist_attention"
+
 #: Call-like primitives: inner invars/outvars are the equation's invars/outvars, one to one.
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "remat", "checkpoint"})
 
@@ -153,6 +156,12 @@ def first_order_edges(eqn) -> list[Edge] | None:
         return [(ins[0], k, o, k) for o in outs for k in range(_rank(o)) if k != d]
     if name in ("device_put",):
         return [(a, k, o, k) for a, o in zip(ins, outs) for k in range(_rank(a))]
+    if name == ATTENTION:
+        # q [B, N, H, d], k [B, S, H, d], v [B, S, H, dv] -> [B, N, H, dv]; S (keys) is contracted.
+        q, k, v = ins
+        o = outs[0]
+        return [(q, 0, k, 0), (q, 0, v, 0), (q, 0, o, 0), (q, 1, o, 1), (q, 2, k, 2), (q, 2, v, 2),
+                (q, 2, o, 2), (q, 3, k, 3), (k, 1, v, 1), (v, 3, o, 3)]
     return None
 
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from kvhoist import compat
 from kvhoist.analysis import cost
-from kvhoist.analysis.dims import (CALLS, ELEMENTWISE, REDUCTIONS, SAME_SHAPE_AXIS_OPS, DimAnalysis,
+from kvhoist.analysis.dims import (ATTENTION, CALLS, ELEMENTWISE, REDUCTIONS, SAME_SHAPE_AXIS_OPS, DimAnalysis,
                                    first_order_edges, is_var, sub_jaxprs, sub_key)
 from kvhoist.ir import aval_bytes
 from kvhoist.report import Note, Report, Skipped, signed
@@ -162,7 +162,7 @@ _SPECIAL = {"0": 0.0, "-inf": -math.inf, "inf": math.inf, "nan": math.nan}
 _SAMPLES = (-math.inf, -1e30, -1.5, -0.0, 0.0, 1.5, 1e30, math.inf, math.nan)
 _SAMPLED = frozenset({"add", "sub", "mul", "div", "neg", "exp", "exp2", "max", "min", "convert_element_type",
                       "stop_gradient", "copy", "copy_p", "abs"})
-_MIXING = REDUCTIONS | {"dot_general", "slice"}  # rules that check how padding drops out
+_MIXING = REDUCTIONS | {"dot_general", "slice", ATTENTION}  # rules that check how padding drops out
 _COMPARE = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 FREE = ("free",)  # a value without the padded axis: uniform along it, value unknown
 
@@ -355,6 +355,8 @@ class ValueAnalysis:
             return [self.dot(e, ins, in_t, out_t[0])]
         if name == "slice":
             return [self.slice_(e, ins[0], in_t[0], out_t[0])]
+        if name == ATTENTION:
+            return [self.attention(e, ins, in_t, out_t[0])]
         if name == "pad":
             if in_t[0] is None or out_t[0] != in_t[0]:
                 self._refuse(e, "a second pad on the padded axis")
@@ -554,6 +556,28 @@ class ValueAnalysis:
             return ("set", frozenset({"0", "nan"}))
         return ("uniform",)
 
+    def attention(self, e, ins, in_t, out_t):
+        """kvhoist's attention primitive masks every key at position ``>= kv_valid`` for every query."""
+        qt, kt, vt = in_t
+        if kt is not None or vt is not None:
+            if (kt, vt) != (1, 1):
+                self._refuse(e, "the padded axis is a head or feature axis of the keys")
+            kv_valid = e.params.get("kv_valid")
+            if kv_valid is None or kv_valid > self.n:
+                self._refuse(e, f"padded keys reach attention unmasked (kv_valid={kv_valid}, {self.n} real keys)")
+            vp = ins[2]
+            if vp[0] in ("unknown", "iota"):
+                self.uniformish(e, [vp])
+            if not (vp[0] == "const" and np.isfinite(vp[1])):
+                # 0-weight x inf/nan value is nan for any padding length > 0, so only lengths > 0 are safe.
+                self._needs_padding(e, "masked keys with values not known to be finite")
+            self.uses.append(f"{ATTENTION} masks keys >= kv_valid={kv_valid}")
+        if qt is not None:
+            if qt != 1:
+                self._refuse(e, "the padded axis is a head or feature axis of the queries")
+            return self.uniformish(e, [ins[0]])  # every padded query row attends to the same keys
+        return None
+
     def slice_(self, e, pv, t, out_t):
         if t is None:
             self._refuse(e, "a slice produces the padded length")
@@ -648,8 +672,10 @@ def check_class(dims: DimAnalysis, klass: set, cands: dict) -> None:
 # --- the rewrite ----------------------------------------------------------------------------------------
 
 class Rewriter:
-    def __init__(self, dims: DimAnalysis, klass: set, n: int, new_len: int, cands: dict):
+    def __init__(self, dims: DimAnalysis, klass: set, n: int, new_len: int, cands: dict,
+                 kernel_block: int | None = None):
         self.dims, self.n, self.new_len, self.cands = dims, n, new_len, cands
+        self.kernel_block = kernel_block  # the attention kernel's KV block for resized keys
         self.axes: dict = {}
         for key, var, ax in klass:
             self.axes.setdefault((key, var), set()).add(ax)
@@ -741,6 +767,9 @@ class Rewriter:
                                             for k, d in enumerate(params["limit_indices"]))
         elif name == "dynamic_slice":
             params["slice_sizes"] = new_shape
+        elif name == ATTENTION and invars[1] is not e.invars[1] and self.kernel_block \
+                and self.new_len % self.kernel_block == 0:
+            params["block_kv"] = self.kernel_block
         # Other primitives (elementwise, dot_general, reductions, calls, loops) take their shapes from
         # their operands; effects do not change (resizing adds none).
         return compat.make_eqn(invars, outvars, prim, params, like=e)
@@ -758,6 +787,79 @@ def _new_length(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
+@dataclasses.dataclass
+class _Repadded:
+    """One class of padded slots rewritten to ``new_len``."""
+
+    jaxpr: Any
+    new_len: int
+    resized: int
+    extra_bytes: int
+    bytes_after: int
+    flops_before: Any
+    flops_after: Any
+    uses: list
+    assumptions: list
+
+
+def _classes(current: Any, done: set):
+    """The next class of token-padding candidates not yet handled: ``(dims, first, group, klass)`` or None."""
+    dims = DimAnalysis(current)
+    cands = [c for c in find_candidates(dims) if (c.key, c.index) not in done]
+    if not cands:
+        return None
+    c = cands[0]
+    klass = set(dims.class_of((c.key, c.out, c.axis)))
+    group = [d for d in find_candidates(dims) if (d.key, d.out, d.axis) in klass]
+    done.update((d.key, d.index) for d in group)
+    return dims, c, group, klass
+
+
+def _feeds_kernel(dims: DimAnalysis, klass: set) -> bool:
+    """Whether the padded axis is the key axis of a splash-attention call (the kernel needs its block)."""
+    for key, _i, e in dims.iter_eqns():
+        if e.primitive.name == ATTENTION and e.params.get("impl") == "splash" and \
+                any((key, a, 1) in klass for a in e.invars[1:3] if is_var(a)):
+            return True
+    return False
+
+
+def _repad(current: Any, dims: DimAnalysis, c: Candidate, group: list, klass: set, new_len: int,
+           kernel_block: int | None) -> _Repadded:
+    """Rewrite ``klass`` to ``new_len`` positions, or raise :class:`Refused` with the reason."""
+    gmap = {(d.key, d.index): d for d in group}
+    check_class(dims, klass, gmap)
+    va = ValueAnalysis(dims, klass, c.n, c.length, new_len, group)
+    va.run()
+    rw = Rewriter(dims, klass, c.n, new_len, gmap, kernel_block)
+    new, _changed = rw.scope(())
+    compat.check(new)
+    return _Repadded(new, new_len, len(rw.axes), rw.new_bytes - rw.old_bytes, rw.new_bytes,
+                     cost.jaxpr_flops_run(current), cost.jaxpr_flops_run(new), list(va.uses), list(va.assumptions))
+
+
+def _extra_flops(r: _Repadded):
+    if r.flops_before is None or r.flops_after is None:
+        return None
+    return r.flops_after - r.flops_before
+
+
+def _repad_message(c: Candidate, r: _Repadded, align: int, target_name: str) -> str:
+    extra = _extra_flops(r)
+    per_it = ""
+    if r.flops_after is not None and r.flops_before is not None and \
+            r.flops_after.per_iteration != r.flops_before.per_iteration:
+        per_it = (f" ({signed(r.flops_after.per_iteration - r.flops_before.per_iteration)} per iteration of loops "
+                  f"with an unknown trip count)")
+    how = "; ".join(dict.fromkeys(r.uses)) or "no position-mixing use"
+    msg = (f"{c.describe()}: {c.n} tokens padded to {c.length} ({c.alignment}-aligned) -> {r.new_len} "
+           f"({align}-aligned for {target_name}); {r.resized} values resized, {signed(extra)} per run{per_it}, "
+           f"{signed(r.extra_bytes, 'bytes')} of padded values; padding provably masked by: {how}")
+    if r.assumptions:
+        msg += "; assuming " + "; ".join(dict.fromkeys(r.assumptions))
+    return msg
+
+
 def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None) -> tuple[Any, Report]:
     """Re-pad masked, alignment-padded token axes of ``closed_jaxpr`` to ``target``'s MXU tile.
 
@@ -769,7 +871,8 @@ def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None
     Returns:
       ``(new_closed_jaxpr, report)``. The report has a ``Note(kind='repad')`` per re-padded axis (old
       and new length, extra FLOPs and bytes) and a ``Skipped`` entry per candidate left alone, with
-      the reason. The new program computes the same outputs from the same inputs.
+      the reason. The new program computes the same outputs from the same inputs. Keys re-padded for
+      the splash kernel (:func:`kvhoist.kernels.attention`) get the kernel's KV block set to the tile.
 
     Example:
       >>> new, report = repad_tokens(jax.make_jaxpr(model_fn)(model, x, t, text, image), "v6e")
@@ -789,16 +892,8 @@ def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None
         raise ValueError(f"alignment must be >= 1, got {align}")
     current = closed_jaxpr
     done: set = set()
-    while True:
-        dims = DimAnalysis(current)
-        cands = [c for c in find_candidates(dims) if (c.key, c.index) not in done]
-        if not cands:
-            break
-        c = cands[0]
-        klass = set(dims.class_of((c.key, c.out, c.axis)))
-        group = [d for d in find_candidates(dims) if (d.key, d.out, d.axis) in klass]
-        for d in group:
-            done.add((d.key, d.index))
+    while (found := _classes(current, done)) is not None:
+        dims, c, group, klass = found
         new_len = _new_length(c.n, align)
         name, src = c.describe(), compat.source_line(c.eqn)
         if any(d.n != c.n or d.length != c.length for d in group):
@@ -808,32 +903,195 @@ def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None
             report.notes.append(Note("repad", f"{name}: {c.n} -> {c.length} tokens is already "
                                               f"{align}-aligned for {tgt.name}; unchanged"))
             continue
-        gmap = {(d.key, d.index): d for d in group}
         try:
-            check_class(dims, klass, gmap)
-            va = ValueAnalysis(dims, klass, c.n, c.length, new_len, group)
-            va.run()
-            rw = Rewriter(dims, klass, c.n, new_len, gmap)
-            new, _changed = rw.scope(())
-            compat.check(new)
+            r = _repad(current, dims, c, group, klass, new_len, align if _feeds_kernel(dims, klass) else None)
         except Refused as why:
             report.skipped.append(Skipped(name, src, f"token padding {c.n} -> {c.length} left unchanged: {why}"))
             report.notes.append(Note("repad", f"{name}: left unchanged ({why})"))
             continue
-        flops_before = cost.jaxpr_flops_run(current)
-        flops_after = cost.jaxpr_flops_run(new)
-        extra_bytes = rw.new_bytes - rw.old_bytes
-        extra_flops = None if flops_before is None or flops_after is None else flops_after - flops_before
-        how = "; ".join(dict.fromkeys(va.uses)) or "no position-mixing use"
-        msg = (f"{name}: {c.n} tokens padded to {c.length} ({c.alignment}-aligned) -> {new_len} "
-               f"({align}-aligned for {tgt.name}); {len(rw.axes)} values resized, "
-               f"{signed(extra_flops)} per run"
-               + (f" ({signed(flops_after.per_iteration - flops_before.per_iteration)} per iteration of loops with "
-                  f"an unknown trip count)" if flops_after.per_iteration != flops_before.per_iteration else "")
-               + f", {signed(extra_bytes, 'bytes')} of padded values; "
-               f"padding provably masked by: {how}")
-        if va.assumptions:
-            msg += "; assuming " + "; ".join(dict.fromkeys(va.assumptions))
-        report.notes.append(Note("repad", msg, extra_bytes))
-        current = new
+        report.notes.append(Note("repad", _repad_message(c, r, align, tgt.name), r.extra_bytes))
+        current = r.jaxpr
     return current, report
+
+
+# --- hoist_invariants(target=): the layout a target wants -------------------------------------------------
+
+#: Alignments tried for token axes that feed XLA's own attention (the compiler keeps them unpadded and
+#: pays per token: FACTS/docs/tpu.md measured 28.7 / 42.8 / 57.0 GFLOP and 173 / 504 / 671 MB temp for
+#: 257 / 384 / 512 image tokens on v6e, so the cheapest valid length wins).
+XLA_ALIGNMENTS = (1, 8, 16, 32, 64, 128, 256)
+
+
+def plan_layout(closed_jaxpr: Any, target: Any) -> tuple[Any, Report]:
+    """The token layout ``target`` wants, as :func:`kvhoist.hoist_invariants` applies it with ``target=``.
+
+    * Token axes that feed the splash-attention kernel (:func:`kvhoist.kernels.attention` with
+      ``impl="splash"``) as keys are re-padded to the target's MXU tile and the kernel's KV block is
+      set to the tile: the kernel needs the key count to be a multiple of its block (multiples of 128).
+    * Token axes that feed XLA's own attention keep the length that costs least: every valid length
+      (unpadded, 8-, 16-, ... tile-aligned, and the traced one) is rewritten and costed (FLOPs of the
+      program and bytes of the token-axis values), and the cheapest is kept. The report's ``layout``
+      note lists what was chosen and the figures of the alternatives.
+    * Then every splash call whose keys are still not a multiple of the tile gets its K and V padded at
+      the call (the primitive masks keys ``>= kv_valid``, so this is exact by its definition) and its KV
+      block set to the tile.
+
+    A rewrite the analysis cannot prove is refused with its reason (report ``skipped``), never applied.
+
+    Args:
+      closed_jaxpr: the program.
+      target: a TPU generation name or :class:`kvhoist.targets.Target`; targets without an MXU tile
+        leave the program unchanged.
+    Returns:
+      ``(new_closed_jaxpr, report)``.
+    """
+    from kvhoist.targets import get_target
+
+    compat.require_jaxpr(closed_jaxpr, "plan_layout")
+    tgt = get_target(target)
+    report = Report()
+    tile = tgt.mxu_tile
+    if tile is None:
+        return closed_jaxpr, report
+    current = closed_jaxpr
+    done: set = set()
+    while (found := _classes(current, done)) is not None:
+        dims, c, group, klass = found
+        name, src = c.describe(), compat.source_line(c.eqn)
+        if any(d.n != c.n or d.length != c.length for d in group):
+            report.skipped.append(Skipped(name, src, "pads of different lengths share one axis"))
+            continue
+        if _feeds_kernel(dims, klass):
+            new_len = _new_length(c.n, tile)
+            if new_len == c.length:
+                report.notes.append(Note("layout", f"{name}: {c.n} -> {c.length} splash-attention keys are "
+                                                   f"already {tile}-aligned for {tgt.name}"))
+                continue
+            try:
+                r = _repad(current, dims, c, group, klass, new_len, tile)
+            except Refused as why:
+                report.skipped.append(Skipped(name, src, f"splash keys {c.n} -> {c.length} not re-padded: {why}"))
+                continue
+            report.notes.append(Note("layout", "splash-attention keys: " + _repad_message(c, r, tile, tgt.name),
+                                     r.extra_bytes))
+            current = r.jaxpr
+            continue
+        current = _cheapest_xla_layout(current, dims, c, group, klass, tile, tgt.name, report)
+    current, notes = align_kernel_operands(current, tile)
+    report.notes.extend(notes)
+    return current, report
+
+
+def _cheapest_xla_layout(current, dims, c, group, klass, tile, target_name, report) -> Any:
+    """Cost every valid length of a token axis that feeds XLA's attention; keep the cheapest."""
+    align_of: dict = {}
+    for a in XLA_ALIGNMENTS:
+        if a <= tile:
+            align_of.setdefault(_new_length(c.n, a), a)   # the smallest alignment giving that length
+    lengths = sorted(set(align_of) | {c.length})
+    options: dict = {}
+    refusals: dict = {}
+    for new_len in lengths:
+        if new_len == c.length:
+            continue
+        try:
+            options[new_len] = _repad(current, dims, c, group, klass, new_len, None)
+        except Refused as why:
+            refusals[new_len] = str(why)
+    if not options:
+        return current
+    before = cost.jaxpr_flops_run(current)
+
+    def flops(r):
+        return None if r.flops_after is None else r.flops_after.per_run
+
+    traced_bytes = next(iter(options.values())).bytes_after - next(iter(options.values())).extra_bytes
+    figures = {c.length: (None if before is None else before.per_run, traced_bytes)}
+    figures.update({n: (flops(r), r.bytes_after) for n, r in options.items()})
+    best = min(figures, key=lambda n: (figures[n][0] if figures[n][0] is not None else float("inf"),
+                                       figures[n][1], n != c.length))
+    table = ", ".join(f"{n}: {_fmt_flops(f)} FLOPs, {b / 2**20:.1f} MiB" + (" (traced)" if n == c.length else "")
+                      for n, (f, b) in sorted(figures.items()))
+    why_not = "; ".join(f"{n} refused: {w}" for n, w in refusals.items())
+    msg = (f"{c.describe()}: {c.n} image tokens feed XLA's attention, which the TPU compiler keeps unpadded and "
+           f"pays per token; kept {best} tokens" + (" (as traced)" if best == c.length else "")
+           + f" for {target_name}, the cheapest of [{table}] (program FLOPs, bytes of token-axis values)"
+           + (f"; {why_not}" if why_not else ""))
+    if best == c.length:
+        report.notes.append(Note("layout", msg))
+        return current
+    r = options[best]
+    report.notes.append(Note("layout", msg + "; " + _repad_message(c, r, align_of[best], target_name),
+                             r.extra_bytes))
+    return r.jaxpr
+
+
+def _fmt_flops(f) -> str:
+    if f is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if f >= scale:
+            return f"{f / scale:.3g}{unit}"
+    return str(int(f))
+
+
+def align_kernel_operands(closed_jaxpr: Any, tile: int) -> tuple[Any, list]:
+    """Pad the keys and values of every splash-attention call to a multiple of ``tile`` and set the
+    kernel's KV block to ``tile`` (exact: the primitive masks every key at position ``>= kv_valid``).
+
+    Returns ``(new_closed_jaxpr, notes)``.
+    """
+    from kvhoist.rules.common import map_subjaxprs
+
+    if tile % 128:
+        raise ValueError(f"the splash kernel's KV block must be a multiple of 128, got tile {tile}")
+    notes: list = []
+
+    def walk(j):
+        constvars, consts, invars, outvars, eqns = compat.split_closed(j)
+        new_eqns, changed = [], False
+        for e in eqns:
+            ne = map_subjaxprs(e, walk)
+            if ne.primitive.name == ATTENTION and ne.params.get("impl") == "splash":
+                pre, ne = _align_call(ne, tile, notes)
+                new_eqns.extend(pre)
+            changed |= ne is not e
+            new_eqns.append(ne)
+        if not changed:
+            return j
+        return compat.rebuild_like(j, constvars, consts, invars, outvars, new_eqns)
+
+    new = walk(closed_jaxpr)
+    if new is not closed_jaxpr:
+        compat.check(new)
+    return new, notes
+
+
+def _align_call(e, tile: int, notes: list) -> tuple[list, Any]:
+    q, k, v = e.invars
+    s = int(k.aval.shape[1])
+    params = dict(e.params)
+    kv_valid = params.get("kv_valid")
+    padded = _new_length(s, tile)
+    where = compat.source_line(e) or compat.name_stack(e) or "?"
+    if padded == s:
+        if params.get("block_kv") == tile:
+            return [], e
+        params["block_kv"] = tile
+        notes.append(Note("layout", f"splash attention at {where}: {s} keys, KV block set to {tile}"))
+        return [], e.replace(params=params)
+    pre, new_ops = [], []
+    for x in (k, v):
+        cfg = [(0, 0, 0)] * len(x.aval.shape)
+        cfg[1] = (0, padded - s, 0)
+        out = compat.new_var(compat.resize_aval(x.aval, tuple(padded if i == 1 else d
+                                                                for i, d in enumerate(x.aval.shape))))
+        zero = compat.literal(np.zeros((), np.dtype(x.aval.dtype)).item(), compat.resize_aval(x.aval, ()))
+        pre.append(compat.make_eqn([x, zero], [out], _pad_primitive(), {"padding_config": tuple(cfg)}, like=e))
+        new_ops.append(out)
+    params["kv_valid"] = s if kv_valid is None else min(kv_valid, s)
+    params["block_kv"] = tile
+    notes.append(Note("layout", f"splash attention at {where}: keys padded {s} -> {padded} for the kernel's "
+                                f"{tile}-block (masked: kv_valid={params['kv_valid']})",
+                      sum(aval_bytes(o.aval) - aval_bytes(x.aval) for o, x in zip(new_ops, (k, v)))))
+    return pre, e.replace(invars=[q] + new_ops, params=params)

@@ -1,6 +1,7 @@
 """The pass pipeline: a short list of named passes run in order.
 
-Order: the layout pass (re-pad image tokens for a target) runs *before* LICM, so that the values
+Order: the layout pass (:func:`kvhoist.passes.layout.plan_layout`: the token layout a target wants)
+runs *before* LICM, so that the values
 LICM hoists — the image K/V cache — already have the target's padded length and the cache is built
 once at the right size. Both orders are correct (each pass preserves results on its own); this one
 avoids re-padding a hoisted cache every iteration.
@@ -25,9 +26,9 @@ def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = N
     compat.require_jaxpr(closed, "optimize")
     report = Report()
     if target is not None:
-        from kvhoist.passes.layout import repad_tokens
+        from kvhoist.passes.layout import plan_layout
 
-        closed, r = repad_tokens(closed, target)
+        closed, r = plan_layout(closed, target)
         report = report.merge(r)
     if hoist:
         from kvhoist.passes.licm import licm
