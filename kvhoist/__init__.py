@@ -12,6 +12,7 @@ Public API:
   optimize          the whole pipeline on a ClosedJaxpr
   repad_tokens      the layout pass: re-pad masked token axes to a target's MXU tile
   targets           TPU generations and their tiles (get_target, detect_target)
+  attention         one attention primitive (kvhoist_attention), lowered to XLA math or splash attention
   Report            what a pass did
 """
 
@@ -32,12 +33,14 @@ _LAZY = {
     "HostHoistedFunction": "kvhoist.host", "targets": "kvhoist.targets", "repad_tokens": "kvhoist.passes.layout",
     "licm": "kvhoist.passes.licm", "optimize": "kvhoist.passes.pipeline", "HoistedValue": "kvhoist.report",
     "Note": "kvhoist.report", "Report": "kvhoist.report", "Skipped": "kvhoist.report",
+    "attention": "kvhoist.kernels",
 }
 
 if TYPE_CHECKING:
     from kvhoist import targets
     from kvhoist.api import HoistedFunction, KvhoistWarning, hoist_invariants
     from kvhoist.host import HostHoistedFunction
+    from kvhoist.kernels import attention
     from kvhoist.passes.layout import repad_tokens
     from kvhoist.passes.licm import licm
     from kvhoist.passes.pipeline import optimize
@@ -77,4 +80,5 @@ __version__ = "0.1.0"
 __all__ = [
     "hoist_invariants", "HoistedFunction", "HostHoistedFunction", "licm", "optimize", "Report", "HoistedValue", "Skipped",
     "Note", "KvhoistError", "TraceError", "PassError", "KvhoistWarning", "repad_tokens", "targets",
+    "attention",
 ]

@@ -69,6 +69,10 @@ def eqn_flops(eqn) -> int:
         return dot_general_flops(eqn)
     if name == "conv_general_dilated":
         return conv_flops(eqn)
+    if name == "kvhoist_attention":
+        from kvhoist.kernels import attention_flops
+
+        return attention_flops(eqn.params, eqn.invars[0].aval.shape, eqn.invars[2].aval.shape)
     if name == "scan":
         return int(eqn.params["length"]) * jaxpr_flops(eqn.params["jaxpr"])
     if name == "while":
@@ -124,12 +128,12 @@ def is_shape_only(eqn) -> bool:
     return False
 
 
-#: Primitives worth counting in reports.
-COUNTED = ("dot_general", "conv_general_dilated")
+#: Primitives worth counting in reports (kvhoist_attention: kvhoist.kernels' attention, two matmuls).
+COUNTED = ("dot_general", "conv_general_dilated", "kvhoist_attention")
 
 
 def primitive_counts(eqn) -> dict:
-    """How many dot_general / conv equations one execution of ``eqn`` runs (loops multiplied)."""
+    """How many dot_general / conv / attention equations one execution of ``eqn`` runs (loops multiplied)."""
     name = eqn.primitive.name
     if name in COUNTED:
         return {name: 1}

@@ -82,8 +82,13 @@ MATERIALISED = frozenset({
     "pbroadcast", "psum_invariant", "pvary", "all_gather_invariant", "psum_scatter",
 })
 
+#: kvhoist's own primitives. ``kvhoist_attention`` (:mod:`kvhoist.kernels`) is pure, deterministic and always
+#: terminates with a cost fixed by its shapes, whichever implementation it lowers to (einsum + softmax, or
+#: the splash-attention kernel, whose grid is static): it may be hoisted and speculated like a matmul.
+KVHOIST_PRIMITIVES = frozenset({"kvhoist_attention"})
+
 #: First-order primitives known to be pure, deterministic and non-trapping on XLA.
-PURE_PRIMITIVES = ELEMENTWISE | SHAPE | MATERIALISED
+PURE_PRIMITIVES = ELEMENTWISE | SHAPE | MATERIALISED | KVHOIST_PRIMITIVES
 
 #: Higher-order primitives whose semantics kvhoist knows: they may move when their bodies may.
 HIGHER_ORDER = frozenset({
