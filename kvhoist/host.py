@@ -206,6 +206,15 @@ def _avals(leaves: Sequence) -> tuple:
         raise TypeError(f"hoist_invariants: an argument has a leaf that is not an array or scalar: {err}") from err
 
 
+def _is_jax_type(x: Any) -> bool:
+    """Whether jax can trace ``x`` (an array, a scalar, a tracer)."""
+    try:
+        jax.typeof(x)
+    except TypeError:
+        return False
+    return True
+
+
 def _signature(leaves: Sequence) -> tuple:
     """Shape, dtype and weak type of each leaf (concrete or traced): what the step was traced for."""
     return tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in map(jax.typeof, leaves))
@@ -577,7 +586,37 @@ class HostHoistedFunction:
         var_leaves, var_tree = _tree_flatten(var_args)
         layout = _Layout(plan.slots, tuple(zip(plan.static_slots, statics)), tuple(type(v) for v in statics),
                          inv_tree, var_tree)
-        return _Call(layout, inv_leaves, var_leaves, var_args, _trace_context())
+        try:
+            return _Call(layout, inv_leaves, var_leaves, var_args, _trace_context())
+        except TypeError as err:
+            hint = self._not_an_array_error(layout, _VARYING, var_args)
+            if hint is None:
+                raise
+            raise hint from err
+
+    def _not_an_array_error(self, layout: _Layout, cls: str, values: Sequence) -> TypeError | None:
+        """The error for an argument of class ``cls`` (varying or invariant; ``values`` in slot order) that
+        holds something jax cannot trace (a settings object, a string): it names the argument and the
+        ``static_argnames`` / ``static_argnums`` that would fix it. None if every leaf is an array or scalar."""
+        slots = [slot for slot, c in layout.slots if c == cls]
+        for slot, value in zip(slots, values):
+            bad = next((leaf for leaf in jax.tree_util.tree_leaves(value) if not _is_jax_type(leaf)), _MISSING)
+            if bad is _MISSING:
+                continue
+            if isinstance(slot, str) or slot[0] == "**":
+                name = slot if isinstance(slot, str) else slot[1]
+                label, fix = repr(name), f'static_argnames=("{name}",)'
+            else:
+                pos = len(self._positional_params()) + slot[1] if self._signature is not None else slot[1]
+                label, fix = f"at position {pos}", f"static_argnums=({pos},)"
+            what = type(value).__name__ + ("" if bad is value else f" holding a {type(bad).__name__}")
+            role = ("a traced (varying) input" if cls == _VARYING
+                    else "an invariant input (invariant arguments are arrays whose results are cached)")
+            return TypeError(
+                f"hoist_invariants: argument {label} of {self.__name__} is a {what}, not an array or scalar, so it "
+                f"cannot be {role}; if it is a setting that is the same for a compiled program (like wan_ref's "
+                f"`plan`), declare it static: hoist_invariants({self.__name__}, {fix}, ...)")
+        return None
 
     def _rebuild(self, layout: _Layout, inv_leaves: Sequence, var_leaves: Sequence) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for ``fun`` from the flat leaves (the inverse of :meth:`_bind`)."""
@@ -606,12 +645,20 @@ class HostHoistedFunction:
 
     # -- tracing and splitting --------------------------------------------------------------------
     def _program(self, call: _Call) -> _Program:
+        try:
+            key = call.key  # computes the invariant leaves' avals
+        except TypeError as err:
+            inv = jax.tree_util.tree_unflatten(call.layout.inv_tree, list(call.inv_leaves))
+            hint = self._not_an_array_error(call.layout, _INVARIANT, inv)
+            if hint is None:
+                raise
+            raise hint from err
         with self._lock:
-            prog = self._programs.get(call.key)
+            prog = self._programs.get(key)
         if prog is None:
             prog = self._build(call)
             with self._lock:
-                prog = self._programs.setdefault(call.key, prog)
+                prog = self._programs.setdefault(key, prog)
         return prog
 
     def _build(self, call: _Call) -> _Program:

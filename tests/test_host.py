@@ -437,3 +437,43 @@ def test_threads_share_one_function():
             for k, out in enumerate(outs):
                 np.testing.assert_allclose(out, _f(w, c, x + k), rtol=1e-5, atol=1e-5)
     assert f.cache_info().entries <= f.max_cache_entries
+
+
+# -- a setting passed as a traced argument: one error naming the fix -------------------------------------
+
+def test_plan_not_static_names_static_argnames():
+    """The README's host-loop form without static_argnames=("plan",): the error says exactly that."""
+    from wan_ref.presets import tiny_inputs
+
+    model, noise, pe, npe = tiny_inputs("tiny-t2v").args
+    step = kvhoist.hoist_invariants(one_step, invariant_argnames=("expert", "shared"))
+    with pytest.raises(TypeError) as info:
+        sample(model, noise, pe, npe, num_inference_steps=2, loop="python", step_fn=step)
+    msg = str(info.value)
+    assert "argument 'plan' of one_step is a _Plan" in msg
+    assert 'static_argnames=("plan",)' in msg and len(msg.splitlines()) == 1
+
+
+@pytest.mark.parametrize("invariant, call, needle", [
+    ((1,), lambda f, w, x: f({"scale": "x"}, w, x), "argument 'plan' of step is a dict holding a str"),
+    ((0, 1), lambda f, w, x: f({"scale": "x"}, w, x), "cannot be an invariant input"),
+    ((1,), lambda f, w, x: f(plan="fast", w=w, x=x), "argument 'plan' of step is a str"),
+])
+def test_non_array_argument_names_the_static_fix(invariant, call, needle):
+    def step(plan, w, x):
+        return x @ w
+
+    f = kvhoist.hoist_invariants(step, invariant_argnums=invariant)
+    w = x = jnp.ones((2, 2))
+    with pytest.raises(TypeError) as info:
+        call(f, w, x)
+    assert needle in str(info.value) and 'static_argnames=("plan",)' in str(info.value)
+
+
+def test_non_array_star_argument_names_static_argnums():
+    def step(w, x, *rest):
+        return x @ w
+
+    f = kvhoist.hoist_invariants(step, invariant_argnums=(0,))
+    with pytest.raises(TypeError, match=r"argument at position 2 of step is a str.*static_argnums=\(2,\)"):
+        f(jnp.ones((2, 2)), jnp.ones((2, 2)), "mode")
