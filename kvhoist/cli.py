@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 PROG = "kvhoist"
 EXIT_USAGE = 2
-#: The narrowest ``--side-by-side`` page: two 20-character columns and the ``" | "`` gutter.
-MIN_COLUMNS = 43
+#: The narrowest ``--side-by-side`` page: two 20-character columns and the five-character gutter
+#: (``" M|H "``: change and moved/hoisted markers, see :meth:`kvhoist.diff.JaxprDiff.side_by_side`).
+MIN_COLUMNS = 45
 
 _SPEC_HELP = ("a wan_ref preset (wan2.1-t2v-14b, wan2.1-t2v-1.3b, wan2.1-i2v-14b, wan2.1-flf2v-14b, "
               "wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-t2v, tiny-i2v, ...; full-size presets are "

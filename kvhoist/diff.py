@@ -49,6 +49,12 @@ _SKIP_PARAMS = ("jaxpr", "branches", "cond_jaxpr", "body_jaxpr", "call_jaxpr", "
                 "_split_transpose", "jaxpr_known", "linear", "unroll", "algorithm", "transpose_algorithm")
 
 
+#: The gutter of :meth:`JaxprDiff.side_by_side` between its two columns (header line), and its legend.
+SIDE_BY_SIDE_GUTTER = "  |  "
+SIDE_BY_SIDE_LEGEND = ("gutter: '|' changed, '<' only before, '>' only after; M = moved out of its loop, "
+                       "H = hoisted in front of it")
+
+
 # -- rendering --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -536,9 +542,15 @@ class JaxprDiff:
 
     # -- side by side --------------------------------------------------------------------------------
     def side_by_side(self, *, width: int = 200, color: bool = False) -> str:
-        """Two columns, before | after, aligned; only the hunks unless ``full``."""
+        """Two columns, before and after, aligned; only the hunks unless ``full``.
+
+        A five-character gutter between the columns marks every line, so the view reads the same without
+        colour (``NO_COLOR``, a pipe): the middle character is ``diff -y``'s (blank: same, ``|``:
+        changed, ``<``: only before, ``>``: only after); ``M`` left of it marks an equation that moved
+        out of its loop, ``H`` right of it the same equation hoisted in front of the loop.
+        """
         c = _Colors(color)
-        col = max(20, (width - 3) // 2)
+        col = max(20, (width - len(SIDE_BY_SIDE_GUTTER)) // 2)
 
         def cell(x: Line | None, fn) -> str:
             if x is None:
@@ -547,21 +559,27 @@ class JaxprDiff:
             s = s if len(s) <= col else s[:col - 1] + "…"
             return fn(s.ljust(col))
 
-        out = [c.bold("before".ljust(col) + " | " + "after")]
+        def gutter(x: Line | None, y: Line | None, tag: str) -> str:
+            if tag == "equal":
+                return "     "
+            mid = "<" if y is None else (">" if x is None else "|")
+            return f" {'M' if x is not None and x.mark else ' '}{mid}{'H' if y is not None and y.mark else ' '} "
+
+        out = [c.bold("before".ljust(col) + SIDE_BY_SIDE_GUTTER + "after"),
+               f"({SIDE_BY_SIDE_LEGEND})"]
         for group in self._hunks():
-            out.append(c.cyan("-" * col + "-+-" + "-" * col))
+            out.append(c.cyan("-" * col + "--+--" + "-" * col))
             for tag, a1, a2, b1, b2 in group:
                 n = max(a2 - a1, b2 - b1)
                 for k in range(n):
                     x = self.left[a1 + k] if a1 + k < a2 else None
                     y = self.right[b1 + k] if b1 + k < b2 else None
                     if tag == "equal":
-                        out.append(cell(x, str) + " | " + cell(y, str).rstrip())
+                        out.append((cell(x, str) + gutter(x, y, tag) + cell(y, str)).rstrip())
                         continue
                     fl = c.moved if (x is not None and x.mark) else c.red
                     fr = c.hoisted if (y is not None and y.mark) else c.green
-                    sep = " < " if y is None else (" > " if x is None else " | ")
-                    out.append((cell(x, fl) + sep + cell(y, fr)).rstrip())
+                    out.append((cell(x, fl) + gutter(x, y, tag) + cell(y, fr)).rstrip())
         return "\n".join(out)
 
     # -- HTML ------------------------------------------------------------------------------------------
@@ -638,7 +656,8 @@ _HTML = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1em; }}
-pre {{ margin: 0; font-family: ui-monospace, monospace; font-size: 12px; white-space: pre; }}
+pre {{ margin: 0; font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap;
+       overflow-wrap: anywhere; }}
 table.diff, table.inner {{ border-collapse: collapse; width: 100%; table-layout: fixed; }}
 table.diff td {{ vertical-align: top; overflow: hidden; padding: 0 4px; border-right: 1px solid #ddd; }}
 td.del {{ background: #ffecec; }} td.add {{ background: #eaffea; }} td.empty {{ background: #f6f6f6; }}
@@ -668,6 +687,12 @@ table.report td, table.report th {{ padding: 2px 8px; border-bottom: 1px solid #
   var m = document.querySelector("td.moved");
   document.body.setAttribute("data-moved-count", document.querySelectorAll("td.moved").length);
   if (m) document.body.setAttribute("data-moved-background", getComputedStyle(m).backgroundColor);
+  // Lines wider than their column would be clipped: with pre-wrap there must be none.
+  var clipped = 0;
+  document.querySelectorAll("table.diff pre").forEach(function (p) {{
+    if (p.scrollWidth > p.clientWidth + 1) clipped += 1;
+  }});
+  document.body.setAttribute("data-clipped-lines", clipped);
 }})();
 </script></body></html>
 """

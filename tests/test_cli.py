@@ -96,6 +96,34 @@ def test_diff_html_renders_with_moved_highlighted(capsys, tmp_path):
     assert 'data-moved-background="rgb(255, 2' in dom     # #fff3b0 / #ffe07a, not white
     count = int(dom.split('data-moved-count="')[1].split('"')[0])
     assert count > 10
+    # long lines wrap inside their column instead of being cut off (the page's script counts clipped ones)
+    assert 'data-clipped-lines="0"' in dom, dom.split("data-clipped-lines=")[1][:10]
+
+
+def test_diff_html_wraps_long_lines(capsys, tmp_path):
+    page = tmp_path / "diff.html"
+    rc, _out, err = run(capsys, "diff", "tiny-t2v", "--html", str(page))
+    assert rc == 0, err
+    css = page.read_text().split("<style>")[1].split("</style>")[0]
+    pre = next(rule for rule in css.split("}") if rule.strip().startswith("pre "))
+    assert "white-space: pre-wrap" in pre and "overflow-wrap: anywhere" in pre
+    assert max(len(line) for line in page.read_text().splitlines() if "<pre>" in line) > 200  # there are long ones
+
+
+def test_diff_side_by_side_markers_without_color(capsys):
+    rc, out, err = run(capsys, "diff", "tiny-t2v", "--side-by-side", "--columns", "200", "--no-color", "--no-summary")
+    assert rc == 0, err
+    assert "\x1b[" not in out
+    lines = out.splitlines()
+    col = (200 - 5) // 2
+    gutters = [(l.ljust(col + 5)[col:col + 5], l) for l in lines[3:] if not l.startswith("---")]  # rstripped
+    marks = {g for g, _l in gutters}
+    assert marks <= {"     ", "  |  ", "  <  ", "  >  ", " M|  ", " M<  ", "  |H ", "  >H ", " M|H "}, marks
+    # the K/V projections: moved out of the loop on the left (M), hoisted in front of it on the right (H)
+    assert any(g[1] == "M" and "attn2/to_k" in l[:col] for g, l in gutters)
+    assert any(g[3] == "H" and "attn2/to_k" in l[col + 5:] for g, l in gutters)
+    assert any(g == "     " for g, _l in gutters) and any(g[2] in "|<>" for g, _l in gutters)
+    assert "M = moved out of its loop" in out                # the legend
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -325,7 +353,7 @@ def _no_work(monkeypatch):
     (["diff", "tiny-t2v", "--width", "-16"], "argument --width: must be a positive integer, got -16"),
     (["diff", "tiny-t2v", "--steps", "ten"], "argument --steps: must be a positive integer, got 'ten'"),
     (["diff", "tiny-t2v", "--context", "-1"], "argument --context: must be an integer >= 0, got -1"),
-    (["diff", "tiny-t2v", "--side-by-side", "--columns", "10"], "argument --columns: must be an integer >= 43"),
+    (["diff", "tiny-t2v", "--side-by-side", "--columns", "10"], "argument --columns: must be an integer >= 45"),
     (["demo", "--layers", "0"], "argument --layers: must be a positive integer, got 0"),
     (["demo", "--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
     (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
