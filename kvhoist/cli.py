@@ -379,7 +379,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     prog = _program(args)
     before, after, _report = prog.optimize()
-    g = hoisted_graph(before, after)
+    g = hoisted_graph(before, after, input_names=prog.input_names())
     with _writing("--out", args.out):
         path, message = write_graph(g, args.out, title=args.spec)
     print(message, file=sys.stderr if path != args.out else sys.stdout)

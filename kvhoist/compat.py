@@ -81,6 +81,20 @@ def _debug_info(n_in: int, n_out: int, name: str = "kvhoist"):
     )
 
 
+def arg_names(j: Any) -> tuple[str | None, ...] | None:
+    """The names jax gave the top-level inputs of a traced jaxpr (``model.blocks.attn2.to_k.kernel.value``,
+    ``a[1]``: the argument's name and its pytree path), one per invar, or None when the jaxpr carries none
+    (hand-built or rewritten jaxprs name them ``arg0``, ``arg1``, ...; those count as none)."""
+    inner = j.jaxpr if isinstance(j, ClosedJaxpr) else j
+    info = getattr(inner, "debug_info", None)
+    names = getattr(info, "arg_names", None)
+    if names is None or len(names) != len(inner.invars):
+        return None
+    if getattr(info, "traced_for", None) == "kvhoist":
+        return None
+    return tuple(None if n is None else str(n) for n in names)
+
+
 def join_effects(eqns: Sequence[JaxprEqn]):
     return _core.join_effects(*(e.effects for e in eqns)) if eqns else _core.no_effects
 

@@ -7,15 +7,16 @@ that only one branch of a ``cond`` reads (Wan 2.2's two experts) is labelled wit
 of :attr:`kvhoist.report.HoistedValue.branch` (``branch 1 of cond at sample.py:144``).
 
 Example:
-    >>> g = hoisted_graph(before, after)
+    >>> g = hoisted_graph(before, after)       # inputs named from the trace: model.blocks.attn2.to_k.kernel
     >>> open("kv.dot", "w").write(to_dot(g, title="wan2.1-t2v-14b"))
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
-from typing import Any
+from typing import Any, Sequence
 
 import networkx as nx
 
@@ -108,17 +109,64 @@ def branches_reading(j: Any, v: Any, readers: _Readers | None = None) -> set[str
     return found
 
 
-def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
+def readable_input_name(name: str | None) -> str | None:
+    """An input's name as jax records it, shortened for a label: NNX's ``.value`` suffix dropped
+    (``model.blocks.attn2.to_k.kernel.value`` -> ``model.blocks.attn2.to_k.kernel``)."""
+    if not name:
+        return None
+    return re.sub(r"\.value$", "", name)
+
+
+def _input_labels(before: Any, after: Any, input_names: Sequence[str | None] | None) -> dict[int, str]:
+    """``id(var) -> name`` for the program's inputs, and for every variable of a sub-jaxpr (loop body,
+    cond branch, call) that an input becomes there: a hoisted equation inside a call reads the call's
+    parameter, which is named after the argument passed to it. Top-level inputs without a name are
+    ``in[k]`` (their position); ``after``'s inputs are ``before``'s, as the pipeline keeps the signature."""
+    invars = list(compat.split_closed(after)[2])
+    names = list(input_names) if input_names is not None else list(compat.arg_names(before) or ())
+    if input_names is not None and len(names) != len(invars):
+        raise ValueError(f"input_names has {len(names)} names for a program of {len(invars)} inputs")
+    if len(names) != len(invars):
+        names = [None] * len(invars)
+    labels = {id(v): readable_input_name(n) or f"in[{k}]" for k, (v, n) in enumerate(zip(invars, names))}
+    for cv in compat.split_closed(after)[0]:
+        labels.setdefault(id(cv), "constant")
+
+    def walk(j: Any) -> None:
+        for e in compat.split_closed(j)[4]:
+            subs = _inner_invars(e)
+            for sub, inner in subs:
+                for a, w in zip(e.invars, inner):
+                    if w is not None and is_var(a) and id(a) in labels:
+                        labels.setdefault(id(w), labels[id(a)])
+                walk(sub)
+
+    walk(after)
+    return labels
+
+
+def hoisted_graph(before: Any, after: Any, *, input_names: Sequence[str | None] | None = None) -> nx.DiGraph:
     """A DiGraph of the hoisted equations, their inputs and their consumers.
 
     Node attributes: ``label`` (text), ``kind`` (``'hoisted'``, ``'matmul'``, ``'input'``,
     ``'consumer'``), ``branch`` (hoisted nodes read by one cond branch only: ``'branch 1 of cond at
-    sample.py:144'``, else ``''``; also the label's last line).
+    sample.py:144'``, else ``''``; also the label's last line), and for inputs ``name``: the argument and
+    pytree path it came from (``model.blocks.attn2.to_k.kernel``), ``in[k]`` (the program's k-th input)
+    when the trace recorded no name, ``constant`` for a captured constant.
+
+    Args:
+      before, after: the traced and the rewritten closed jaxprs (``after`` has ``before``'s inputs).
+      input_names: one name per input of ``before`` (e.g. :meth:`kvhoist.specs.Program.input_names`);
+        default: the names jax recorded when tracing (``jax.make_jaxpr`` keeps them).
+
+    Raises:
+      ValueError: ``input_names`` does not have one entry per input.
     """
     _mb, marks = moved_marks(before, after)
     g = nx.DiGraph()
     counter = [0]
     readers = _Readers()
+    names = _input_labels(before, after, input_names)
 
     def visit(j: Any) -> None:
         _cv, _c, invars, _ov, eqns = compat.split_closed(j)
@@ -146,7 +194,8 @@ def hoisted_graph(before: Any, after: Any) -> nx.DiGraph:
             for a in e.invars:
                 if is_var(a) and a in level_inputs:
                     vid = f"L{lvl}v{id(a)}"
-                    g.add_node(vid, label=f"input\\n{_short_type(a.aval)}", kind="input")
+                    name = names.get(id(a), "input")
+                    g.add_node(vid, label=f"{name}\\n{_short_type(a.aval)}", kind="input", name=name)
                     g.add_edge(vid, node[i])
         for i in chosen:
             for j in dg.successors(i):

@@ -127,6 +127,41 @@ class Program:
                 raise SpecError(f"{self.name}: tracing failed: {type(err).__name__}: {first}") from err
         return self._traced
 
+    def input_names(self) -> list[str | None]:
+        """One readable name per input of :meth:`trace`'s jaxpr: the parameter of ``fun`` it was passed as,
+        then its pytree path, NNX's ``.value`` dropped (``model.blocks.attn2.to_k.kernel``,
+        ``model_2.blocks.attn2.to_v.bias``, ``prompt_embeds``); None where jax recorded no name."""
+        import inspect
+        import re
+
+        from kvhoist import compat
+
+        closed = self.trace()
+        names = compat.arg_names(closed)
+        if names is None:
+            return [None] * len(compat.split_closed(closed)[2])
+        try:
+            params = [p.name for p in inspect.signature(self.fun).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):  # a callable without an inspectable signature
+            params = []
+        out: list[str | None] = []
+        for name in names:
+            if name is None:
+                out.append(None)
+                continue
+            # `trace` calls fun(*a, **k): jax names inputs a[i]... and k['name']...
+            m = re.match(r"a\[(\d+)\](.*)$", name)
+            if m:
+                i = int(m.group(1))
+                name = (params[i] if i < len(params) else f"args[{i}]") + m.group(2)
+            else:
+                m = re.match(r"k\['([^']*)'\](.*)$", name)
+                if m:
+                    name = m.group(1) + m.group(2)
+            out.append(re.sub(r"\.value$", "", name))
+        return out
+
     def optimize(self) -> tuple[Any, Any, Any]:
         """``(before, after, report)``: the traced jaxpr, the pipeline's output and its report."""
         from kvhoist.passes.pipeline import optimize

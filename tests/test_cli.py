@@ -537,3 +537,46 @@ def test_bench_bad_values_exit_2_with_usage(capsys, monkeypatch, tmp_path, argv_
     lines = err.strip().splitlines()
     assert lines[0].startswith("usage: kvhoist bench ")
     assert lines[-1].startswith("kvhoist bench: error: ") and needle.format(d=tmp_path) in lines[-1], lines[-1]
+
+
+# -- graph: input nodes carry the argument names -------------------------------------------------------------
+
+def test_graph_input_nodes_are_named(capsys, tmp_path):
+    dot = tmp_path / "a14b.dot"
+    rc, _out, err = run(capsys, "graph", "tiny-t2v-a14b", "--out", str(dot))
+    assert rc == 0, err
+    inputs = [l for l in dot.read_text().splitlines() if "shape=ellipse" in l]    # the input nodes
+    assert inputs
+    assert any('label="model.blocks.attn2.to_k.kernel\\nf32[2,24,24]"' in l for l in inputs), inputs[:3]
+    assert any('label="model_2.blocks.attn2.to_v.kernel\\n' in l for l in inputs)   # the second expert
+    assert not any('label="input\\n' in l or 'label="a[0]' in l for l in inputs)
+
+
+def test_graph_input_names_from_the_trace_or_positions():
+    import jax
+    import jax.numpy as jnp
+
+    from kvhoist import compat
+    from kvhoist.graph import hoisted_graph
+    from kvhoist.passes.pipeline import optimize
+
+    def sampler(params, x):
+        def body(h, _):
+            return h + jnp.tanh(params["ctx"] @ params["w_k"]).sum(), None
+        return jax.lax.scan(body, x, None, length=3)[0]
+
+    args = ({"ctx": jnp.ones((4, 4)), "w_k": jnp.ones((4, 4))}, jnp.ones(()))
+    before = jax.make_jaxpr(sampler)(*args)
+    after, _report = optimize(before)
+
+    def input_labels(g):
+        return {d["name"] for _n, d in g.nodes(data=True) if d["kind"] == "input"}
+
+    assert input_labels(hoisted_graph(before, after)) == {"params['ctx']", "params['w_k']"}
+    assert input_labels(hoisted_graph(before, after, input_names=["ctx", "w_k", "x"])) == {"ctx", "w_k"}
+    # a rebuilt jaxpr has no recorded names: inputs are named by position
+    _cv, consts, invars, outvars, eqns = compat.split_closed(before)
+    anonymous = compat.make_closed(_cv, consts, invars, outvars, eqns)
+    assert input_labels(hoisted_graph(anonymous, after)) == {"in[0]", "in[1]"}
+    with pytest.raises(ValueError, match="input_names has 1 names for a program of 3 inputs"):
+        hoisted_graph(before, after, input_names=["x"])
