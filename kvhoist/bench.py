@@ -159,13 +159,16 @@ VARIANTS = ("plain", "hand", "hoisted")
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-                     cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                     cpu_times: dict[str, list[float]] | None = None,
+                     on_call: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """Wall times of each ``fns[name]()`` (blocked until ready), interleaved, order rotated per repeat.
 
     Interleaving spreads the noise of a shared machine over all variants instead of one. ``warmup``
     untimed rounds run first (compilation happens there). If ``cpu_times`` is given, it is filled with
     the process CPU time (all threads, ``time.process_time``) of each call: on a machine shared with
     other jobs that is far steadier than wall time (it does not count time spent waiting for a core).
+    ``on_call(name)`` runs after every call, warm-up ones included (``(warmup + repeats) * len(fns)``
+    calls: a progress bar's count), outside the timed region.
 
     Returns:
       ``{name: [seconds per repeat]}``.
@@ -174,6 +177,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup:
     for _ in range(warmup):
         for n in names:
             jax.block_until_ready(fns[n]())
+            if on_call is not None:
+                on_call(n)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -183,6 +188,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup:
             times[n].append(time.perf_counter() - t0)
             if cpu_times is not None:
                 cpu_times.setdefault(n, []).append(time.process_time() - c0)
+            if on_call is not None:
+                on_call(n)
     return times
 
 
@@ -344,6 +351,103 @@ def hlo_loop_op_counts(hlo: str, patterns: dict[str, str], *, trip_count: int | 
     return result
 
 
+_CONSTANT = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[su]\d+\[\](?:\{[^}]*\})?\s+constant\((-?\d+)\)")
+_COMPARE = re.compile(r"\scompare\(([^)]*)\)")
+_WHILE_PARTS = re.compile(r"\swhile\(.*\bcondition=%?([\w.\-]+).*\bbody=%?([\w.\-]+)")
+
+
+def _while_trip_count(line: str, comps: dict[str, list[str]], condition: str) -> int | None:
+    """Trip count of one ``while`` instruction: its ``known_trip_count`` backend config, else the integer
+    constant its condition computation compares the counter with (``i < N`` from 0, as ``lax.scan`` and
+    static ``fori_loop`` lower); None when neither says."""
+    m = _TRIP.search(line)
+    if m:
+        return int(m.group(1))
+    consts: dict[str, int] = {}
+    compares: list[str] = []
+    todo, seen = [condition], set()
+    while todo:  # the comparison may sit in a fusion the condition calls
+        comp = todo.pop()
+        if comp in seen or comp not in comps:
+            continue
+        seen.add(comp)
+        for ln in comps[comp]:
+            c = _CONSTANT.match(ln)
+            if c:
+                consts[c.group(1)] = int(c.group(2))
+            cm = _COMPARE.search(ln)
+            if cm:
+                compares.append(cm.group(1))
+            todo += _callees(ln)
+    for operands in compares:
+        for name in re.findall(r"%?([\w.\-]+)", operands):
+            if name in consts:
+                return consts[name]
+    values = set(consts.values())
+    return values.pop() if len(values) == 1 else None
+
+
+def hlo_op_executions(hlo: str, patterns: dict[str, str], *, step_trip_count: int) -> dict:
+    """How many times instructions matching ``patterns`` *execute* in one run of an HLO module, split
+    into inside and outside the step loop.
+
+    Unlike :func:`hlo_loop_op_counts` (static counts per loop iteration) every instruction is weighted
+    by the product of the trip counts of the ``while`` loops around it (:func:`_while_trip_count`), and
+    every branch of a ``conditional`` counts (an upper bound for a two-expert sampler, where each step
+    runs one branch: the same bound for every variant, so comparisons between variants hold). Fusions,
+    calls and async wrappers count once per call site. "Inside" is everything under the outermost
+    ``while`` loops whose trip count is ``step_trip_count`` (the step loop); the rest is "outside".
+    On TPU a matmul prints as ``convolution`` (see :data:`TPU_MATMUL_PATTERNS`).
+
+    Args:
+      hlo: optimized HLO text (``compiled.as_text()``).
+      patterns: ``{label: regex}`` matched against instruction lines (metadata stripped).
+      step_trip_count: the number of sampling steps.
+
+    Returns:
+      ``{"inside": {label: n}, "outside": {label: n}, "step_loops": how many step loops were found,
+      "unknown_trip_counts": whiles whose trip count could not be read (weighted 1)}``.
+
+    Example:
+      >>> hlo_op_executions(compiled.as_text(), TPU_MATMUL_PATTERNS, step_trip_count=6)["inside"]
+      {'convolution': 180, 'dot': 0}
+    """
+    if not isinstance(step_trip_count, int) or step_trip_count < 1:
+        raise ValueError(f"step_trip_count must be a positive int, got {step_trip_count!r}")
+    comps, entry = _hlo_computations(hlo)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text (pass compiled.as_text())")
+    regs = {k: re.compile(v) for k, v in patterns.items()}
+    inside = dict.fromkeys(regs, 0)
+    outside = dict.fromkeys(regs, 0)
+    state = {"step_loops": 0, "unknown": 0}
+
+    def walk(comp: str, weight: int, in_step: bool, stack: tuple[str, ...]) -> None:
+        if comp in stack:  # recursion cannot occur in HLO; guard anyway
+            return
+        stack = stack + (comp,)
+        for line in comps.get(comp, ()):
+            for k, r in regs.items():
+                if r.search(line):
+                    (inside if in_step else outside)[k] += weight
+            w = _WHILE_PARTS.search(line)
+            if w:
+                n = _while_trip_count(line, comps, w.group(1))
+                if n is None:
+                    state["unknown"] += 1
+                step = not in_step and n == step_trip_count
+                state["step_loops"] += step
+                walk(w.group(2), weight * (n if n is not None else 1), in_step or step, stack)
+                continue
+            for callee in _callees(line):
+                if callee in comps:
+                    walk(callee, weight, in_step, stack)
+
+    walk(entry, 1, False, ())
+    return {"inside": inside, "outside": outside, "step_loops": state["step_loops"],
+            "unknown_trip_counts": state["unknown"]}
+
+
 #: Collectives, for ``hlo_loop_op_counts`` (async ``-start`` forms included; ``-done`` not double counted).
 COLLECTIVE_PATTERNS = {
     "all-reduce": r"\sall-reduce(?:-start)?\(",
@@ -357,6 +461,13 @@ COLLECTIVE_PATTERNS = {
 MATMUL_PATTERNS = {
     "dot": r"\sdot\(",
     "gemm-custom-call": r'custom_call_target="__cublas',
+}
+
+
+#: Matrix multiplies in TPU HLO: XLA-TPU rewrites ``dot`` into ``convolution``; a few stay ``dot``.
+TPU_MATMUL_PATTERNS = {
+    "convolution": r"\sconvolution\(",
+    "dot": r"\sdot\(",
 }
 
 
@@ -882,9 +993,16 @@ def render_markdown(data: dict) -> str:
 
 def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int = 7, warmup: int = 1,
                    overhead: bool = True, overhead_layers: int | None = None,
-                   log: Callable[[str], None] = print) -> dict:
-    """Runs every (config, form) and the pass-overhead measurement; returns the JSON-ready dict."""
+                   log: Callable[[str], None] = print, progress: Any = None) -> dict:
+    """Runs every (config, form) and the pass-overhead measurement; returns the JSON-ready dict.
+
+    ``progress``: a :class:`kvhoist.progress.Progress` (or None): its count is the cases done (plus the
+    overhead measurement), its phase the case running.
+    """
     t_start = time.perf_counter()
+    cases = [(c, f) for c in configs for f in forms if not (FORMS[f].i2v and not CONFIGS[c].i2v)]
+    if progress is not None:
+        progress(0, len(cases) + bool(overhead))
     data: dict = {"machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "repeats": repeats,
                   "warmup": warmup, "configs": {}, "results": [], "pass_overhead": [], "notes": []}
     for cname in configs:
@@ -898,8 +1016,12 @@ def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int
                     "config's latent:text ratio means ~32k latent tokens (too slow for a CPU run); see 'small'.")
                 continue
             log(f"[bench] {cname} / {fname} ...")
+            if progress is not None:
+                progress.phase(f"{cname} / {fname}: trace, compile, {repeats} interleaved repeats")
             t0 = time.perf_counter()
             r = bench_form(cfg, form, repeats=repeats, warmup=warmup)
+            if progress is not None:
+                progress.update()
             data["results"].append(r)
             rat, pred = r["ratios"], r["predicted"]
             rc = r["ratios_cpu"]
@@ -908,7 +1030,11 @@ def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int
                 f"wall: {_f(rat['hoisted_over_hand'])}, {_f(rat['plain_over_hoisted'])}")
     if overhead:
         log("[bench] pass overhead on wan2.1-t2v-14b (abstract shapes) ...")
+        if progress is not None:
+            progress.phase("pass overhead on wan2.1-t2v-14b (abstract shapes)")
         data["pass_overhead"] = pass_overhead(num_layers=overhead_layers)
+        if progress is not None:
+            progress.update()
     if any(r["loop"] == "python" and "median_s" not in r["variants"]["hoisted"] for r in data["results"]):
         data["notes"].append("python loop / hoisted: " + next(
             r["variants"]["hoisted"]["status"] for r in data["results"] if r["loop"] == "python"))
@@ -1096,6 +1222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the results as a markdown page here")
     parser.add_argument("--from-json", type=input_file, default=None, metavar="JSON",
                         help="re-render --markdown from a previous run's JSON instead of running")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress line on stderr: cases done, the one running, elapsed time (default: when "
+                             "stderr is a terminal, unless KVHOIST_PROGRESS=0)")
     parser.add_argument("--quick", action="store_true",
                         help="the short accelerator check (does XLA hoist on its own?); prints a JSON summary")
 
@@ -1119,10 +1248,13 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(md)
         return 0
+    from kvhoist.progress import Progress
+
     configs = args.config or list(CONFIGS)
     forms = args.form or list(FORMS)
-    data = run_benchmarks(configs, forms, repeats=args.repeats, warmup=args.warmup, overhead=args.overhead,
-                          overhead_layers=args.overhead_layers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    with Progress("bench", enabled=getattr(args, "progress", None)) as bar:
+        data = run_benchmarks(configs, forms, repeats=args.repeats, warmup=args.warmup, overhead=args.overhead,
+                              overhead_layers=args.overhead_layers, log=bar.write, progress=bar)
     argv = sys.argv[1:]
     data["command"] = ("python -m kvhoist.bench " if os.path.basename(sys.argv[0]) == "bench.py"
                        else "kvhoist ") + " ".join(argv)

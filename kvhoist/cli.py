@@ -1,8 +1,11 @@
-"""The ``kvhoist`` command line: ``diff``, ``report``, ``graph``, ``demo`` and ``bench``.
+"""The ``kvhoist`` command line: ``diff``, ``report``, ``graph``, ``demo``, ``compile`` and ``bench``.
 
 ``python -m kvhoist`` and the ``kvhoist`` script both call :func:`main`. Every command that takes a
 SPEC accepts a ``wan_ref`` preset (traced over an abstract model: no weights are allocated) or
 ``package.module:function`` returning ``(fun, args, kwargs)`` (see :mod:`kvhoist.specs`).
+
+``compile`` compiles a sampler for a TPU topology on this (CPU) host (needs ``pip install -e '.[tpu]'``);
+a configuration the TPU compiler cannot fit prints one line with the compiler's figures and exits 1.
 
 Errors a user can fix print one line on stderr and exit with status 2, before any tracing starts:
 
@@ -55,6 +58,12 @@ _EXAMPLES = {
     "demo": """examples:
   kvhoist demo                                     # ~30 s on 2 CPU cores
   kvhoist demo --steps 20 --layers 8""",
+    "compile": """examples:
+  kvhoist compile tiny-t2v --target v6e --steps 6                      # one chip, seconds
+  kvhoist compile wan2.1-t2v-14b --target v6e --height 240 --width 416 --frames 5 --steps 10
+  kvhoist compile wan2.2-t2v-a14b --target v6e --topology v6e:2x4 --height 480 --width 832
+  kvhoist compile tiny-i2v --target v5e --json
+needs libtpu: pip install -e '.[tpu]' (compile-only: nothing runs, no TPU needed)""",
 }
 
 
@@ -129,7 +138,8 @@ def input_file(path: str) -> str:
 
 # -- parser -------------------------------------------------------------------------------------------
 
-def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
+def _add_spec_arguments(p: argparse.ArgumentParser, *, target_required: bool = False,
+                        target_help: str = "TPU generation for the token re-padding pass (e.g. v5e, v6e)") -> None:
     p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
     g = p.add_argument_group("sampler options (presets only)")
     g.add_argument("--loop", choices=("scan", "fori"), default="scan", help="step loop form (default: scan)")
@@ -144,7 +154,7 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
     g.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="parameter/activation dtype (default: bfloat16, float32 for tiny-*)")
-    p.add_argument("--target", help="TPU generation for the token re-padding pass (e.g. v5e, v6e)")
+    p.add_argument("--target", required=target_required, help=target_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,12 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a small random Wan three ways and compare", formatter_class=fmt,
                        description="Build a small random Wan T2V (CFG, scanned layers, 512 text tokens, few latent "
                                    "tokens), sample it with plain jax.jit, with the hand-written K/V cache and with "
-                                   "@hoist_invariants; check the latents agree and time the three.",
+                                   "@hoist_invariants; check the latents agree and time the three as kvhoist "
+                                   "bench does (interleaved, process CPU time, median and interquartile range).",
                        epilog=_EXAMPLES["demo"])
     p.add_argument("--layers", type=_POSITIVE, default=4, help="transformer blocks (default 4)")
     p.add_argument("--steps", type=_POSITIVE, default=10, help="denoising steps (default 10)")
-    p.add_argument("--repeats", type=_POSITIVE, default=3, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--repeats", type=_POSITIVE, default=5,
+                   help="timed runs of each variant, interleaved, after a warm-up (default 5; median and IQR)")
     p.add_argument("--seed", type=_NON_NEGATIVE, default=0, help="random seed of weights and inputs (default 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress line on stderr (default: when stderr is a terminal, unless KVHOIST_PROGRESS=0)")
+
+    p = sub.add_parser("compile", help="compile a sampler for a TPU on this host: plain / hand cache / hoisted",
+                       formatter_class=fmt,
+                       description="Compile SPEC's sampler for a TPU topology from abstract shapes (no TPU, no "
+                                   "weights: libtpu's compiler runs on this host) three ways - plain jax.jit, the "
+                                   "hand-written K/V cache (presets: sample(kv_cache=True)) and @hoist_invariants - "
+                                   "and print per variant the matmul executions inside / outside the step loop "
+                                   "(weighted by loop trip counts, every cond branch counted), memory per chip "
+                                   "(arguments, temporaries, output, generated code; cache = kvhoist's hoisted "
+                                   "values, global) and compile time. Run times cannot be known without hardware.",
+                       epilog=_EXAMPLES["compile"])
+    _add_spec_arguments(p, target_required=True,
+                        target_help="TPU generation: v4, v5e, v5p, v6e or v7x (default topology: one chip of "
+                                    "v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2, tpu7x:2x2x1)")
+    p.add_argument("--topology", metavar="NAME:AxB",
+                   help="compile for all chips of this topology (e.g. v6e:2x4, v5e:2x4), parameters tensor-sharded "
+                        "over a (data=2, tensor=n/2) mesh; default: one chip")
+    p.add_argument("--attention", choices=("xla", "splash"), default="xla",
+                   help="attention implementation of the preset's model (WanConfig.attention; default xla)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sub.add_parser("bench", help="benchmarks (kvhoist.bench); `kvhoist bench --help` for its options",
                    add_help=False)
@@ -209,7 +243,7 @@ def _options(args: argparse.Namespace) -> Any:
 
     return SamplerOptions(loop=args.loop, scan_layers=args.scan_layers, cfg=args.cfg, steps=args.steps,
                           height=args.height, width=args.width, frames=args.frames, scheduler=args.scheduler,
-                          target=args.target, dtype=args.dtype)
+                          target=args.target, dtype=args.dtype, attention=getattr(args, "attention", None))
 
 
 def _program(args: argparse.Namespace):
@@ -425,54 +459,71 @@ def random_model(config: Any, seed: int = 0) -> Any:
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
-def _median_time(fn, repeats: int) -> tuple[Any, float]:
-    import jax
+def spread(xs: Sequence[float]) -> tuple[float, float, float]:
+    """``(median, lower quartile, upper quartile)`` of ``xs`` (inclusive quartiles; one value: all three)."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return med, q1, q3
 
-    out = jax.block_until_ready(fn())  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+
+DEMO_VARIANTS = ("plain jax.jit(sample)", "hand-written cache (kv_cache=True)", "@hoist_invariants")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``kvhoist demo``: plain vs hand-written cache vs ``@hoist_invariants`` on a small random Wan."""
+    """``kvhoist demo``: plain vs hand-written cache vs ``@hoist_invariants`` on a small random Wan.
+
+    Measured as ``kvhoist bench`` measures (:func:`kvhoist.bench.time_interleaved`): the three variants
+    run interleaved, the order rotating every repeat, after one compiling call and one warm-up round each;
+    per variant the median and interquartile range of the process CPU time (all threads: steady on a shared
+    machine) and the median wall time; speed-ups are ratios of CPU medians."""
     import functools
 
     import jax
     import jax.numpy as jnp
     import kvhoist
+    from kvhoist.bench import time_interleaved
+    from kvhoist.progress import Progress
     from wan_ref.sample import sample
 
-    cfg = demo_config(args.layers)
-    model = random_model(cfg, args.seed)
-    keys = jax.random.split(jax.random.key(args.seed), 3)
-    latents = jax.random.normal(keys[0], (1, 16, 2, 8, 8), jnp.float32)   # 2x4x4 = 32 latent tokens
-    pe = jax.random.normal(keys[1], (1, 512, cfg.text_dim), jnp.float32)
-    npe = jax.random.normal(keys[2], (1, 512, cfg.text_dim), jnp.float32)
-    common = dict(num_inference_steps=args.steps, guidance_scale=5.0, flow_shift=3.0)
-    plain = jax.jit(functools.partial(sample, **common))
-    cached = jax.jit(functools.partial(sample, **common, kv_cache=True))
-    hoisted = kvhoist.hoist_invariants(functools.partial(sample, **common))
+    with Progress("demo", enabled=args.progress) as bar:
+        bar.phase("building a random model")
+        cfg = demo_config(args.layers)
+        model = random_model(cfg, args.seed)
+        keys = jax.random.split(jax.random.key(args.seed), 3)
+        latents = jax.random.normal(keys[0], (1, 16, 2, 8, 8), jnp.float32)   # 2x4x4 = 32 latent tokens
+        pe = jax.random.normal(keys[1], (1, 512, cfg.text_dim), jnp.float32)
+        npe = jax.random.normal(keys[2], (1, 512, cfg.text_dim), jnp.float32)
+        common = dict(num_inference_steps=args.steps, guidance_scale=5.0, flow_shift=3.0)
+        hoisted = kvhoist.hoist_invariants(functools.partial(sample, **common))
+        jitted = dict(zip(DEMO_VARIANTS, (jax.jit(functools.partial(sample, **common)),
+                                          jax.jit(functools.partial(sample, **common, kv_cache=True)), hoisted)))
+        fns = {label: functools.partial(fn, model, latents, pe, npe) for label, fn in jitted.items()}
+        outs = {}
+        for label, fn in fns.items():  # the first call traces (and rewrites) and compiles
+            bar.phase(f"tracing and compiling {label}")
+            outs[label] = jax.block_until_ready(fn())
+        bar(0, (1 + args.repeats) * len(fns))
+        bar.phase(f"running {args.repeats} repetitions x {len(fns)} variants, interleaved")
+        cpu: dict[str, list[float]] = {}
+        wall = time_interleaved(fns, repeats=args.repeats, warmup=1, cpu_times=cpu, on_call=lambda _n: bar.update())
     print(f"demo: random Wan T2V, {cfg.num_layers} scanned layers, D={cfg.inner_dim}, 512 text tokens, "
-          f"32 latent tokens, CFG, {args.steps} UniPC steps; median of {args.repeats} runs after a warm-up")
-    results = {}
-    for label, fn in (("plain jax.jit(sample)", plain), ("hand-written cache (kv_cache=True)", cached),
-                      ("@hoist_invariants", hoisted)):
-        out, t = _median_time(lambda fn=fn: fn(model, latents, pe, npe), args.repeats)
-        results[label] = (out, t)
+          f"32 latent tokens, CFG, {args.steps} UniPC steps")
+    print(f"timing: as kvhoist bench - the 3 variants interleaved, {args.repeats} timed runs each after a warm-up; "
+          "process CPU time (all threads), median [interquartile range]; wall-clock median; speed-up = CPU ratio")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > (os.cpu_count() or 1):
         print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other work is running, timings are noisy")
-    ref = results["plain jax.jit(sample)"][0]
-    base = results["plain jax.jit(sample)"][1]
+    ref = outs[DEMO_VARIANTS[0]]
+    base = statistics.median(cpu[DEMO_VARIANTS[0]])
     worst = 0.0
-    for label, (out, t) in results.items():
-        diff = float(jnp.max(jnp.abs(out - ref)))
+    for label in DEMO_VARIANTS:
+        med, q1, q3 = spread(cpu[label])
+        diff = float(jnp.max(jnp.abs(outs[label] - ref)))
         worst = max(worst, diff)
-        print(f"  {label:<36} {t * 1e3:8.1f} ms  ({base / t:4.2f}x)   max |latents - plain| = {diff:.2e}")
+        print(f"  {label:<36} CPU {med * 1e3:8.1f} ms [{q1 * 1e3:.1f}-{q3 * 1e3:.1f}]  wall "
+              f"{statistics.median(wall[label]) * 1e3:8.1f} ms  ({base / med:4.2f}x)   max |latents - plain| = "
+              f"{diff:.2e}")
     tol = 1e-3 * max(1.0, float(jnp.max(jnp.abs(ref))))
     print(f"latents agree: {'yes' if worst <= tol else 'NO'} (max diff {worst:.2e}, tolerance {tol:.1e})")
     print(hoisted.report(model, latents, pe, npe).summary())
@@ -497,7 +548,98 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return int(bench.main(args) or 0)
 
 
-_COMMANDS = {"diff": cmd_diff, "report": cmd_report, "graph": cmd_graph, "demo": cmd_demo}
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def compile_table(d: dict) -> str:
+    """``kvhoist compile``'s table (one row per variant) from :func:`cmd_compile`'s data."""
+    cols = ("variant", "matmuls in loop", "outside", "args MiB", "temp MiB", "output MiB", "code MiB",
+            "cache MiB", "compile s")
+    rows = [cols]
+    for name, v in d["variants"].items():
+        rows.append((name, f"{v['matmuls_inside']:,}", f"{v['matmuls_outside']:,}", _mib(v["argument_bytes"]),
+                     _mib(v["temp_bytes"]), _mib(v["output_bytes"]), _mib(v["generated_code_bytes"]),
+                     _mib(v["cache_bytes"]), f"{v['compile_seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compile_verdict(variants: dict) -> str:
+    """One line comparing matmul executions inside the step loop: ``hoisted == hand < plain`` when kvhoist
+    matched the hand-written cache and both beat plain jit."""
+    inside = {k: v["matmuls_inside"] for k, v in variants.items()}
+    p, h = inside.get("plain"), inside.get("hoisted")
+    if "hand" in inside:
+        a = inside["hand"]
+        rel = lambda x, y: "==" if x == y else ("<" if x < y else ">")  # noqa: E731
+        ok = h == a < p
+        return (f"matmul executions in the step loop: hoisted {h} {rel(h, a)} hand {a} {rel(a, p)} plain {p}: "
+                + ("hoisted == hand < plain" if ok else "NOT hoisted == hand < plain"))
+    return f"matmul executions in the step loop: hoisted {h} vs plain {p} (no hand-written cache for this SPEC)"
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """``kvhoist compile``: the sampler compiled for a TPU three ways (:func:`kvhoist.tpu.compile_three_ways`).
+
+    Exit 1 (one line) when a variant does not fit the chip's memory; 2 for usage errors (no libtpu, a
+    non-TPU target, a topology of another generation)."""
+    import functools
+    import json
+
+    from kvhoist import tpu
+    from kvhoist.errors import KvhoistError
+    from kvhoist.specs import SpecError
+    from kvhoist.targets import get_target
+
+    try:
+        tpu.require_libtpu()
+        target = get_target(args.target).name
+        tpu.default_topology(target)
+        if args.topology:
+            tpu.check_topology_name(target, args.topology)
+    except KvhoistError as err:
+        raise SpecError(str(err).splitlines()[0]) from None
+    if ":" in args.spec and args.attention != "xla":
+        raise SpecError(f"--attention {args.attention}: applies to wan_ref presets only")
+    prog = _program(args)
+    steps = prog.steps
+    if steps is None:
+        from kvhoist.diff import step_loop
+
+        loop = step_loop(prog.trace())
+        steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
+    if steps is None:
+        raise SpecError(f"{args.spec}: cannot tell its step count (compile needs a preset, or a function whose "
+                        f"program has one scan step loop)")
+    hand = functools.partial(prog.fun, kv_cache=True) if prog.preset else None
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else None
+    try:
+        d = tpu.compile_three_ways(prog.fun, prog.args, prog.kwargs, steps=steps, target=target,
+                                   topology=args.topology, hand=hand, log=log)
+    except tpu.DoesNotFit as err:
+        where = args.topology or f"one {target} chip"
+        print(f"{PROG} compile: {args.spec} does not fit on {where} ({err.variant}): {err.line}", file=sys.stderr)
+        return 1
+    except KvhoistError as err:
+        raise SpecError(str(err).splitlines()[0]) from None
+    d.update(spec=args.spec, description=prog.description, steps=steps, attention=args.attention,
+             jax=__import__("jax").__version__, libtpu=tpu.libtpu_version(),
+             verdict=compile_verdict(d["variants"]))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print("\n".join([prog.description,
+                     f"compiled for {d['topology']} ({d['chips']} chip(s), {d['device_kind']}, mesh {d['mesh']}), "
+                     f"jax {d['jax']}, libtpu {d['libtpu']}; memory per chip, cache = hoisted values (global)", "",
+                     compile_table(d), "", d["verdict"],
+                     "(compile-only: run times cannot be known without TPU hardware)"]))
+    return 0
+
+
+_COMMANDS = {"diff": cmd_diff, "report": cmd_report, "graph": cmd_graph, "demo": cmd_demo, "compile": cmd_compile}
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -542,9 +684,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     errors = output_path_errors(args)
+    try:
+        from kvhoist.progress import progress_enabled
+
+        progress_enabled()          # a KVHOIST_PROGRESS that is neither on nor off
+    except ValueError as err:
+        errors.append(str(err))
     if errors:
         print(f"{PROG} {args.command}: error: {errors[0]}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "compile":  # the host compiles for TPU; it must not try to start a TPU backend
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     from kvhoist.specs import SpecError
 
     try:

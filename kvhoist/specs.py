@@ -48,6 +48,8 @@ class SamplerOptions:
       dtype: ``"bfloat16"`` or ``"float32"`` for parameters and activations; default bf16 for real
         presets, f32 for ``tiny-*``.
       text_len: text tokens (512 as in Wan's pipelines).
+      attention: ``WanConfig.attention`` for the preset's model(s) (``"xla"`` / ``"splash"``); None keeps
+        the config's default. A value other than None/"xla" needs a wan_ref whose config has that field.
     """
 
     loop: str = "scan"
@@ -61,6 +63,7 @@ class SamplerOptions:
     target: str | None = None
     dtype: str | None = None
     text_len: int = 512
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         """Reject nonsensical values at construction, one clear ``SpecError`` (a ``ValueError``) each."""
@@ -99,6 +102,8 @@ class Program:
       args, kwargs: pytrees of arrays or ``jax.ShapeDtypeStruct``.
       target: a resolved ``kvhoist.targets`` target, or None.
       real_size: True for the full-size presets (numbers in the report are the real ones).
+      steps: the sampler's step count (presets), else None.
+      preset: the preset's name for a preset program (its ``fun`` accepts ``kv_cache=True``), else None.
     """
 
     name: str
@@ -108,6 +113,8 @@ class Program:
     kwargs: dict
     target: Any = None
     real_size: bool = False
+    steps: int | None = None
+    preset: str | None = None
     _traced: Any = dataclasses.field(default=None, repr=False)
 
     def trace(self) -> Any:
@@ -263,8 +270,16 @@ def preset_program(name: str, opts: SamplerOptions) -> Program:
         raise SpecError(f"--frames {f}: must be 4k+1 (e.g. 81)")
     target = _resolve_target(opts.target)
 
+    extra: dict = {}
+    if opts.attention is not None:
+        if "attention" in {f.name for f in dataclasses.fields(p.config)}:
+            extra["attention"] = opts.attention
+        elif opts.attention != "xla":
+            raise SpecError(f"--attention {opts.attention}: this wan_ref has no WanConfig.attention field yet "
+                            f"(only XLA attention is available)")
+
     def build(config):
-        return abstract_model(config.replace(scan_layers=opts.scan_layers, param_dtype=dtype, dtype=dtype))
+        return abstract_model(config.replace(scan_layers=opts.scan_layers, param_dtype=dtype, dtype=dtype, **extra))
 
     model = build(p.config)
     latents = jax.ShapeDtypeStruct(p.latent_shape(1, h, w, f), jnp.float32)
@@ -299,13 +314,14 @@ def preset_program(name: str, opts: SamplerOptions) -> Program:
             f"{'scanned' if opts.scan_layers else 'unrolled'} layers, CFG {'on' if cfg else 'off'}, "
             f"{f}x{h}x{w} px -> latents {lf}x{lh}x{lw} ({tokens} tokens), {opts.text_len} text tokens, "
             f"{jnp.dtype(dtype).name}" + (f", target {opts.target}" if opts.target else "")
+            + (f", {extra['attention']} attention" if extra else "")
             + (", two experts" if p.two_experts else "")
             + (f", VACE control {p.config.vace_in_channels} ch, hints after {len(p.config.vace_layers)} blocks"
                if p.task == "vace" else "")
             + (f", Animate: pose latents, {f} face frames of {p.config.motion_encoder_size}^2 px (motion encoder "
                f"batch {p.config.motion_encoder_batch_size}), {p.config.num_face_adapters} face adapters"
                if p.task == "animate" else ""))
-    return Program(name, desc, fun, args, kwargs, target=target, real_size=not tiny)
+    return Program(name, desc, fun, args, kwargs, target=target, real_size=not tiny, steps=steps, preset=p.name)
 
 
 # -- user functions -----------------------------------------------------------------------------------
