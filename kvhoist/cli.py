@@ -56,7 +56,8 @@ _EXAMPLES = {
   kvhoist graph tiny-t2v --out kv.svg              # SVG via Graphviz `dot` (DOT when it is missing)
   kvhoist graph wan2.2-t2v-a14b --out a14b.dot""",
     "demo": """examples:
-  kvhoist demo                                     # ~30 s on 2 CPU cores
+  kvhoist demo                                     # ~40 s on 2 busy CPU cores (half of it compiling)
+  kvhoist demo --repeats 9 --no-progress           # more timed runs; no progress line
   kvhoist demo --steps 20 --layers 8""",
     "compile": """examples:
   kvhoist compile tiny-t2v --target v6e --steps 6                      # one chip, seconds

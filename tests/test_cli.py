@@ -580,3 +580,36 @@ def test_graph_input_names_from_the_trace_or_positions():
     assert input_labels(hoisted_graph(anonymous, after)) == {"in[0]", "in[1]"}
     with pytest.raises(ValueError, match="input_names has 1 names for a program of 3 inputs"):
         hoisted_graph(before, after, input_names=["x"])
+
+
+# -- demo: measured as `kvhoist bench` measures --------------------------------------------------------------
+
+def test_demo_measures_like_bench(capsys, monkeypatch):
+    from kvhoist import bench
+
+    calls = []
+    real = bench.time_interleaved
+
+    def spy(fns, **kw):
+        calls.append((sorted(fns), kw))
+        return real(fns, **kw)
+
+    monkeypatch.setattr(bench, "time_interleaved", spy)
+    rc, out, err = run(capsys, "demo", "--layers", "1", "--steps", "2", "--repeats", "3", "--no-progress")
+    assert rc == 0, err
+    assert len(calls) == 1                          # one interleaved measurement of the three variants
+    names, kw = calls[0]
+    assert names == sorted(cli.DEMO_VARIANTS) and kw["repeats"] == 3 and isinstance(kw["cpu_times"], dict)
+    rows = [l for l in out.splitlines() if re.match(r"  (plain|hand|@hoist)", l)]
+    assert len(rows) == 3
+    for row in rows:   # CPU median [lower quartile-upper quartile], wall median, speed-up
+        m = re.search(r"CPU +([\d.]+) ms \[([\d.]+)-([\d.]+)\]  wall +([\d.]+) ms  \(([\d.]+)x\)", row)
+        assert m, row
+        med, q1, q3 = map(float, m.groups()[:3])
+        assert q1 <= med <= q3
+    assert "interleaved" in out and "interquartile range" in out
+
+
+def test_spread_is_median_and_quartiles():
+    assert cli.spread([3.0]) == (3.0, 3.0, 3.0)
+    assert cli.spread([1.0, 2.0, 3.0, 4.0, 100.0]) == (3.0, 2.0, 4.0)

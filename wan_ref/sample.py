@@ -21,7 +21,7 @@ the loop (`model.compute_kv_cache`) on the CFG-concatenated context and passed i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -254,16 +254,21 @@ def one_step(plan: Any, expert: Any, shared: Any, latents: jax.Array, state: Any
 
 
 def _python_loop(plan: _Plan, models, guidance, latents, prompt_embeds, negative_prompt_embeds, image_embeds,
-                 condition, variant_inputs=None, step_fn=None):
+                 condition, variant_inputs=None, step_fn=None, progress=None):
     per_expert, shared = _prepare_jit(plan, models, prompt_embeds, negative_prompt_embeds, image_embeds,
                                       condition, latents, variant_inputs)
     experts = _experts(models, guidance, per_expert)
     # The step plan carries no expert table: the expert is picked here, by a Python `if`.
     step_plan = dataclasses.replace(plan, first_expert=None)
     state = plan.scheduler.init(latents)
-    for i in range(plan.scheduler.num_inference_steps):
+    n = plan.scheduler.num_inference_steps
+    for i in range(n):
         expert = experts[0] if plan.first_expert is None or plan.first_expert[i] else experts[1]
         latents, state = (_one_step_jit if step_fn is None else step_fn)(step_plan, expert, shared, latents, state)
+        if progress is not None:  # report a finished step, not a dispatched one
+            if not isinstance(latents, jax.core.Tracer):
+                jax.block_until_ready(latents)
+            progress(i + 1, n)
     return _finish_jit(plan, shared, latents)
 
 
@@ -354,6 +359,7 @@ def sample(
     loop: LoopName = "scan",
     kv_cache: bool = False,
     step_fn: Any | None = None,
+    progress: Callable[[int, int], Any] | None = None,
     control_hidden_states: jax.Array | None = None,
     control_hidden_states_scale: jax.Array | float | None = None,
     pose_hidden_states: jax.Array | None = None,
@@ -393,6 +399,10 @@ def sample(
         `jax.jit(one_step, static_argnames=("plan",))`. Pass a `kvhoist.hoist_invariants(one_step, ...)` with
         `invariant_argnames=("expert", "shared")` to compute the text/image K/V once per expert (host-loop
         hoisting, docs/host_loop.md). Reuse one wrapped step across calls: it caches its compiled programs.
+      progress: `loop="python"` only: called as `progress(done, total)` after each step has finished (the
+        step's result is waited for, so the count is real; that costs the overlap of dispatch and compute),
+        e.g. a `kvhoist.progress.Progress` bar. Jitted loops run as one program and report nothing per
+        step (a host callback would pin the work to the loop); a `progress` with them is an error.
       control_hidden_states: VACE (`wan_ref.vace.WanVACEModel`) only: the conditioning latents
         `WanVACEPipeline` builds ([1 or B, vace_in_channels, F, H, W]: inactive + reactive latents and the
         folded mask; with reference images their latent frames come first, and `latents` has as many extra
@@ -509,6 +519,11 @@ def sample(
     args = (models, guidance, latents, prompt_embeds, negative, image_embeds, condition, variant_inputs)
     if step_fn is not None and loop != "python":
         raise ValueError(f"step_fn is only used by loop='python' (got loop={loop!r}); pass loop='python'")
+    if progress is not None and loop != "python":
+        raise ValueError(f"progress is only called by loop='python' (got loop={loop!r}): a jitted loop runs as one "
+                         "program and cannot report its steps; pass loop='python', or report phases around the call")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable progress(done, total), got {type(progress).__name__}")
     if loop == "python":
-        return _python_loop(plan, *args, step_fn=step_fn)
+        return _python_loop(plan, *args, step_fn=step_fn, progress=progress)
     return _traced_loop_jit(plan, loop, *args)
