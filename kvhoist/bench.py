@@ -128,7 +128,7 @@ class Form:
     scan_layers: bool
     experts: int = 1
     i2v: bool = False
-    xla_hoists: bool = False   # FACTS.md: does plain jax.jit (CPU) hoist the K/V dots itself?
+    xla_hoists: bool = False   # does plain jax.jit (XLA-CPU's while-loop LICM) hoist the K/V dots itself?
     note: str = ""
     variant: str = "wan"       # "vace" (wan_ref.vace) or "animate" (wan_ref.animate; implies the I2V inputs)
 

@@ -219,7 +219,7 @@ def test_report_real_size_14b_is_small(capsys):
     assert rc == 0, err
     d = json.loads(out)
     share = d["totals"]["kv_projection_share"]
-    assert 0.0002 < share < 0.0013                    # FACTS.md: 0.033% at 720p
+    assert 0.0002 < share < 0.0013                    # docs/comparison.md: 0.033% at 720p
     kv = 2 * 40 * 2 * 512 * 5120 * 2                   # K and V, 40 layers, CFG halves, 512 tokens, bf16
     assert kv <= d["totals"]["cache_bytes"] < kv + 4096  # + the 512-byte timestep frequencies
     rc, out, _ = run(capsys, "report", "wan2.1-t2v-14b")
