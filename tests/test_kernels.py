@@ -40,8 +40,7 @@ def _rel(a, b) -> float:
 CASES = [
     (1, 8, 2, 64, 257, 64, None, None, None),
     (2, 130, 2, 32, 300, 16, 100, 128, 128),
-    (1, 8, 2, 12, 384, 12, 257, None, None),
-]
+]  # (wan_ref's image branch, d=12, S=384, kv_valid=257, runs in tests/test_splash.py)
 
 
 @pytest.mark.parametrize("b,n,h,d,s,dv,kv_valid,bq,bkv", CASES)
@@ -63,16 +62,6 @@ def test_bf16_parity():
     assert xla.dtype == splash.dtype == jnp.bfloat16
     assert _rel(xla, ref) < 2e-2 and _rel(splash, ref) < 2e-2
     assert _rel(splash, xla) < 2e-2
-
-
-def test_masked_keys_do_not_matter():
-    """Keys past kv_valid (say NaN-free garbage) change nothing; inside the valid range they do."""
-    q, k, v = _arrays([(1, 8, 2, 64), (1, 200, 2, 64), (1, 200, 2, 64)])
-    k2, v2 = k.at[:, 150:].set(100.0), v.at[:, 150:].set(-50.0)
-    for impl in ("xla", "splash"):
-        f = jax.jit(lambda k, v: attention(q, k, v, kv_valid=150, impl=impl))  # one compile, two calls
-        assert _rel(f(k2, v2), f(k, v)) < 1e-6
-    assert _rel(attention(q, k2, v2), attention(q, k, v)) > 1e-2
 
 
 def test_jaxpr_is_one_equation_with_exactly_four_params():
@@ -104,7 +93,7 @@ def test_vmap():
 
 
 def test_grad_matches_the_reference_math():
-    """The JVP (the xla math's) gives the gradient of the masked softmax for both implementations."""
+    """The JVP (the xla math's; the primal runs the splash kernel) gives the masked softmax's gradient."""
     q, k, v = _arrays([(1, 8, 2, 64), (1, 150, 2, 64), (1, 150, 2, 64)])
 
     def plain(q, k, v):  # the first 100 keys only
@@ -115,10 +104,9 @@ def test_grad_matches_the_reference_math():
         return jax.jit(jax.grad(lambda *a: (fn(*a) ** 2).sum(), argnums=(0, 1, 2)))
 
     want = loss(plain)(q, k, v)
-    for impl in ("xla", "splash"):
-        got = loss(lambda *a: attention(*a, kv_valid=100, impl=impl))(q, k, v)
-        for g, w in zip(got, want):
-            assert _rel(g, w) < 1e-5, impl
+    got = loss(lambda *a: attention(*a, kv_valid=100, impl="splash"))(q, k, v)  # one JVP rule for both impls
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
 
 
 def test_lowering_is_late_per_target():

@@ -35,7 +35,7 @@ from flax import nnx
 from wan_ref.config import WanConfig
 from wan_ref.injection import run_blocks
 from wan_ref.model import (F32, KVCache, KeyStream, Linear, PatchEmbedding, RMSNorm, WanModel, _layer_norm,
-                           _normal, _scoped, _stack_modules, attention)
+                           _normal, _scoped, _stack_modules, attend)
 from wan_ref.rope import rope_tables
 
 DIFFUSERS_CLASS = "WanAnimateTransformer3DModel"
@@ -302,6 +302,7 @@ class FaceAdapter(nnx.Module):
     def __init__(self, cfg: WanConfig, *, keys: KeyStream):
         d, pd, dt, hd = cfg.inner_dim, cfg.param_dtype, cfg.dtype, cfg.attention_head_dim
         self.heads, self.eps = cfg.num_attention_heads, cfg.eps
+        self.attention_impl = cfg.attention
         self.to_q = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
         self.to_k = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
         self.to_v = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
@@ -325,7 +326,7 @@ class FaceAdapter(nnx.Module):
         q = _layer_norm(x.astype(F32), self.eps).astype(x.dtype)  # pre_norm_q
         q = _scoped("to_q", self.to_q, q).reshape(b, s, self.heads, -1)
         q = _scoped("norm_q", self.norm_q, q).reshape(b * t, s // t, self.heads, -1)
-        out = attention(q, k, v).reshape(b, s, d)
+        out = attend(q, k, v, None, self.attention_impl).reshape(b, s, d)
         return _scoped("to_out", self.to_out, out)
 
 

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 # whose only supported value is the default); these are not model hyper-parameters.
 _IGNORED_DIFFUSERS_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "qk_norm"})
 
+#: `WanConfig.attention` values: plain-jnp attention, or kvhoist's splash-attention primitive.
+ATTENTION_IMPLS = ("xla", "splash")
+#: wan_ref's own fields (not in diffusers' config.json).
+WAN_REF_OPTIONS = ("scan_layers", "image_token_alignment", "param_dtype", "dtype", "attention")
+
 
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
@@ -32,6 +37,10 @@ class WanConfig:
       param_dtype: storage dtype of the parameters, except diffusers' fp32 islands (`time_embedder`,
         `scale_shift_table`, `norm1/2/3`), which stay float32 as in `from_pretrained(torch_dtype=...)`.
       dtype: activation dtype of the residual stream and matmuls.
+      attention: "xla" (einsum + float32 softmax in plain jnp, the default) or "splash": every attention
+        (self, text and image cross-attention, Animate's face adapters) is one `kvhoist.kernels.attention`
+        equation lowered to Pallas splash attention (Mosaic on TPU, interpret mode elsewhere); the padded
+        image tokens are masked by its `kv_valid`. Same numbers up to float rounding.
     """
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -54,8 +63,12 @@ class WanConfig:
     image_token_alignment: int = 128
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_IMPLS))}, got "
+                             f"{self.attention!r}")
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
@@ -117,7 +130,7 @@ class WanConfig:
         """The `WanTransformer3DModel(**config)` keyword arguments (no wan_ref options)."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name in ("scan_layers", "image_token_alignment", "param_dtype", "dtype"):
+            if f.name in WAN_REF_OPTIONS:
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if f.name == "patch_size" else value

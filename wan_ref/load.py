@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wan_ref.config import WanConfig
+from wan_ref.config import ATTENTION_IMPLS, WanConfig
 from wan_ref.model import WanModel
 
 CONFIG_NAME = "config.json"
@@ -215,7 +215,7 @@ def _get_tensor(source: tuple[str, Any], key: str) -> np.ndarray:
 
 
 def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: bool = True,
-                   image_token_alignment: int = 128) -> WanModel:
+                   image_token_alignment: int = 128, attention: str = "xla") -> WanModel:
     """Loads a diffusers Wan transformer directory (`save_pretrained`) as a `WanModel` or subclass.
 
     `config.json`'s `_class_name` picks the model: `WanTransformer3DModel` -> `WanModel`,
@@ -226,6 +226,7 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
       path: directory holding config.json and the safetensors weights (single file or sharded).
       dtype: parameter and activation dtype (None: float32). fp32 islands stay float32 (see WanConfig).
       scan_layers, image_token_alignment: wan_ref options (see WanConfig).
+      attention: "xla" or "splash" (`WanConfig.attention`: Pallas splash attention via `kvhoist.kernels`).
 
     Raises:
       CheckpointError: (a ValueError) a truncated or corrupt safetensors file, a malformed config.json or
@@ -237,11 +238,13 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = None, scan_layers: b
       >>> model = load_diffusers("Wan2.1-T2V-1.3B-Diffusers/transformer", dtype=jnp.bfloat16)
     """
     path = os.fspath(path)
+    if attention not in ATTENTION_IMPLS:  # the caller's argument, not the checkpoint's config.json
+        raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_IMPLS))}, got {attention!r}")
     dtype = jnp.float32 if dtype is None else dtype
     raw = _read_config(path)
     model_cls, config_cls = model_classes(raw, path)
     config = _config_from(raw, config_cls, path, scan_layers=scan_layers, image_token_alignment=image_token_alignment,
-                          param_dtype=dtype, dtype=dtype)
+                          param_dtype=dtype, dtype=dtype, attention=attention)
     tensors = _open_tensors(path)
     # Build the module without computing random weights; every leaf is replaced below.
     try:

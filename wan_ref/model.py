@@ -5,6 +5,8 @@ Module attributes mirror diffusers' module paths (`condition_embedder.text_embed
 equations of a traced forward carry e.g. `blocks/attn2/to_k` in `source_info.name_stack`. Attention is
 plain jnp (einsum + float32 softmax), so the cross-attention K/V projections are plain `dot_general`s on
 the context -- the loop-invariant work that `kvhoist` hoists and that `compute_kv_cache` hand-caches.
+With `config.attention="splash"` each attention is instead one `kvhoist.kernels.attention` equation (Pallas
+splash attention); the projections around it are the same `dot_general`s.
 
 dtype policy (diffusers `from_pretrained(torch_dtype=bf16)`): the parameters of `time_embedder`,
 `scale_shift_table` and `norm1/2/3` stay float32; LayerNorms, the timestep sinusoid, RoPE, the modulation
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kvhoist import kernels
 from wan_ref.config import WanConfig
 from wan_ref.rope import apply_rope, rope_tables
 
@@ -146,12 +149,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
     return out.astype(q.dtype).reshape(b, n, h * d)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | int | None, impl: str) -> jax.Array:
+    """`attention` by `WanConfig.attention`: q [B, N, H, d], k/v [B, S, H, d] -> [B, N, H*d] in q's dtype.
+
+    Args:
+      q, k, v: as for `attention`.
+      key_mask: "xla": a bool [S] key mask or None (exactly `attention`'s equations); "splash": the number
+        of valid (leading) keys, or None for all -- see `WanModel._image_mask`.
+      impl: "xla" or "splash" (`kvhoist.kernels.attention(..., impl="splash", kv_valid=key_mask)`).
+
+    Returns:
+      [B, N, H*d] in q's dtype.
+
+    Raises:
+      TypeError: a mask array given to "splash" (it takes the count of valid keys).
+
+    Example:
+      >>> out = attend(q, k, v, None, "splash")
+    """
+    if impl == "xla":
+        return attention(q, k, v, key_mask)
+    if key_mask is not None and not isinstance(key_mask, int):
+        raise TypeError(f"splash attention masks keys by count: key_mask must be an int (valid keys) or None, got "
+                        f"{type(key_mask).__name__}")
+    out = kernels.attention(q, k, v, kv_valid=key_mask, impl=impl)
+    return out.reshape(*out.shape[:2], -1)
+
+
 class WanAttention(nnx.Module):
     """diffusers `WanAttention` + `WanAttnProcessor` (q/k RMSNorm across heads, optional image K/V branch)."""
 
     def __init__(self, cfg: WanConfig, *, added_kv_proj_dim: int | None, keys: KeyStream):
         d, pd, dt = cfg.inner_dim, cfg.param_dtype, cfg.dtype
         self.heads = cfg.num_attention_heads
+        self.attention_impl = cfg.attention
         self.to_q = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
         self.to_k = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
         self.to_v = Linear(d, d, keys=keys, param_dtype=pd, dtype=dt)
@@ -175,7 +206,7 @@ class WanAttention(nnx.Module):
         with jax.named_scope("rope"):
             q = apply_rope(self._heads(q), cos, sin)
             k = apply_rope(self._heads(k), cos, sin)
-        out = attention(q, k, self._heads(v))
+        out = attend(q, k, self._heads(v), None, self.attention_impl)
         return _scoped("to_out.0", self.to_out, out)
 
     def project_kv(self, text: jax.Array, image: jax.Array | None) -> tuple[jax.Array, ...]:
@@ -192,14 +223,15 @@ class WanAttention(nnx.Module):
         image_v = _scoped("add_v_proj", self.add_v_proj, image)
         return text_k, text_v, image_k, image_v
 
-    def cross_attention(self, x: jax.Array, kv: tuple[jax.Array, ...], image_mask: jax.Array | None) -> jax.Array:
+    def cross_attention(self, x: jax.Array, kv: tuple[jax.Array, ...],
+                        image_mask: jax.Array | int | None) -> jax.Array:
         text_k, text_v, image_k, image_v = kv
         q = self._heads(_scoped("norm_q", self.norm_q, _scoped("to_q", self.to_q, x)))
-        out = attention(q, self._heads(text_k), self._heads(text_v))
+        out = attend(q, self._heads(text_k), self._heads(text_v), None, self.attention_impl)
         if image_k is not None:
             # diffusers attends the image tokens with the *normed* query and sums before to_out.
             with jax.named_scope("image_attention"):
-                out = out + attention(q, self._heads(image_k), self._heads(image_v), image_mask)
+                out = out + attend(q, self._heads(image_k), self._heads(image_v), image_mask, self.attention_impl)
         return _scoped("to_out.0", self.to_out, out)
 
 
@@ -224,8 +256,9 @@ class WanTransformerBlock(nnx.Module):
             return self.attn2.project_kv(text, image)
 
     def __call__(self, x: jax.Array, timestep_proj: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv: tuple[jax.Array, ...], image_mask: jax.Array | None) -> jax.Array:
-        """x [B, N, D]; timestep_proj [B, 1 or N, 6, D]; kv from `cross_kv` (computed or cached)."""
+                 kv: tuple[jax.Array, ...], image_mask: jax.Array | int | None) -> jax.Array:
+        """x [B, N, D]; timestep_proj [B, 1 or N, 6, D]; kv from `cross_kv` (computed or cached); image_mask
+        from `WanModel._image_mask`."""
         mod = self.scale_shift_table[...].astype(F32)[None] + timestep_proj.astype(F32)
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
         dtype = x.dtype
@@ -549,9 +582,13 @@ class WanModel(nnx.Module):
             raise ValueError(f"encoder_hidden_states_image must be {expected}, got {tuple(image.shape)}")
         return image
 
-    def _image_mask(self, padded: int, true_len: int) -> jax.Array | None:
+    def _image_mask(self, padded: int, true_len: int) -> jax.Array | int | None:
+        """The image-branch key mask: None without padding; else, for "xla" attention, iota < true length
+        ([padded] bool), for "splash" the true length itself (the kernel's `kv_valid`)."""
         if padded == true_len:
             return None
+        if self.config.attention == "splash":
+            return true_len
         with jax.named_scope("image_token_mask"):
             return jnp.arange(padded) < true_len
 

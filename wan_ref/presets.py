@@ -77,7 +77,8 @@ class Preset:
 
 
     def inputs(self, *, seed: int = 0, batch: int = 1, text_len: int = 512, abstract: bool | None = None,
-               cfg: bool = True, num_inference_steps: int | None = None) -> "SampleInputs":
+               cfg: bool = True, num_inference_steps: int | None = None,
+               attention: str | None = None) -> "SampleInputs":
         """A random model (both experts for A14B) and matching random inputs for `wan_ref.sample`.
 
         The weights are drawn by NumPy (matrices ~ N(0, 1/fan_in), norms 1, the rest small): a model to run
@@ -92,6 +93,8 @@ class Preset:
             presets, False for `tiny-*`.
           cfg: include `negative_prompt_embeds` (classifier-free guidance) when the preset guides.
           num_inference_steps: default: the preset's.
+          attention: `WanConfig.attention` for the model(s): "xla" or "splash" (default: the preset's, "xla").
+            Same random weights either way.
 
         Returns:
           A `SampleInputs`: `sample(*inputs.args, **inputs.kwargs)` runs the preset's sampler.
@@ -109,6 +112,9 @@ class Preset:
             raise ValueError(f"batch and text_len must be >= 1, got batch={batch}, text_len={text_len}")
         abstract = (not self.name.startswith("tiny")) if abstract is None else abstract
         model_cls = _model_class(self.task)
+        configs = (self.config, self.config_2)
+        if attention is not None:  # WanConfig validates the value
+            configs = tuple(None if c is None else c.replace(attention=attention) for c in configs)
 
         def build(config: WanConfig, key_seed: int) -> Any:
             model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(key_seed)))
@@ -122,14 +128,14 @@ class Preset:
             # NumPy, not jax.random: one jax.random.normal compiles per shape (seconds on a loaded CPU)
             return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
-        c = self.config
+        c = configs[0]
         z, f = self.z_dim, self.num_frames
         shape = self.latent_shape(batch)
         _b, _z, lf, lh, lw = shape
         text_dtype = c.dtype
         extra: dict = {}
         if self.two_experts:
-            extra["model_2"] = build(self.config_2, seed + 1)
+            extra["model_2"] = build(configs[1], seed + 1)
         if c.image_dim is not None:
             extra["image_embeds"] = array((batch, 2 * 257 if c.pos_embed_seq_len else 257, c.image_dim), text_dtype)
         if self.expand_timesteps:
