@@ -316,3 +316,104 @@ def require_jaxpr(j: Any, who: str) -> None:
         raise TypeError(f"kvhoist.{who} expects a closed jaxpr, e.g. jax.make_jaxpr(f)(*args); got "
                         f"{type(j).__name__}" + ("" if j is None else f": {str(j)[:80]!r}")
                         + (". To optimise a function, use kvhoist.hoist_invariants(f)" if callable(j) else ""))
+
+
+# --- calling a compiled step without jit's per-argument dispatch ----------------------------------
+
+from jax._src import array as _array  # noqa: E402
+from jax._src import dispatch as _dispatch  # noqa: E402
+from jax._src.interpreters import pxla as _pxla  # noqa: E402
+
+ArrayImpl = _array.ArrayImpl
+
+
+def special_checks_on() -> bool:
+    """Whether ``jax_debug_nans`` / ``jax_debug_infs`` is on (jit then checks every output)."""
+    return _dispatch.needs_check_special()
+
+
+def arg_spec(x: Any) -> tuple | None:
+    """What a compiled executable was built for, of one concrete argument: ``(aval, committed, sharding,
+    PjRt layout)``; None when ``x`` is not a plain single-controller ``jax.Array`` (a numpy array, a
+    scalar, a tracer, a deleted array: jit converts or rejects those, so they never take the direct path)."""
+    if type(x) is not ArrayImpl or x.is_deleted():
+        return None
+    try:
+        return (x.aval, x._committed, x.sharding, x._pjrt_layout)
+    except Exception:  # pragma: no cover - e.g. a backend without layouts
+        return None
+
+
+def spec_matches(x: Any, spec: tuple) -> bool:
+    """``arg_spec(x) == spec`` for an array ``x``, cheaply (~0.5 us): same aval (shape, dtype, weak type,
+    ...), same committedness, sharding and layout — what jit's C++ path compares per argument."""
+    return (type(x) is ArrayImpl and x.aval == spec[0] and x._committed == spec[1] and x.sharding == spec[2]
+            and x._pjrt_layout == spec[3])
+
+
+def direct_executable(jitted: Any, args: Sequence[Any]) -> tuple[Any, tuple] | None:
+    """``(run, specs)``: ``run(flat)`` executes the program ``jitted`` compiled for ``args`` (a pytree
+    call: ``jitted(*args)``) on ``flat`` — the leaves of ``args``, as a list — and returns the flat
+    outputs; ``specs[i]`` is :func:`arg_spec` of the i-th leaf it was built for. ``run`` checks nothing:
+    the caller passes only leaves matching ``specs`` (and not deleted). None when the program cannot
+    be run that way: effects, host callbacks, mutable arrays, a profiler, debug_nans/infs, an argument
+    that is not a plain ``jax.Array``, or a jax whose internals differ.
+
+    Uses the executable jit already compiled for these arguments (``lower().compile()`` hits jit's
+    caches), so nothing is compiled twice.
+    """
+    if special_checks_on():
+        return None
+    flat = jax.tree_util.tree_leaves(args)
+    specs = tuple(arg_spec(x) for x in flat)
+    if any(s is None for s in specs):
+        return None
+    try:
+        compiled = jitted.lower(*args).compile()
+        exe = compiled._executable
+        unsafe = exe.unsafe_call
+        if (type(unsafe) is not _pxla.ExecuteReplicated or unsafe.ordered_effects
+                or unsafe.has_unordered_effects or unsafe.has_host_callbacks or unsafe.mut is not None
+                or unsafe.pgle_profiler is not None or compiled._params.is_high):
+            return None
+        consts = list(compiled._params.const_args)
+        nc = len(consts)
+        kept = sorted(unsafe.kept_var_idx)
+        consts = list(exe.shard_const_args(consts)) if consts else []
+        consts = [c for i, c in enumerate(consts) if i in unsafe.kept_var_idx]
+        keep = [i - nc for i in kept if i >= nc]
+        in_shardings = exe._in_shardings
+        for x, s in zip([*consts, *(flat[i] for i in keep)], in_shardings, strict=True):
+            if not x.sharding.is_equivalent_to(s, x.ndim):
+                return None
+        execute = unsafe.xla_executable.execute_sharded
+        handlers = unsafe.out_handler.handlers
+    except Exception:  # pragma: no cover - another jax's internals: keep using jit
+        return None
+    if keep == list(range(len(flat))):
+        if not consts:
+            def run(flat):
+                return execute(flat).consume_with_handlers(handlers)
+        else:
+            def run(flat):
+                return execute(consts + flat).consume_with_handlers(handlers)
+    else:
+        import operator
+
+        if not keep:
+            def pick(flat):
+                return []
+        elif len(keep) == 1:
+            (k,) = keep
+
+            def pick(flat):
+                return [flat[k]]
+        else:
+            get = operator.itemgetter(*keep)
+
+            def pick(flat):
+                return list(get(flat))
+
+        def run(flat):
+            return execute(consts + pick(flat)).consume_with_handlers(handlers)
+    return run, specs

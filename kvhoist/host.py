@@ -79,6 +79,9 @@ __all__ = ["HostHoistedFunction", "PreparedStep", "CacheInfo", "StaleHandleError
 
 _STATIC, _INVARIANT, _VARYING = "static", "invariant", "varying"
 _tree_flatten = jax.tree_util.tree_flatten
+_tree_unflatten = jax.tree_util.tree_unflatten
+_spec_matches = compat.spec_matches
+_special_checks_on = compat.special_checks_on
 _trace_context = compat.trace_context  # what jax.jit keys its traces on (x64, default device, ...)
 
 
@@ -250,6 +253,13 @@ class _Program:
     step_call: Callable      # jax.jit: (cached values, step_inv leaves, *varying arguments) -> outputs
     step_flat: Callable      # jax.jit: (*cached values, *step_inv leaves, *step_var leaves) -> flat outputs
     take_step_inv: Callable  # invariant leaves -> the step_inv ones (all of them: the list itself)
+    var_tree: Any = None     # the varying arguments' structure this program was traced for
+    # The compiled step called without jit's per-argument dispatch (see _direct): _UNBUILT until the
+    # first cache hit builds it, None when it cannot run that way; with the arg_specs of its inputs
+    # (cached values + step_inv leaves, checked once per entry; varying leaves, checked per call).
+    direct: Any = None
+    head_specs: tuple = ()
+    var_specs: tuple = ()
 
 
 def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature: tuple,
@@ -359,7 +369,7 @@ class _Cached:
     """
 
     __slots__ = ("program", "values", "identity", "snapshots", "deletable", "checks", "fast_key", "pins",
-                 "__weakref__")
+                 "direct", "__weakref__")
 
     def __init__(self, program: _Program, values: tuple, leaves: Sequence, on_death: Callable | None):
         self.program = program
@@ -372,6 +382,7 @@ class _Cached:
         self.checks = bool(self.snapshots or self.deletable)
         self.fast_key: tuple | None = None
         self.pins: tuple = ()
+        self.direct: Any = _UNCHECKED  # the program's direct run when these leaves fit it, else None
 
     def still_valid(self, leaves: Sequence) -> bool:
         """For leaves whose ids equal those of ``fast_key``'s: not mutated, not deleted."""
@@ -395,6 +406,8 @@ class _Entry(_Cached):
 
 
 _MISSING = object()
+_UNBUILT = object()    # _Program.direct not built yet
+_UNCHECKED = object()  # _Cached.direct not decided yet
 
 
 # --------------------------------------------------------------------------------------------------
@@ -746,7 +759,8 @@ class HostHoistedFunction:
             prologue_fn=None if ext.empty else jax.jit(compat.jaxpr_as_fun(prologue)),
             step_call=_step_call(self.__name__, step, out_tree, layout.var_tree, _signature(call.var_leaves),
                                  step_var),
-            step_flat=jax.jit(compat.jaxpr_as_fun(step)), take_step_inv=_taker(step_inv, n_inv))
+            step_flat=jax.jit(compat.jaxpr_as_fun(step)), take_step_inv=_taker(step_inv, n_inv),
+            var_tree=layout.var_tree, direct=_UNBUILT)
 
     # -- running -------------------------------------------------------------------------------
     def _run_prologue(self, prog: _Program, inv_leaves: Sequence) -> tuple:
@@ -811,6 +825,57 @@ class HostHoistedFunction:
         if index is not None:
             index[fast_key] = cached
 
+    def _serve(self, cached: _Cached, inv_leaves: list, var_args: tuple) -> Any:
+        """The step's outputs for a cache hit on ``cached`` (its invariant leaves verified), or _MISSING
+        when the varying arguments do not fit its program (the slow path finds theirs).
+
+        Direct path: once jit has run the program, its executable is called on the flat leaves without
+        jit's per-argument dispatch (flattening and checking every invariant leaf again, ~0.4 us each).
+        The invariant leaves and cached values were checked against the executable's inputs once, when
+        ``cached.direct`` was decided (the very same objects on every hit: arrays never change aval,
+        sharding or layout); the varying leaves are checked here, as jit would: same structure and, per
+        leaf, a ``jax.Array`` of the same aval, committedness, sharding and layout. Anything else (a
+        numpy or scalar varying leaf, a tracer, debug_nans) goes through ``jax.jit`` as before.
+        """
+        prog = cached.program
+        run = cached.direct
+        if run is not None and run is not _UNCHECKED and not _special_checks_on():
+            var_leaves, var_tree = _tree_flatten(var_args)
+            if var_tree == prog.var_tree and all(map(_spec_matches, var_leaves, prog.var_specs)):
+                try:
+                    out = run([*cached.values, *prog.take_step_inv(inv_leaves), *var_leaves])
+                except Exception:  # e.g. a deleted invariant array: jit below says so in its words
+                    pass
+                else:
+                    return _tree_unflatten(prog.out_tree, out)
+        try:
+            out = prog.step_call(cached.values, prog.take_step_inv(inv_leaves), *var_args)
+        except _Retrace:  # varying arguments of another structure / signature than this program's
+            return _MISSING
+        if run is _UNCHECKED:
+            self._decide_direct(cached, inv_leaves, var_args)
+        return out
+
+    def _decide_direct(self, cached: _Cached, inv_leaves: list, var_args: tuple) -> None:
+        """After jit ran ``cached``'s program on these arguments: build the program's direct run (once),
+        and decide whether ``cached``'s values and invariant leaves fit it."""
+        prog = cached.program
+        if any(_is_tracer(x) for x in jax.tree_util.tree_leaves(var_args)):
+            return  # under a trace: decide on a concrete call
+        head = [*cached.values, *prog.take_step_inv(inv_leaves)]
+        if prog.direct is _UNBUILT:
+            with self._lock:
+                if prog.direct is _UNBUILT:
+                    built = compat.direct_executable(
+                        prog.step_call, (cached.values, prog.take_step_inv(inv_leaves), *var_args))
+                    if built is not None:
+                        run, specs = built
+                        prog.head_specs, prog.var_specs = specs[:len(head)], specs[len(head):]
+                    prog.direct = None if built is None else run
+        run = prog.direct
+        cached.direct = (run if run is not None and len(head) == len(prog.head_specs)
+                         and all(map(_spec_matches, head, prog.head_specs)) else None)
+
     def __call__(self, *args, **kwargs):
         # The fast path (a cache hit with the very same invariant objects): pick the arguments by the
         # call shape's plan, flatten the invariant ones once, look the entry up by their ids, and let
@@ -825,11 +890,7 @@ class HostHoistedFunction:
         except TypeError:  # an unhashable static argument: the slow path names it
             entry = None
         if entry is not None and (not entry.checks or entry.still_valid(inv_leaves)):
-            prog = entry.program
-            try:
-                out = prog.step_call(entry.values, prog.take_step_inv(inv_leaves), *plan.var(args, kwargs))
-            except _Retrace:  # varying arguments of another structure / signature than this program's
-                out = _MISSING
+            out = self._serve(entry, inv_leaves, plan.var(args, kwargs))
             if out is not _MISSING:
                 with self._lock:
                     self._hits += 1
@@ -975,10 +1036,9 @@ class PreparedStep:
         except TypeError:
             fast = False
         if fast and cached.still_valid(inv_leaves):
-            try:
-                return prog.step_call(cached.values, prog.take_step_inv(inv_leaves), *plan.var(args, kwargs))
-            except _Retrace:
-                pass
+            out = owner._serve(cached, inv_leaves, plan.var(args, kwargs))
+            if out is not _MISSING:
+                return out
         call = owner._bind(args, kwargs, plan, (inv_leaves, inv_tree))
         if call.key != self._key or not cached.identity.matches(call.inv_leaves):
             raise StaleHandleError(
