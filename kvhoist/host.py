@@ -359,17 +359,18 @@ def _leaf_identity(x: Any, on_death: Callable | None) -> tuple[Any, Callable, np
 class _Cached:
     """Prologue results for one set of invariant leaves, and what a fast-path hit must still check.
 
-    The fast path finds this object by the ``id``s of the invariant leaves (``fast_key``). An id is
-    only trusted while the object is known alive: jax/numpy arrays are watched by weak references whose
-    callbacks drop this object from every index when one dies (so a recycled id is never matched), and
-    scalar leaves, compared by value in the slow path, are pinned here (``pins``) for as long as the
-    fast key refers to their ids. Same objects then leave only two things to check per call: numpy
+    The fast path finds this object by ``fast_key`` (call shape, static values, invariant treedef,
+    trace context) and then the ``id``s of the invariant leaves (``ids``, a list compared with the
+    call's). An id is only trusted while the object is known alive: jax/numpy arrays are watched by
+    weak references whose callbacks set ``ids`` to None (first, atomically) and drop this object from
+    every index when one dies (so a recycled id is never matched), and scalar leaves, compared by value
+    in the slow path, are pinned here (``pins``) for as long as ``ids`` refers to their ids. Same objects then leave only two things to check per call: numpy
     leaves were not mutated (their snapshots) and arrays the step does not receive (jit would reject
     a deleted one it receives) were not deleted.
     """
 
-    __slots__ = ("program", "values", "identity", "snapshots", "deletable", "checks", "fast_key", "pins",
-                 "direct", "__weakref__")
+    __slots__ = ("program", "values", "identity", "snapshots", "deletable", "checks", "fast_key", "ids",
+                 "pins", "direct", "__weakref__")
 
     def __init__(self, program: _Program, values: tuple, leaves: Sequence, on_death: Callable | None):
         self.program = program
@@ -381,11 +382,12 @@ class _Cached:
                                if i not in passed and hasattr(x, "is_deleted") and not isinstance(x, np.ndarray))
         self.checks = bool(self.snapshots or self.deletable)
         self.fast_key: tuple | None = None
+        self.ids: list | None = None  # ids of the leaves, while trusted; None never equals a list
         self.pins: tuple = ()
         self.direct: Any = _UNCHECKED  # the program's direct run when these leaves fit it, else None
 
     def still_valid(self, leaves: Sequence) -> bool:
-        """For leaves whose ids equal those of ``fast_key``'s: not mutated, not deleted."""
+        """For leaves whose ids equal ``ids``: not mutated, not deleted."""
         for i, snap in self.snapshots:
             if not _same_numpy(leaves[i], snap):
                 return False
@@ -459,7 +461,7 @@ class HostHoistedFunction:
         self._programs: dict = {}         # program key -> _Program
         self._entries: collections.OrderedDict = collections.OrderedDict()  # serial -> _Entry, LRU order
         self._index: dict = {}            # entry key (program key, identity key) -> _Entry (slow path)
-        self._fast: dict = {}             # fast key (shape, statics, treedef, context, ids) -> _Entry
+        self._fast: dict = {}             # fast key (shape, statics, treedef, context) -> (_Entry, ...)
         self._plans: dict = {}            # call shape (len(args), *kwargs names) -> _ArgPlan
         self._canon: dict = {}            # slots -> token shared by the plans binding the same slots
         self._serials = itertools.count()
@@ -782,20 +784,30 @@ class HostHoistedFunction:
 
     def _fast_key(self, plan: _ArgPlan, args: tuple, kwargs: dict) -> tuple[list, Any, tuple]:
         """``(invariant leaves, their treedef, fast key)``: the key names the call shape, static values
-        and types, the invariant arguments' structure, jax's trace context and the leaves' ids."""
+        and types, the invariant arguments' structure and jax's trace context (the leaves' ids are
+        compared with a candidate's ``ids`` after the lookup)."""
         inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs))
         key = (plan.canon, _static_key(plan.static(args, kwargs)) if plan.static_slots else (), inv_tree,
-               _trace_context(), tuple(map(id, inv_leaves)))
+               _trace_context())
         return inv_leaves, inv_tree, key
 
     def _forget(self, entry: _Entry) -> None:
-        """Drop ``entry`` from every index. Runs in weakref callbacks too: no lock, atomic pops only."""
+        """Drop ``entry`` from every index. Runs in weakref callbacks too: no lock; ``ids = None`` first
+        (one attribute store: from then on no call matches it), then best-effort removals (a candidate
+        tuple that loses a race keeps an unmatchable entry until its next rewrite, which drops it)."""
+        entry.ids = None
         self._entries.pop(entry.serial, None)
         try:
             if self._index.get(entry.key) is entry:
                 self._index.pop(entry.key, None)
-            if entry.fast_key is not None and self._fast.get(entry.fast_key) is entry:
-                self._fast.pop(entry.fast_key, None)
+            head = entry.fast_key
+            cands = self._fast.get(head) if head is not None else None
+            if cands is not None and any(c is entry for c in cands):
+                rest = tuple(c for c in cands if c is not entry)
+                if rest:
+                    self._fast[head] = rest
+                else:
+                    self._fast.pop(head, None)
         except TypeError:  # pragma: no cover - keys are hashable when stored
             pass
 
@@ -811,19 +823,33 @@ class HostHoistedFunction:
         return drop
 
     def _set_fast_key(self, cached: _Cached, fast_key: tuple, leaves: Sequence, index: dict | None) -> None:
-        """Let later calls with these very leaves find ``cached`` by ``fast_key`` (one key per object)."""
+        """Let later calls with these very leaves find ``cached`` by ``fast_key`` and their ids (one
+        candidate per key and ids). ``index`` (``self._fast``, under ``self._lock``) or None (a prepared
+        handle, which compares its own key)."""
         if any(_is_tracer(x) for x in leaves):
             return
         try:
             hash(fast_key)
         except TypeError:
             return
-        if index is not None and cached.fast_key is not None and index.get(cached.fast_key) is cached:
-            index.pop(cached.fast_key, None)
+        ids = list(map(id, leaves))
+        if index is not None and cached.fast_key is not None and cached.fast_key != fast_key:
+            old = index.get(cached.fast_key, ())
+            rest = tuple(c for c in old if c is not cached)
+            if len(rest) != len(old):
+                if rest:
+                    index[cached.fast_key] = rest
+                else:
+                    index.pop(cached.fast_key, None)
         cached.pins = tuple(x for x in leaves if isinstance(x, _SCALARS))  # keeps their ids unique
         cached.fast_key = fast_key
+        cached.ids = ids
         if index is not None:
-            index[fast_key] = cached
+            # Newest first; drop candidates with the same ids (replaced) and any no longer trusted or
+            # no longer held (a removal in a weakref callback that lost a race).
+            index[fast_key] = (cached, *(c for c in index.get(fast_key, ())
+                                         if c is not cached and c.ids is not None and c.ids != ids
+                                         and self._entries.get(c.serial) is c))
 
     def _serve(self, cached: _Cached, inv_leaves: list, var_args: tuple) -> Any:
         """The step's outputs for a cache hit on ``cached`` (its invariant leaves verified), or _MISSING
@@ -884,11 +910,18 @@ class HostHoistedFunction:
         plan = self._plans.get((len(args), *kwargs) if kwargs else len(args)) or self._plan(args, kwargs)
         inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs))
         fast_key = (plan.canon, _static_key(plan.static(args, kwargs)) if plan.static_slots else (), inv_tree,
-                    _trace_context(), tuple(map(id, inv_leaves)))
+                    _trace_context())
         try:
-            entry = self._fast.get(fast_key)
+            cands = self._fast.get(fast_key)
         except TypeError:  # an unhashable static argument: the slow path names it
-            entry = None
+            cands = None
+        entry = None
+        if cands is not None:  # a tuple: one candidate per set of invariant objects (e.g. two experts)
+            ids = list(map(id, inv_leaves))
+            for c in cands:
+                if c.ids == ids:
+                    entry = c
+                    break
         if entry is not None and (not entry.checks or entry.still_valid(inv_leaves)):
             out = self._serve(entry, inv_leaves, plan.var(args, kwargs))
             if out is not _MISSING:
@@ -1018,7 +1051,7 @@ class PreparedStep:
         def forget_ids(_ref):  # a prepared array died: its id may be reused, so stop trusting ids
             me = self_ref()
             if me is not None:
-                me._cached.fast_key = None
+                me._cached.ids = None
         return forget_ids
 
     @property
@@ -1032,7 +1065,8 @@ class PreparedStep:
         plan = owner._plan(args, kwargs)
         inv_leaves, inv_tree, fast_key = owner._fast_key(plan, args, kwargs)
         try:
-            fast = cached.fast_key is not None and fast_key == cached.fast_key
+            fast = (cached.ids is not None and fast_key == cached.fast_key
+                    and cached.ids == list(map(id, inv_leaves)))
         except TypeError:
             fast = False
         if fast and cached.still_valid(inv_leaves):
