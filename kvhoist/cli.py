@@ -585,7 +585,7 @@ def compile_verdict(variants: dict) -> str:
 def cmd_compile(args: argparse.Namespace) -> int:
     """``kvhoist compile``: the sampler compiled for a TPU three ways (:func:`kvhoist.tpu.compile_three_ways`).
 
-    Exit 1 (one line) when a variant does not fit the chip's memory; 2 for usage errors (no libtpu, a
+    Exit 1 (one line) when a variant does not fit the chip's memory or fails to compile; 2 for usage errors (no libtpu, a
     non-TPU target, a topology of another generation)."""
     import functools
     import json
@@ -623,6 +623,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     except tpu.DoesNotFit as err:
         where = args.topology or f"one {target} chip"
         print(f"{PROG} compile: {args.spec} does not fit on {where} ({err.variant}): {err.line}", file=sys.stderr)
+        return 1
+    except tpu.CompileFailed as err:
+        where = args.topology or f"one {target} chip"
+        print(f"{PROG} compile: {args.spec} failed to compile for {where} ({err.variant}): {err.line}",
+              file=sys.stderr)
         return 1
     except KvhoistError as err:
         raise SpecError(str(err).splitlines()[0]) from None

@@ -47,7 +47,7 @@ from typing import Any, Callable
 from kvhoist.errors import KvhoistError
 from kvhoist.targets import get_target
 
-__all__ = ["JAX_TPU_PIN", "DEFAULT_TOPOLOGIES", "LibtpuMissingError", "DoesNotFit", "CompileResult",
+__all__ = ["JAX_TPU_PIN", "DEFAULT_TOPOLOGIES", "LibtpuMissingError", "DoesNotFit", "CompileFailed", "CompileResult",
            "libtpu_version", "require_libtpu", "tpu_environment", "default_topology", "check_topology_name",
            "get_topology",
            "make_mesh", "wan_partition_spec", "shard_abstract", "compile_variant", "does_not_fit_line",
@@ -84,6 +84,20 @@ class DoesNotFit(KvhoistError):
       line: one line with the compiler's figures, e.g. ``HLO temporaries (1.70T) exceeds available HBM
         (31.25G)``.
       variant: which variant did not fit (``plain``, ``hand``, ``hoisted``), or "".
+    """
+
+    def __init__(self, line: str, variant: str = ""):
+        super().__init__(line)
+        self.line = line
+        self.variant = variant
+
+
+class CompileFailed(KvhoistError):
+    """The TPU compiler (or the lowering before it) rejected a variant for a reason other than memory.
+
+    Attributes:
+      line: ``ExceptionType: first line of its message``.
+      variant: which variant failed.
     """
 
     def __init__(self, line: str, variant: str = ""):
@@ -340,6 +354,8 @@ def compile_variant(variant: str, fn: Any, args: tuple, kwargs: dict, *, steps: 
 
     Raises:
       DoesNotFit: the compiler ran out of memory (one line with its figures).
+      CompileFailed: any other lowering/compile error (e.g. a Pallas kernel the SPMD partitioner cannot
+        split: "Mosaic kernels cannot be automatically partitioned. Please wrap the call in a shard_map.").
     """
     from kvhoist.bench import TPU_MATMUL_PATTERNS, hlo_op_executions
 
@@ -348,9 +364,10 @@ def compile_variant(variant: str, fn: Any, args: tuple, kwargs: dict, *, steps: 
         compiled = fn.lower(*args, **kwargs).compile()
     except Exception as err:
         line = does_not_fit_line(err)
-        if line is None:
-            raise
-        raise DoesNotFit(line, variant) from None
+        if line is not None:
+            raise DoesNotFit(line, variant) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CompileFailed(f"{type(err).__name__}: {first}"[:400], variant) from err
     seconds = time.perf_counter() - t0
     counts = hlo_op_executions(compiled.as_text(), TPU_MATMUL_PATTERNS, step_trip_count=steps)
     rep = report() if report is not None else None
@@ -384,6 +401,7 @@ def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, 
     Raises:
       LibtpuMissingError, KvhoistError: no libtpu, bad target/topology.
       DoesNotFit: a variant ran out of memory (later variants are not compiled).
+      CompileFailed: a variant failed to lower or compile for another reason.
     """
     import jax
 

@@ -124,6 +124,24 @@ def test_splash_without_the_config_field_is_refused(capsys, fake_libtpu):
     assert "--attention splash: this wan_ref has no WanConfig.attention field yet" in err
 
 
+@pytest.mark.parametrize("error, expected", [
+    (tpu.DoesNotFit("HLO temporaries (1.70T) exceeds available HBM (31.25G)", "plain"),
+     "kvhoist compile: tiny-t2v does not fit on v6e:2x4 (plain): HLO temporaries (1.70T) exceeds available HBM "
+     "(31.25G)"),
+    (tpu.CompileFailed("NotImplementedError: Mosaic kernels cannot be automatically partitioned.", "hand"),
+     "kvhoist compile: tiny-t2v failed to compile for v6e:2x4 (hand): NotImplementedError: Mosaic kernels cannot "
+     "be automatically partitioned."),
+])
+def test_compile_failures_are_one_line_and_exit_1(capsys, fake_libtpu, monkeypatch, error, expected):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tpu, "compile_three_ways", fail)
+    rc, out, err = run(capsys, "compile", "tiny-t2v", "--target", "v6e", "--topology", "v6e:2x4", "--steps", "2")
+    assert rc == 1 and out == ""
+    assert err == expected + "\n"
+
+
 def test_default_topologies_cover_the_tpu_targets():
     from kvhoist.targets import TARGETS
 
