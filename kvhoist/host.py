@@ -904,9 +904,10 @@ class HostHoistedFunction:
 
     def __call__(self, *args, **kwargs):
         # The fast path (a cache hit with the very same invariant objects): pick the arguments by the
-        # call shape's plan, flatten the invariant ones once, look the entry up by their ids, and let
-        # the step's jax.jit check the varying ones. Everything else goes to _slow_call. (Inlined
-        # _fast_key: this runs on every call.)
+        # call shape's plan, flatten the invariant ones once, look the candidates up by structure and
+        # compare their ids, then run the step (_serve: its executable directly when the varying
+        # leaves fit it, else its jax.jit). Everything else goes to _slow_call. No per-leaf Python
+        # work but id() and C-level compares. (Inlined _fast_key: this runs on every call.)
         plan = self._plans.get((len(args), *kwargs) if kwargs else len(args)) or self._plan(args, kwargs)
         inv_leaves, inv_tree = _tree_flatten(plan.inv(args, kwargs))
         fast_key = (plan.canon, _static_key(plan.static(args, kwargs)) if plan.static_slots else (), inv_tree,

@@ -7,6 +7,7 @@ functions test the cache's identity rules. Tiny shapes: the whole file runs in w
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
 
@@ -477,3 +478,105 @@ def test_non_array_star_argument_names_static_argnums():
     f = kvhoist.hoist_invariants(step, invariant_argnums=(0,))
     with pytest.raises(TypeError, match=r"argument at position 2 of step is a str.*static_argnums=\(2,\)"):
         f(jnp.ones((2, 2)), jnp.ones((2, 2)), "mode")
+
+
+# ------------------------------------------------------ the hit path's cost does not grow with leaves
+
+
+def _wide_step(params, ctx, x):
+    acc = x + jnp.tanh(ctx).sum()   # tanh(ctx) is hoisted; every params leaf is read x-dependently
+    for leaf in jax.tree_util.tree_leaves(params):
+        acc = acc + x * leaf[0]
+    return acc
+
+
+def _wide_args(n: int):
+    params = {f"w{i:03d}": jnp.full((3,), float(i), jnp.float32) for i in range(n)}
+    return params, jnp.ones((5,), jnp.float32), jnp.arange(3.0, dtype=jnp.float32)
+
+
+def _hit_profile(f, args) -> collections.Counter:
+    """Python-level function calls ('call') and builtin calls ('c_call') of one cache hit, by name."""
+    import sys
+
+    names: collections.Counter = collections.Counter()
+
+    def prof(frame, event, arg):
+        if event == "call":
+            names[frame.f_code.co_name] += 1
+            names["<python calls>"] += 1
+        elif event == "c_call":
+            names["<builtin calls>"] += 1
+
+    sys.setprofile(prof)
+    try:
+        f(*args)
+    finally:
+        sys.setprofile(None)
+    return names
+
+
+def test_cache_hit_work_does_not_grow_with_the_number_of_leaves():
+    """Counted, not timed: a hit flattens the invariant and the varying arguments once each, runs the
+    compiled step directly (not jit's dispatch, which checks every leaf again) with exactly the step's
+    inputs, and makes the same few Python calls at 8 leaves and at 300."""
+    profiles = {}
+    for n in (8, 300):
+        f = kvhoist.hoist_invariants(_wide_step, invariant_argnums=(0, 1))
+        args = _wide_args(n)
+        want = _wide_step(*args)
+        f(*args)
+        f(*args)  # the first hit decides the direct path (jit has compiled the step by then)
+        (entry,) = [e for cands in f._fast.values() for e in cands]
+        prog = entry.program
+        seen = []
+        run = entry.direct
+        assert run is not None, "the step should run its executable directly"
+        entry.direct = lambda flat: seen.append(len(flat)) or run(flat)
+        jit_calls = []
+        step_call = prog.step_call
+        prog.step_call = lambda *a: jit_calls.append(1) or step_call(*a)
+        np.testing.assert_allclose(f(*args), want, rtol=1e-6)
+        # cached tanh(ctx) sum + every params leaf (ctx is read by the prologue only) + x
+        assert seen == [len(entry.values) + n + 1] and len(entry.values) == 1 and not jit_calls
+        entry.direct = run
+        profiles[n] = _hit_profile(f, args)
+        assert f.prologue_runs == 1 and f.cache_info().hits == 3
+    small, large = profiles[8], profiles[300]
+    assert small == large, (small, large)
+    assert large["tree_flatten"] == 2 and large["<python calls>"] <= 25 and large["<builtin calls>"] <= 15, large
+
+
+def test_direct_path_falls_back_to_jit_semantics(monkeypatch):
+    """Whatever the direct call would not check itself goes through jax.jit: numpy or committed
+    varying leaves, debug_nans, a deleted invariant array the step reads."""
+    f = kvhoist.hoist_invariants(_wide_step, invariant_argnums=(0, 1))
+    params, ctx, x = _wide_args(4)
+    ref = jax.jit(_wide_step)
+    for _ in range(3):
+        f(params, ctx, x)
+    x_np = np.asarray(x) + 1
+    np.testing.assert_allclose(f(params, ctx, x_np), _wide_step(params, ctx, x_np), rtol=1e-6)
+    x_dev = jax.device_put(x, jax.devices()[0])  # committed: jit keeps outputs committed
+    got = f(params, ctx, x_dev)
+    np.testing.assert_allclose(got, _wide_step(params, ctx, x_dev), rtol=1e-6)
+    assert got.committed == ref(params, ctx, x_dev).committed
+    assert f(params, ctx, x).committed == ref(params, ctx, x).committed
+    # jax_debug_nans / jax_debug_infs: jit checks the outputs, so the step goes through jit.
+    (entry,) = [e for cands in f._fast.values() for e in cands]
+    jit_calls = []
+    step_call = entry.program.step_call
+    entry.program.step_call = lambda *a: jit_calls.append(1) or step_call(*a)
+    f(params, ctx, x)
+    assert not jit_calls
+    monkeypatch.setattr(kvhoist.host, "_special_checks_on", lambda: True)
+    f(params, ctx, x)
+    assert jit_calls == [1]
+    monkeypatch.undo()
+    params["w001"] = w = params["w001"] + 0
+    f(params, ctx, x)
+    f(params, ctx, x)
+    w.delete()
+    with pytest.raises(Exception, match="delete"):
+        f(params, ctx, x)
+    assert f.prologue_runs == 2  # params, then params with a new w001
