@@ -137,6 +137,14 @@ def input_file(path: str) -> str:
     return path
 
 
+def _mesh_shape(text: str) -> tuple[int, int]:
+    """An argparse ``type=`` for ``--mesh``: ``DATAxTENSOR`` with two positive integers, e.g. ``1x8``."""
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"must be DATAxTENSOR with positive integers (e.g. 1x8), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 def _add_spec_arguments(p: argparse.ArgumentParser, *, target_required: bool = False,
@@ -228,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", metavar="NAME:AxB",
                    help="compile for all chips of this topology (e.g. v6e:2x4, v5e:2x4), parameters tensor-sharded "
                         "over a (data=2, tensor=n/2) mesh; default: one chip")
+    p.add_argument("--mesh", metavar="DATAxTENSOR", type=_mesh_shape,
+                   help="with --topology: the (data, tensor) mesh, e.g. 1x8 (all chips on tensor parallelism); "
+                        "default 2x(chips/2)")
     p.add_argument("--attention", choices=("xla", "splash"), default="xla",
                    help="attention implementation of the preset's model (WanConfig.attention; default xla)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -601,6 +612,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         tpu.default_topology(target)
         if args.topology:
             tpu.check_topology_name(target, args.topology)
+        elif args.mesh:
+            raise KvhoistError("--mesh needs --topology (one chip has no mesh to shape)")
     except KvhoistError as err:
         raise SpecError(str(err).splitlines()[0]) from None
     if ":" in args.spec and args.attention != "xla":
@@ -619,7 +632,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else None
     try:
         d = tpu.compile_three_ways(prog.fun, prog.args, prog.kwargs, steps=steps, target=target,
-                                   topology=args.topology, hand=hand, log=log)
+                                   topology=args.topology, mesh_shape=args.mesh, hand=hand, log=log)
     except tpu.DoesNotFit as err:
         where = args.topology or f"one {target} chip"
         print(f"{PROG} compile: {args.spec} does not fit on {where} ({err.variant}): {err.line}", file=sys.stderr)

@@ -182,12 +182,13 @@ def get_topology(target: str, topology: str | None = None) -> Any:
         raise KvhoistError(f"topology {name!r} refused by the TPU compiler: {first}") from None
 
 
-def make_mesh(topo: Any, chips: int | None = None) -> Any:
+def make_mesh(topo: Any, chips: int | None = None, shape: tuple[int, int] | None = None) -> Any:
     """A ``jax.sharding.Mesh`` over a topology's devices.
 
     ``chips=1``: the first chip, axis ``("x",)`` (everything replicated on it). Otherwise (default: all
-    chips) a 2D ``("data", "tensor")`` mesh of shape ``(2, n/2)`` (``(1, n)`` for an odd count) with
-    ``Auto`` axes, the layout of ``tests/test_multidevice.py``.
+    chips) a 2D ``("data", "tensor")`` mesh with ``Auto`` axes, the layout of ``tests/test_multidevice.py``:
+    ``shape`` ``(data, tensor)`` (their product must be the chip count), default ``(2, n/2)`` (``(1, n)``
+    for an odd count).
     """
     import numpy as np
     from jax.sharding import AxisType, Mesh
@@ -199,6 +200,12 @@ def make_mesh(topo: Any, chips: int | None = None) -> Any:
     if n == 1:
         return Mesh(np.array(devices[:1]), ("x",), axis_types=(AxisType.Auto,))
     rows = 2 if n % 2 == 0 else 1
+    if shape is not None:
+        if (len(shape) != 2 or not all(isinstance(x, int) and x >= 1 for x in shape)
+                or shape[0] * shape[1] != n):
+            raise KvhoistError(f"mesh shape {shape!r}: need two positive ints (data, tensor) whose product is the "
+                               f"{n} chips of the topology")
+        rows = shape[0]
     return Mesh(np.array(devices[:n]).reshape(rows, n // rows), ("data", "tensor"),
                 axis_types=(AxisType.Auto,) * 2)
 
@@ -380,7 +387,8 @@ def compile_variant(variant: str, fn: Any, args: tuple, kwargs: dict, *, steps: 
 
 
 def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, target: str,
-                       topology: str | None = None, hand: Callable | None = None,
+                       topology: str | None = None, mesh_shape: tuple[int, int] | None = None,
+                       hand: Callable | None = None,
                        log: Callable[[str], None] | None = None) -> dict:
     """Compile a sampler three ways for a TPU topology: plain ``jax.jit``, a hand-written cache, and
     ``kvhoist.hoist_invariants``.
@@ -392,6 +400,7 @@ def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, 
       target: a TPU target name (``v4``, ``v5e``, ``v5p``, ``v6e``, ``v7x`` or an alias).
       topology: a topology name; given, everything is placed on all its chips (parameters tensor-sharded,
         :func:`shard_abstract`); None: one chip of the target's default topology.
+      mesh_shape: ``(data, tensor)`` for a topology (default ``(2, chips/2)``), see :func:`make_mesh`.
       hand: the hand-cached sampler (same arguments), or None to skip that variant.
       log: called with a line before each compile.
 
@@ -408,7 +417,9 @@ def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, 
     import kvhoist
 
     topo = get_topology(target, topology)
-    mesh = make_mesh(topo, chips=None if topology else 1)
+    if mesh_shape is not None and not topology:
+        raise KvhoistError("a mesh shape needs a topology (one chip has no mesh to shape)")
+    mesh = make_mesh(topo, chips=None if topology else 1, shape=mesh_shape)
     placed_args = shard_abstract(tuple(args), mesh, params=True)
     placed_kwargs = shard_abstract(dict(kwargs), mesh, params=True)
 

@@ -84,6 +84,8 @@ def test_tpu_pin_matches_pyproject():
     (["compile", "tiny-t2v", "--target", "v6e", "--steps", "0"], "argument --steps: must be a positive integer"),
     (["compile", "tiny-t2v", "--target", "v6e", "--attention", "flash"], "argument --attention: invalid choice"),
     (["compile", "tiny-t2v", "--target", "v6e", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["compile", "tiny-t2v", "--target", "v6e", "--mesh", "2by4"], "argument --mesh: must be DATAxTENSOR"),
+    (["compile", "tiny-t2v", "--target", "v6e", "--mesh", "0x8"], "argument --mesh: must be DATAxTENSOR"),
 ])
 def test_parser_errors_print_usage(capsys, argv, message):
     rc, out, err = run(capsys, *argv)
@@ -99,6 +101,7 @@ def test_parser_errors_print_usage(capsys, argv, message):
     (["--target", "v6e", "--topology", "v6e-8"], "topology 'v6e-8': expected NAME:AxB or NAME:AxBxC"),
     (["--target", "v6e", "--height", "100"], "--height 100: must be a positive multiple of 16"),
     (["--target", "v6e", "--frames", "6"], "--frames 6: must be 4k+1"),
+    (["--target", "v6e", "--mesh", "1x8"], "--mesh needs --topology"),
 ])
 def test_validation_errors_are_one_line(capsys, fake_libtpu, argv, message):
     rc, out, err = run(capsys, "compile", "tiny-t2v", *argv)
@@ -246,6 +249,8 @@ def test_sharded_topology_and_cli_json(capsys, compiled_tiny):
     d = json.loads(out)
     assert d["chips"] == 8 and d["mesh"] == {"data": 2, "tensor": 4} and d["libtpu"] == LIBTPU
     assert d["verdict"].endswith(": hoisted == hand < plain")
+    rc, out, err = run(capsys, "compile", "tiny-t2v", "--target", "v6e", "--topology", "v6e:2x4", "--mesh", "3x3")
+    assert rc == 2 and out == "" and "mesh shape (3, 3): need two positive ints (data, tensor) whose product" in err
     single = compiled_tiny("tiny-t2v-a14b", "v6e")  # the same sampler on one chip holds every parameter
     assert single["chips"] == 1
     assert d["variants"]["plain"]["argument_bytes"] < single["variants"]["plain"]["argument_bytes"]
