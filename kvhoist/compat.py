@@ -300,9 +300,9 @@ def eval_primitive(primitive: Any, args: Sequence[Any], params: dict) -> Any:
 
 # --- jit integration ------------------------------------------------------------------------------
 
-def trace_context() -> Any:
-    """Every configuration value ``jax.jit`` keys its trace cache on (x64, default device, ...)."""
-    return _config.trace_context()
+# () -> every configuration value ``jax.jit`` keys its trace cache on (x64, default device, ...); bound
+# directly (no wrapper call: the host-loop hit path calls it on every call).
+trace_context = _config.trace_context
 
 
 def is_jaxpr(j: Any) -> bool:
@@ -327,9 +327,7 @@ from jax._src.interpreters import pxla as _pxla  # noqa: E402
 ArrayImpl = _array.ArrayImpl
 
 
-def special_checks_on() -> bool:
-    """Whether ``jax_debug_nans`` / ``jax_debug_infs`` is on (jit then checks every output)."""
-    return _dispatch.needs_check_special()
+special_checks_on = _dispatch.needs_check_special  # () -> bool: jax_debug_nans / jax_debug_infs is on
 
 
 def arg_spec(x: Any) -> tuple | None:

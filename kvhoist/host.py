@@ -78,8 +78,8 @@ from kvhoist.report import Report
 __all__ = ["HostHoistedFunction", "PreparedStep", "CacheInfo", "StaleHandleError"]
 
 _STATIC, _INVARIANT, _VARYING = "static", "invariant", "varying"
-_tree_flatten = jax.tree_util.tree_flatten
-_tree_unflatten = jax.tree_util.tree_unflatten
+# Bound once: the hit path calls these directly (jax.tree_util.tree_flatten is a Python wrapper of this).
+_tree_flatten = jax.tree_util.default_registry.flatten
 _spec_matches = compat.spec_matches
 _special_checks_on = compat.special_checks_on
 _trace_context = compat.trace_context  # what jax.jit keys its traces on (x64, default device, ...)
@@ -873,7 +873,7 @@ class HostHoistedFunction:
                 except Exception:  # e.g. a deleted invariant array: jit below says so in its words
                     pass
                 else:
-                    return _tree_unflatten(prog.out_tree, out)
+                    return prog.out_tree.unflatten(out)
         try:
             out = prog.step_call(cached.values, prog.take_step_inv(inv_leaves), *var_args)
         except _Retrace:  # varying arguments of another structure / signature than this program's
