@@ -27,19 +27,23 @@ Identity (the cache never serves stale values):
   ``f(x, 2.0)`` and ``f(x, True)`` are three programs), and so does ``jax_enable_x64``.
 * Tracers (the wrapped step called under ``jit``/``grad``/...): no caching; prologue and step both run.
 
-Per call (a cache hit costs about one ``jax.jit`` call plus one flatten of the invariant arguments):
+Per call (a cache hit costs one flatten of the invariant arguments plus one run of the compiled step,
+without jit's per-argument dispatch):
 
 * the call's shape (number of positional arguments, keyword names) selects a cached plan saying
   where each static / invariant / varying value sits (``inspect.Signature.bind`` runs once per shape);
-* the invariant arguments are flattened once; the entry is looked up by (shape, static values *and
-  their types*, the invariant treedef, jax's trace context — x64 and every other setting jit keys on —,
-  the ``id`` of every invariant leaf). An id is trusted only while the entry is alive: the weakref
-  callbacks above drop it with its arrays, and scalar leaves are pinned by the entry. What remains
-  to check per call: the bytes of each numpy leaf against its snapshot, and ``is_deleted`` of each
-  array the step does not receive (jit rejects a deleted one it does receive);
-* the step is ``jax.jit(run)(cached values, invariant leaves it reads, *varying arguments as passed)``:
-  jit's C++ path flattens and checks the varying arguments, and unflattens the outputs. When they no
-  longer match the program (another shape or structure), the retrace raises internally and the call
+* the invariant arguments are flattened once; candidates are looked up by (shape, static values *and
+  their types*, the invariant treedef, jax's trace context — x64 and every other setting jit keys on),
+  and the one whose recorded leaf ``id``s equal the call's (a list compare) is the entry. An id is
+  trusted only while the entry is alive: the weakref callbacks above clear its ids (first) and drop it
+  with its arrays, and scalar leaves are pinned by the entry. What remains to check per call: the bytes
+  of each numpy leaf against its snapshot, and ``is_deleted`` of each array the step does not receive;
+* the step's executable (the one ``jax.jit`` compiled) runs directly on ``[*cached values, *invariant
+  leaves it reads, *varying leaves]``: values and invariant leaves were checked against its inputs once
+  per entry, the varying leaves are checked per call (treedef; aval, committedness, sharding, layout).
+  Otherwise (a numpy / scalar / tracer varying leaf, debug_nans, ...) the step is
+  ``jax.jit(run)(cached values, invariant leaves it reads, *varying arguments as passed)``; when those
+  no longer match the program (another shape or structure), the retrace raises internally and the call
   takes the slow path, which binds, computes avals, and finds or builds that signature's program
   (varying shapes that alternate call by call pay that failed retrace each time).
 
