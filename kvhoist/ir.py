@@ -12,7 +12,7 @@ bound twice in one jaxpr.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import networkx as nx
 
@@ -130,21 +130,22 @@ def _verify_scope(eqns: Sequence, scope: set, outvars: Sequence, where: str) -> 
             raise VerifyError(f"output {a}{where} is not defined")
 
 
-def live_indices(eqns: Sequence, roots: Iterable) -> set:
-    """Indices of ``eqns`` whose results reach ``roots`` (variables) or that have effects."""
+def live_indices(eqns: Sequence, roots: Iterable, keep: Callable[[Any], bool] | None = None) -> set:
+    """Indices of ``eqns`` whose results reach ``roots`` (variables), that have effects, or for which
+    ``keep(eqn)`` is true (e.g. stateful primitives without a jaxpr effect, such as ``rng_uniform``)."""
     need = {a for a in roots if is_var(a)}
     live = set()
     for k in range(len(eqns) - 1, -1, -1):
         e = eqns[k]
-        if e.effects or any(is_var(v) and v in need for v in e.outvars):
+        if e.effects or any(is_var(v) and v in need for v in e.outvars) or (keep is not None and keep(e)):
             live.add(k)
             need.update(a for a in e.invars if is_var(a))
     return live
 
 
-def live_eqns(eqns: Sequence, roots: Iterable) -> list:
+def live_eqns(eqns: Sequence, roots: Iterable, keep: Callable[[Any], bool] | None = None) -> list:
     """``eqns`` without the dead ones (see :func:`live_indices`), in order."""
-    live = live_indices(eqns, roots)
+    live = live_indices(eqns, roots, keep)
     return [e for k, e in enumerate(eqns) if k in live]
 
 

@@ -219,6 +219,23 @@ def test_rng_uniform_stays_in_the_loop():
     assert depths and all(d >= 1 for d in depths), "rng_uniform left the loop body"
 
 
+def test_dead_rng_uniform_is_not_dropped():
+    """Its result is unused, but each execution advances the generator: dropping it with the dead
+    work LICM leaves behind would change every later draw (found by the differential fuzzer)."""
+    def f(w, x):
+        def body(c, _):
+            lax.rng_uniform(0.0, 1.0, (2,))              # dead, stateful
+            return c + jnp.tanh(w @ w), lax.rng_uniform(0.0, 1.0, (3,))
+        return lax.scan(body, x, None, length=3)
+
+    args = (jnp.ones((4, 4)), jnp.ones((4, 4)))
+    hf = kvhoist.hoist_invariants(f)
+    assert hf.report(*args).hoisted                      # the invariant matmul left the loop
+    before, after = hf.jaxprs(*args)
+    count = [sum(e.primitive.name == "rng_uniform" for e, _d in walk(j)) for j in (before, after)]
+    assert count == [2, 2], count
+
+
 def test_rng_uniform_in_scan_with_invariant_bounds_stays():
     def f(lo, hi):
         return lax.scan(lambda c, _: (c, lax.rng_uniform(lo, hi, (3,))), 0.0, None, length=4)[1]

@@ -342,8 +342,9 @@ class Licm:
         residual = [e for i, e in enumerate(eqns) if e is not None and i not in selected]
         residual = _rematerialize_constants(hoisted, residual, block.outvars)
         # Dead residual work (e.g. the expansions left behind when a broadcast was sunk below its
-        # consumers) must not keep a value crossing into the loop.
-        residual = live_eqns(residual, block.outvars)
+        # consumers) must not keep a value crossing into the loop. Only pure work is dropped: a dead
+        # rng_uniform still advances the generator's state.
+        residual = live_eqns(residual, block.outvars, keep=lambda e: not motion.may_move(e))
         hoisted = live_eqns(hoisted, [a for e in residual for a in e.invars] + list(block.outvars))
         defined = {v for e in hoisted for v in e.outvars if is_var(v)}
         needed = set()
