@@ -117,14 +117,20 @@ def test_unknown_spec_and_attention_errors(capsys, fake_libtpu, user_module):
     assert rc == 2 and "--attention splash: applies to wan_ref presets only" in err
 
 
-def test_splash_without_the_config_field_is_refused(capsys, fake_libtpu):
+def test_attention_option_reaches_the_preset_config(capsys, fake_libtpu):
+    """--attention sets WanConfig.attention on every expert; without that field, splash is refused."""
+    from kvhoist.specs import SamplerOptions, resolve
     from wan_ref.config import WanConfig
 
-    if "attention" in {f.name for f in dataclasses.fields(WanConfig)}:
-        pytest.skip("WanConfig.attention exists: --attention splash is passed to the model")
-    rc, out, err = run(capsys, "compile", "tiny-t2v", "--target", "v6e", "--attention", "splash")
-    assert rc == 2 and out == ""
-    assert "--attention splash: this wan_ref has no WanConfig.attention field yet" in err
+    if "attention" not in {f.name for f in dataclasses.fields(WanConfig)}:
+        rc, out, err = run(capsys, "compile", "tiny-t2v", "--target", "v6e", "--attention", "splash")
+        assert rc == 2 and out == ""
+        assert "--attention splash: this wan_ref has no WanConfig.attention field yet" in err
+        return
+    prog = resolve("tiny-t2v-a14b", SamplerOptions(attention="splash"))
+    assert prog.args[0].config.attention == "splash" and prog.kwargs["model_2"].config.attention == "splash"
+    assert "splash attention" in prog.description
+    assert resolve("tiny-t2v", SamplerOptions(attention="xla")).args[0].config.attention == "xla"
 
 
 @pytest.mark.parametrize("error, expected", [
