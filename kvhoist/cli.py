@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Loop-invariant hoisting for JAX diffusion samplers: see what moves out of the step "
-                    "loop (diff), what it saves (report), how it depends (graph), and run it (demo).",
+                    "loop (diff), what it saves (report), how it depends (graph), run it (demo), and "
+                    "compile it for a TPU on this host (compile).",
         epilog="examples:\n  kvhoist demo\n  kvhoist diff wan2.1-t2v-14b\n  kvhoist report wan2.2-t2v-a14b\n"
                "  kvhoist graph tiny-t2v --out kv.svg\n  kvhoist <command> --help")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
