@@ -35,7 +35,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["attention", "attention_p", "IMPLS", "LANES"]
+__all__ = ["attention", "attention_p", "head_axes", "IMPLS", "LANES"]
 
 #: The implementations ``impl`` selects.
 IMPLS = ("xla", "splash")
@@ -253,6 +253,52 @@ def _run(q, k, v, *, impl, kv_valid, block_q, block_kv, interpret):
     return _splash_attention(q, k, v, kv_valid=kv_valid, block_q=block_q, block_kv=block_kv, interpret=interpret)
 
 
+def head_axes(mesh: Any, heads: int) -> tuple[str, ...]:
+    """The mesh axes the splash kernel splits the heads over: the non-manual axes of size > 1, in mesh
+    order, as long as their product divides ``heads`` (each chip then runs the kernel on its own heads).
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` / ``AbstractMesh`` (e.g. ``jax.sharding.get_abstract_mesh()``).
+      heads: the number of attention heads.
+
+    Returns:
+      Axis names, possibly empty (no mesh, or nothing divides the heads).
+
+    Example:
+      >>> from jax.sharding import AbstractMesh
+      >>> head_axes(AbstractMesh((2, 4), ("data", "tensor")), 40)
+      ('data', 'tensor')
+    """
+    if mesh is None or getattr(mesh, "empty", True):
+        return ()
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    out: list[str] = []
+    prod = 1
+    for name, size in zip(mesh.axis_names, mesh.axis_sizes):
+        if name in manual or size <= 1:
+            continue
+        if heads % (prod * size) == 0:
+            out.append(name)
+            prod *= size
+    return tuple(out)
+
+
+def _run_tpu(q, k, v, *, impl, kv_valid, block_q, block_kv):
+    """The TPU lowering. A Mosaic kernel cannot be partitioned by XLA's SPMD partitioner, so under a mesh
+    (``jax.set_mesh``) the splash kernel runs in a ``shard_map`` over the heads (:func:`head_axes`);
+    the partitioner reshards q / k / v to that layout where they arrive otherwise."""
+    run = functools.partial(_run, impl=impl, kv_valid=kv_valid, block_q=block_q, block_kv=block_kv,
+                            interpret=False)
+    if impl != "splash":
+        return run(q, k, v)
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = head_axes(mesh, q.shape[2])
+    if not axes:
+        return run(q, k, v)
+    spec = jax.sharding.PartitionSpec(None, None, axes if len(axes) > 1 else axes[0], None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Primitive rules
 # --------------------------------------------------------------------------------------------------------
@@ -298,5 +344,4 @@ batching.primitive_batchers[attention_p] = _batch
 ad.primitive_jvps[attention_p] = _jvp
 # Late per target: the Mosaic kernel on TPU, the same kernel in Pallas interpret mode everywhere else.
 mlir.register_lowering(attention_p, mlir.lower_fun(functools.partial(_run, interpret=True), multiple_results=False))
-mlir.register_lowering(attention_p, mlir.lower_fun(functools.partial(_run, interpret=False), multiple_results=False),
-                       platform="tpu")
+mlir.register_lowering(attention_p, mlir.lower_fun(_run_tpu, multiple_results=False), platform="tpu")

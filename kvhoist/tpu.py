@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -366,9 +367,15 @@ def compile_variant(variant: str, fn: Any, args: tuple, kwargs: dict, *, steps: 
     """
     from kvhoist.bench import TPU_MATMUL_PATTERNS, hlo_op_executions
 
+    import jax
+
+    mesh = _mesh_of(args, kwargs)
     t0 = time.perf_counter()
     try:
-        compiled = fn.lower(*args, **kwargs).compile()
+        # The mesh is ambient while lowering: kernels that must run per chip (the splash attention
+        # kernel, kvhoist.kernels) lower into a shard_map over it.
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            compiled = fn.lower(*args, **kwargs).compile()
     except Exception as err:
         line = does_not_fit_line(err)
         if line is not None:
@@ -384,6 +391,18 @@ def compile_variant(variant: str, fn: Any, args: tuple, kwargs: dict, *, steps: 
         cache_bytes=rep.cache_bytes if rep is not None else None,
         hoisted_values=len(rep.hoisted) if rep is not None else None, compile_seconds=seconds,
         flops=_flops(compiled))
+
+
+def _mesh_of(args: tuple, kwargs: dict) -> Any:
+    """The mesh of the first abstract argument placed with a NamedSharding over more than one device."""
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves((args, kwargs)):
+        sharding = getattr(leaf, "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is not None and getattr(mesh, "size", 1) > 1:
+            return mesh
+    return None
 
 
 def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, target: str,

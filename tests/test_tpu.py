@@ -271,3 +271,27 @@ def test_does_not_fit_is_one_line_and_exit_1(capsys, user_module):
     assert len(lines) == 1 and "does not fit on one v6e chip (plain)" in lines[0]
     assert "exceeds available HBM" in lines[0] or "hbm" in lines[0].lower()
     assert "Traceback" not in err
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_splash_compiles_on_a_mesh(capsys):
+    """The Mosaic splash kernel cannot be partitioned by XLA: under a mesh it runs in a shard_map over the
+    heads (kvhoist.kernels.head_axes). Eight chips, same verdict; the kernel's custom call is in the HLO."""
+    rc, out, err = run(capsys, "compile", "tiny-t2v", "--target", "v6e", "--topology", "v6e:2x4",
+                       "--attention", "splash", "--steps", "4", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["chips"] == 8 and d["verdict"].endswith(": hoisted == hand < plain")
+
+
+def test_head_axes():
+    from jax.sharding import AbstractMesh
+
+    from kvhoist.kernels import head_axes
+
+    assert head_axes(AbstractMesh((2, 4), ("data", "tensor")), 40) == ("data", "tensor")
+    assert head_axes(AbstractMesh((2, 4), ("data", "tensor")), 12) == ("data",)   # 2 divides, then 2x4 does not
+    assert head_axes(AbstractMesh((1, 8), ("data", "tensor")), 12) == ()
+    assert head_axes(AbstractMesh((), ()), 40) == ()
+    assert head_axes(None, 40) == ()
