@@ -405,6 +405,43 @@ def _mesh_of(args: tuple, kwargs: dict) -> Any:
     return None
 
 
+def measure_jaxpr(closed: Any, target: str) -> dict:
+    """Compile a closed jaxpr for one chip of ``target`` from its input avals; the compiler's figures.
+
+    Args:
+      closed: a closed jaxpr (e.g. one candidate layout of a program).
+      target: a TPU target name.
+
+    Returns:
+      ``{"flops": cost_analysis flops (a loop body counted once), "temp_bytes": ..., "argument_bytes": ...,
+      "output_bytes": ...}``.
+
+    Raises:
+      LibtpuMissingError: no libtpu. DoesNotFit / CompileFailed: as :func:`compile_variant`.
+    """
+    import jax
+
+    from kvhoist import compat
+
+    topo = get_topology(target)
+    mesh = make_mesh(topo, chips=1)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    _cv, _c, invars, _o, _e = compat.split_closed(closed)
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=sharding) for v in invars]
+    fn = jax.jit(compat.jaxpr_as_fun(closed))
+    try:
+        compiled = fn.lower(*args).compile()
+    except Exception as err:
+        line = does_not_fit_line(err)
+        if line is not None:
+            raise DoesNotFit(line, "layout") from None
+        raise CompileFailed(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                            [:400], "layout") from err
+    mem = _memory(compiled)
+    return {"flops": _flops(compiled), "temp_bytes": mem["temp_bytes"], "argument_bytes": mem["argument_bytes"],
+            "output_bytes": mem["output_bytes"]}
+
+
 def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, target: str,
                        topology: str | None = None, mesh_shape: tuple[int, int] | None = None,
                        hand: Callable | None = None,

@@ -121,3 +121,14 @@ def test_xla_attention_primitive_keeps_the_cheapest_length():
     assert "cheapest" in note.message and "384: " in note.message and "512: " in note.message
     np.testing.assert_allclose(jax.jit(compat.jaxpr_as_fun(new))(*args)[0],
                                jax.jit(compat.jaxpr_as_fun(closed))(*args)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_measure_option_is_checked():
+    closed = jax.make_jaxpr(_sampler("xla"))(*_args())
+    with pytest.raises(ValueError, match="measure must be 'model' or 'tpu'"):
+        plan_layout(closed, "v6e", measure="guess")
+    from kvhoist import tpu
+
+    if tpu.libtpu_version() is None:
+        with pytest.raises(tpu.LibtpuMissingError, match="libtpu is not installed"):
+            plan_layout(closed, "v6e", measure="tpu")

@@ -295,3 +295,33 @@ def test_head_axes():
     assert head_axes(AbstractMesh((1, 8), ("data", "tensor")), 12) == ()
     assert head_axes(AbstractMesh((), ()), 40) == ()
     assert head_axes(None, 40) == ()
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_layout_decided_by_the_tpu_compiler():
+    """XLA-attention tokens: with measure="tpu" the traced layout and the cost model's pick are compiled for
+    one v6e chip and the compiler's temporaries decide; the note quotes its figures."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from kvhoist.passes.layout import plan_layout
+
+    def f(q, img, wk, wv):
+        img = jnp.pad(img, ((0, 0), (0, 384 - 257), (0, 0)))
+
+        def step(x, _):
+            k = (img @ wk).reshape(1, 384, 2, 128)
+            v = (img @ wv).reshape(1, 384, 2, 128)
+            logits = jnp.einsum("bnhd,bshd->bhns", x, k)
+            logits = jnp.where(jnp.arange(384) < 257, logits, -jnp.inf)
+            return x + 0.1 * jnp.einsum("bhns,bshd->bnhd", jax.nn.softmax(logits, -1), v), None
+        return lax.scan(step, q, None, length=2)[0]
+
+    args = (jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.float32), jax.ShapeDtypeStruct((1, 257, 32), jnp.float32),
+            jax.ShapeDtypeStruct((32, 256), jnp.float32), jax.ShapeDtypeStruct((32, 256), jnp.float32))
+    closed = jax.make_jaxpr(f)(*args)
+    new, report = plan_layout(closed, "v6e", measure="tpu")
+    (note,) = [n for n in report.notes if n.kind == "layout"]
+    assert "TPU compiler (v6e, one chip): [264: " in note.message and "384: " in note.message, note.message

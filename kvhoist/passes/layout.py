@@ -922,7 +922,7 @@ def repad_tokens(closed_jaxpr: Any, target: Any, *, alignment: int | None = None
 XLA_ALIGNMENTS = (1, 8, 16, 32, 64, 128, 256)
 
 
-def plan_layout(closed_jaxpr: Any, target: Any) -> tuple[Any, Report]:
+def plan_layout(closed_jaxpr: Any, target: Any, *, measure: str = "model") -> tuple[Any, Report]:
     """The token layout ``target`` wants, as :func:`kvhoist.hoist_invariants` applies it with ``target=``.
 
     * Token axes that feed the splash-attention kernel (:func:`kvhoist.kernels.attention` with
@@ -942,13 +942,24 @@ def plan_layout(closed_jaxpr: Any, target: Any) -> tuple[Any, Report]:
       closed_jaxpr: the program.
       target: a TPU generation name or :class:`kvhoist.targets.Target`; targets without an MXU tile
         leave the program unchanged.
+      measure: how XLA-attention layouts are costed: ``"model"`` (kvhoist's cost model: program FLOPs and
+        bytes of the token-axis values; the rule the TPU compiler's measured figures support) or ``"tpu"``
+        (compile the cheapest candidate and the traced layout with the TPU compiler for one chip of the
+        target, libtpu required, and keep the one with fewer temporaries, then fewer FLOPs; slow: two
+        full compiles per padded axis).
     Returns:
       ``(new_closed_jaxpr, report)``.
     """
     from kvhoist.targets import get_target
 
     compat.require_jaxpr(closed_jaxpr, "plan_layout")
+    if measure not in ("model", "tpu"):
+        raise ValueError(f"measure must be 'model' or 'tpu', got {measure!r}")
     tgt = get_target(target)
+    if measure == "tpu":
+        from kvhoist.tpu import require_libtpu
+
+        require_libtpu()
     report = Report()
     tile = tgt.mxu_tile
     if tile is None:
@@ -976,14 +987,15 @@ def plan_layout(closed_jaxpr: Any, target: Any) -> tuple[Any, Report]:
                                      r.extra_bytes))
             current = r.jaxpr
             continue
-        current = _cheapest_xla_layout(current, dims, c, group, klass, tile, tgt.name, report)
+        current = _cheapest_xla_layout(current, dims, c, group, klass, tile, tgt, report, measure)
     current, notes = align_kernel_operands(current, tile)
     report.notes.extend(notes)
     return current, report
 
 
-def _cheapest_xla_layout(current, dims, c, group, klass, tile, target_name, report) -> Any:
+def _cheapest_xla_layout(current, dims, c, group, klass, tile, tgt, report, measure="model") -> Any:
     """Cost every valid length of a token axis that feeds XLA's attention; keep the cheapest."""
+    target_name = tgt.name
     align_of: dict = {}
     for a in XLA_ALIGNMENTS:
         if a <= tile:
@@ -1017,6 +1029,9 @@ def _cheapest_xla_layout(current, dims, c, group, klass, tile, target_name, repo
            f"pays per token; kept {best} tokens" + (" (as traced)" if best == c.length else "")
            + f" for {target_name}, the cheapest of [{table}] (program FLOPs, bytes of token-axis values)"
            + (f"; {why_not}" if why_not else ""))
+    if measure == "tpu" and best != c.length:
+        best, line = _compiled_choice(current, options[best], c.length, best, tgt)
+        msg += "; " + line
     if best == c.length:
         report.notes.append(Note("layout", msg))
         return current
@@ -1024,6 +1039,24 @@ def _cheapest_xla_layout(current, dims, c, group, klass, tile, target_name, repo
     report.notes.append(Note("layout", msg + "; " + _repad_message(c, r, align_of[best], target_name),
                              r.extra_bytes))
     return r.jaxpr
+
+
+def _compiled_choice(current, candidate: _Repadded, traced_len: int, cand_len: int, tgt) -> tuple[int, str]:
+    """Compile the traced layout and the candidate with the TPU compiler (one chip of ``tgt``); keep the one
+    with fewer temporaries, then fewer FLOPs. Returns ``(chosen length, what the compiler said)``."""
+    from kvhoist.errors import KvhoistError
+    from kvhoist.tpu import measure_jaxpr
+
+    try:
+        figs = {traced_len: measure_jaxpr(current, tgt.name), cand_len: measure_jaxpr(candidate.jaxpr, tgt.name)}
+    except KvhoistError as err:  # does not fit one chip, or fails to compile: the cost model decides
+        return cand_len, f"the TPU compiler could not compare them ({err}); kept the cost model's choice"
+    key = {n: (f["temp_bytes"] if f["temp_bytes"] is not None else float("inf"),
+               f["flops"] if f["flops"] is not None else float("inf")) for n, f in figs.items()}
+    chosen = min(figs, key=lambda n: key[n])
+    said = ", ".join(f"{n}: {_fmt_flops(f['flops'])} FLOPs, temp {(f['temp_bytes'] or 0) / 2**20:.1f} MiB"
+                     for n, f in sorted(figs.items()))
+    return chosen, f"TPU compiler ({tgt.name}, one chip): [{said}] -> {chosen}"
 
 
 def _fmt_flops(f) -> str:

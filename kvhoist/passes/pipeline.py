@@ -15,8 +15,11 @@ from kvhoist.report import Report
 
 
 def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = None,
-             hoist: bool = True, fission: str = "scan") -> tuple[Any, Report]:
+             hoist: bool = True, fission: str = "scan", layout_measure: str = "model") -> tuple[Any, Report]:
     """Run the kvhoist pipeline on a closed jaxpr; returns ``(new_closed, report)``.
+
+    ``layout_measure``: how the layout pass costs token layouts that feed XLA's attention (``"model"`` or
+    ``"tpu"``: compiled with libtpu; see :func:`kvhoist.passes.layout.plan_layout`).
 
     Raises:
       TypeError: ``closed`` is not a jaxpr.
@@ -28,7 +31,7 @@ def optimize(closed: Any, *, target: Any = None, max_cache_bytes: int | None = N
     if target is not None:
         from kvhoist.passes.layout import plan_layout
 
-        closed, r = plan_layout(closed, target)
+        closed, r = plan_layout(closed, target, measure=layout_measure)
         report = report.merge(r)
     if hoist:
         from kvhoist.passes.licm import licm
