@@ -325,3 +325,39 @@ def test_layout_decided_by_the_tpu_compiler():
     new, report = plan_layout(closed, "v6e", measure="tpu")
     (note,) = [n for n in report.notes if n.kind == "layout"]
     assert "TPU compiler (v6e, one chip): [264: " in note.message and "384: " in note.message, note.message
+
+
+@pytest.mark.tpu
+@needs_libtpu
+@pytest.mark.parametrize("target", ["v4", "v5e", "v5p", "v6e", "v7x"])
+def test_splash_sampler_compiles_with_tile_aligned_image_tokens(target):
+    """tiny-i2v with splash attention, hoisted with target=: every kernel call's keys are a multiple of the
+    target's MXU tile with the kernel's KV block equal to it, and the program compiles for that TPU."""
+    import jax
+
+    import kvhoist
+    from kvhoist import compat
+    from kvhoist.specs import SamplerOptions, resolve
+    from kvhoist.targets import get_target
+
+    tile = get_target(target).mxu_tile
+    prog = resolve("tiny-i2v", SamplerOptions(steps=2, attention="splash"))
+    mesh = tpu.make_mesh(tpu.get_topology(target), chips=1)
+    args = tpu.shard_abstract(tuple(prog.args), mesh, params=True)
+    kwargs = tpu.shard_abstract(dict(prog.kwargs), mesh, params=True)
+    hf = kvhoist.hoist_invariants(prog.fun, target=target)
+    hf.lower(*args, **kwargs).compile()
+    _before, after = hf.jaxprs(*args, **kwargs)
+    calls = []
+
+    def walk(j):
+        for e in compat.split_closed(j)[4]:
+            if e.primitive.name == "kvhoist_attention":
+                calls.append(e)
+            for s in compat.subjaxprs_of(e):
+                walk(s)
+    walk(after)
+    keys = {int(e.invars[1].aval.shape[1]) for e in calls}
+    assert calls and all(k % tile == 0 for k in keys), keys
+    assert {e.params["block_kv"] for e in calls} == {tile}
+    assert not keys & {257, 384} or tile == 128
