@@ -12,7 +12,7 @@ bound twice in one jaxpr.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import networkx as nx
 
@@ -147,6 +147,16 @@ def live_eqns(eqns: Sequence, roots: Iterable, keep: Callable[[Any], bool] | Non
     """``eqns`` without the dead ones (see :func:`live_indices`), in order."""
     live = live_indices(eqns, roots, keep)
     return [e for k, e in enumerate(eqns) if k in live]
+
+
+def all_eqns(j: Any) -> Iterator[Any]:
+    """Every equation of a (closed) jaxpr and of all its sub-jaxprs, depth first, in program order."""
+    from kvhoist import compat
+
+    for e in compat.split_closed(j)[4]:
+        yield e
+        for sub in compat.subjaxprs_of(e):
+            yield from all_eqns(sub)
 
 
 def producers(eqns: Sequence) -> dict:

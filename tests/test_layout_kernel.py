@@ -11,6 +11,7 @@ from jax import lax
 
 import kvhoist
 from kvhoist import compat
+from kvhoist.ir import all_eqns
 from kvhoist.kernels import attention
 from kvhoist.passes.layout import align_kernel_operands, plan_layout
 
@@ -18,16 +19,7 @@ B, N, H, D, N_IMG = 1, 128, 2, 128, 257
 
 
 def _attention_calls(closed):
-    out = []
-
-    def walk(j):
-        for e in compat.split_closed(j)[4]:
-            if e.primitive.name == "kvhoist_attention":
-                out.append(e)
-            for s in compat.subjaxprs_of(e):
-                walk(s)
-    walk(closed)
-    return out
+    return [e for e in all_eqns(closed) if e.primitive.name == "kvhoist_attention"]
 
 
 def _args(seed=0):
