@@ -50,7 +50,7 @@ from kvhoist.analysis import cost
 from kvhoist.analysis.dims import (ATTENTION, CALLS, ELEMENTWISE, REDUCTIONS, SAME_SHAPE_AXIS_OPS, DimAnalysis,
                                    first_order_edges, is_var, sub_jaxprs, sub_key)
 from kvhoist.ir import aval_bytes
-from kvhoist.report import Note, Report, Skipped, signed
+from kvhoist.report import Note, Report, Skipped, human_bytes, human_flops, signed
 
 __all__ = ["repad_tokens", "Refused", "MIN_ALIGNMENT", "LARGE_NEGATIVE_BIAS"]
 
@@ -805,12 +805,13 @@ class _Repadded:
 def _classes(current: Any, done: set):
     """The next class of token-padding candidates not yet handled: ``(dims, first, group, klass)`` or None."""
     dims = DimAnalysis(current)
-    cands = [c for c in find_candidates(dims) if (c.key, c.index) not in done]
+    every = find_candidates(dims)
+    cands = [c for c in every if (c.key, c.index) not in done]
     if not cands:
         return None
     c = cands[0]
     klass = set(dims.class_of((c.key, c.out, c.axis)))
-    group = [d for d in find_candidates(dims) if (d.key, d.out, d.axis) in klass]
+    group = [d for d in every if (d.key, d.out, d.axis) in klass]
     done.update((d.key, d.index) for d in group)
     return dims, c, group, klass
 
@@ -1022,7 +1023,7 @@ def _cheapest_xla_layout(current, dims, c, group, klass, tile, tgt, report, meas
     figures.update({n: (flops(r), r.bytes_after) for n, r in options.items()})
     best = min(figures, key=lambda n: (figures[n][0] if figures[n][0] is not None else float("inf"),
                                        figures[n][1], n != c.length))
-    table = ", ".join(f"{n}: {_fmt_flops(f)} FLOPs, {b / 2**20:.1f} MiB" + (" (traced)" if n == c.length else "")
+    table = ", ".join(f"{n}: {human_flops(f)} FLOPs, {human_bytes(b)}" + (" (traced)" if n == c.length else "")
                       for n, (f, b) in sorted(figures.items()))
     why_not = "; ".join(f"{n} refused: {w}" for n, w in refusals.items())
     msg = (f"{c.describe()}: {c.n} image tokens feed XLA's attention, which the TPU compiler keeps unpadded and "
@@ -1054,18 +1055,9 @@ def _compiled_choice(current, candidate: _Repadded, traced_len: int, cand_len: i
     key = {n: (f["temp_bytes"] if f["temp_bytes"] is not None else float("inf"),
                f["flops"] if f["flops"] is not None else float("inf")) for n, f in figs.items()}
     chosen = min(figs, key=lambda n: key[n])
-    said = ", ".join(f"{n}: {_fmt_flops(f['flops'])} FLOPs, temp {(f['temp_bytes'] or 0) / 2**20:.1f} MiB"
+    said = ", ".join(f"{n}: {human_flops(f['flops'])} FLOPs, temp {human_bytes(f['temp_bytes'])}"
                      for n, f in sorted(figs.items()))
     return chosen, f"TPU compiler ({tgt.name}, one chip): [{said}] -> {chosen}"
-
-
-def _fmt_flops(f) -> str:
-    if f is None:
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if f >= scale:
-            return f"{f / scale:.3g}{unit}"
-    return str(int(f))
 
 
 def align_kernel_operands(closed_jaxpr: Any, tile: int) -> tuple[Any, list]:
