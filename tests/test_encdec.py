@@ -2,7 +2,9 @@
 ``lax.while_loop``, decoder layers unrolled or in a ``lax.scan``.
 
 For each case:
-* tokens and scores of ``hoist_invariants(decode)`` are *identical* (bitwise) to ``jax.jit(decode)``;
+* tokens of ``hoist_invariants(decode)`` equal ``jax.jit(decode)``'s and scores are within kvhoist's numerical
+  contract (kvhoist/contract.py): beam search reads the cache untiled, a matmul of another shape, whose sums
+  XLA-CPU orders by shape and by CPU (bitwise on one host, 5e-7 relative apart on an AMD EPYC);
 * the hand-written cache (cross K/V computed once from the untiled encoder output, read by every beam through a
   grouped einsum) gives identical tokens and scores equal to 1e-5 (relative and absolute): it is a different
   program, whose float sums XLA orders differently;
@@ -23,6 +25,7 @@ import numpy as np
 import pytest
 
 import kvhoist
+from kvhoist import contract
 from kvhoist.examples import encdec as E
 
 CFG = E.EncDecConfig(vocab=24, d_model=32, heads=2, mlp=64, enc_layers=1, dec_layers=2, max_decode_len=8, eos_id=19)
@@ -124,11 +127,11 @@ def encoder_dots(loop) -> list:
 
 
 @pytest.mark.parametrize("decoder,beams,scan", CASES, ids=IDS)
-def test_hoisted_identical_to_jit(decoder, beams, scan):
+def test_hoisted_matches_jit(decoder, beams, scan):
     r, name = run_form(scan), case_name(decoder, beams)
     (tok_p, sc_p), (tok_h, sc_h) = r["plain"][name], r["hoisted"][name]
     np.testing.assert_array_equal(tok_h, tok_p)
-    np.testing.assert_array_equal(sc_h, sc_p)
+    contract.assert_close(sc_h, sc_p)
 
 
 @pytest.mark.parametrize("decoder,beams,scan", CASES, ids=IDS)

@@ -16,7 +16,7 @@ from flax import nnx
 
 import kvhoist
 import wan_ref
-from kvhoist import compat
+from kvhoist import compat, contract
 from wan_ref import get_preset, load_diffusers, save_diffusers
 from wan_ref.sample import sample
 from wan_ref.vace import VACECache, WanVACEConfig, WanVACEModel
@@ -203,8 +203,8 @@ INVARIANT = ("vace_patch_embedding", "proj_in", "attn2/to_k", "attn2/to_v", "tex
 def test_sampler_matches_vace_pipeline_and_hoists(torch_and_ours):
     """WanVACEPipeline (tiny VAE, UniPC, CFG, a reference image, conditioning_scale 0.8, output_type="latent")
     vs `wan_ref.sample` on the control latents that pipeline builds; then the same sampler under
-    @hoist_invariants (identical numbers; the control embedding, proj_in and every cross-attention K/V leave
-    the step loop) and with the hand-written cache (identical numbers)."""
+    @hoist_invariants (equal within the numerical contract; the control embedding, proj_in and every cross-attention K/V leave
+    the step loop) and with the hand-written cache (equal within the same bound)."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     PIL = pytest.importorskip("PIL.Image")
@@ -240,8 +240,9 @@ def test_sampler_matches_vace_pipeline_and_hoists(torch_and_ours):
     plain = np.asarray(jax.jit(run)(*args))
     assert _rel(plain, ref) <= FP32_TOL
     hoisted = kvhoist.hoist_invariants(run)
-    np.testing.assert_array_equal(np.asarray(hoisted(*args)), plain)
-    np.testing.assert_array_equal(np.asarray(jax.jit(run, static_argnames="kv_cache")(*args, kv_cache=True)), plain)
+    # Rewritten programs: equal to plain jit within kvhoist's numerical contract (kvhoist/contract.py).
+    contract.assert_close(np.asarray(hoisted(*args)), plain)
+    contract.assert_close(np.asarray(jax.jit(run, static_argnames="kv_cache")(*args, kv_cache=True)), plain)
 
     before, after = hoisted.jaxprs(*args)
     body_before, body_after = heavy_ops(step_loop_body(before)), heavy_ops(step_loop_body(after))
