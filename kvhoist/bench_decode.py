@@ -40,8 +40,8 @@ import jax
 import numpy as np
 
 import kvhoist
-from kvhoist.bench import (MATMUL_PATTERNS, _callees, _hlo_computations, _machine, _result_bytes, _TRIP, _WHILE,
-                           time_interleaved)
+from kvhoist.bench import _machine, time_interleaved
+from kvhoist.hlo import KNOWN_TRIP_COUNT, MATMUL_PATTERNS, WHILE_BODY, callees, hlo_computations, result_bytes
 from kvhoist.examples import encdec as E
 
 __all__ = ["CONFIG", "run", "render_markdown", "decode_loop_matmuls", "main"]
@@ -71,7 +71,7 @@ def decode_loop_matmuls(hlo: str) -> dict:
     Returns:
       ``{"dots": count, "bytes": bytes of their results (per iteration), "loops": loops counted}``.
     """
-    comps, entry = _hlo_computations(hlo)
+    comps, entry = hlo_computations(hlo)
     regs = [re.compile(p) for p in MATMUL_PATTERNS.values()]
 
     @functools.lru_cache(maxsize=None)
@@ -82,8 +82,8 @@ def decode_loop_matmuls(hlo: str) -> dict:
                 m = r.search(line)
                 if m:
                     n += 1
-                    nbytes += _result_bytes(line[:m.start()])
-            for callee in _callees(line):
+                    nbytes += result_bytes(line[:m.start()])
+            for callee in callees(line):
                 if callee in comps and callee != comp:
                     c = count(callee)
                     n, nbytes = n + c[0], nbytes + c[1]
@@ -97,12 +97,12 @@ def decode_loop_matmuls(hlo: str) -> dict:
             return
         seen.add(comp)
         for line in comps.get(comp, ()):
-            m = _WHILE.search(line)
+            m = WHILE_BODY.search(line)
             if m:
-                if not _TRIP.search(line):
+                if not KNOWN_TRIP_COUNT.search(line):
                     bodies.append(m.group(1))
                 continue
-            for callee in _callees(line):
+            for callee in callees(line):
                 outer(callee)
 
     if entry is not None:

@@ -602,17 +602,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import functools
     import json
 
-    from kvhoist import tpu
+    from kvhoist import tpu, tpu_compile
     from kvhoist.errors import KvhoistError
     from kvhoist.specs import SpecError
     from kvhoist.targets import get_target
 
     try:
-        tpu.require_libtpu()
+        tpu_compile.require_libtpu()
         target = get_target(args.target).name
-        tpu.default_topology(target)
+        tpu_compile.default_topology(target)
         if args.topology:
-            tpu.check_topology_name(target, args.topology)
+            tpu_compile.check_topology_name(target, args.topology)
         elif args.mesh:
             raise KvhoistError("--mesh needs --topology (one chip has no mesh to shape)")
     except KvhoistError as err:
@@ -634,11 +634,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         d = tpu.compile_three_ways(prog.fun, prog.args, prog.kwargs, steps=steps, target=target,
                                    topology=args.topology, mesh_shape=args.mesh, hand=hand, log=log)
-    except tpu.DoesNotFit as err:
+    except tpu_compile.DoesNotFit as err:
         where = args.topology or f"one {target} chip"
         print(f"{PROG} compile: {args.spec} does not fit on {where} ({err.variant}): {err.line}", file=sys.stderr)
         return 1
-    except tpu.CompileFailed as err:
+    except tpu_compile.CompileFailed as err:
         where = args.topology or f"one {target} chip"
         print(f"{PROG} compile: {args.spec} failed to compile for {where} ({err.variant}): {err.line}",
               file=sys.stderr)
@@ -646,7 +646,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     except KvhoistError as err:
         raise SpecError(str(err).splitlines()[0]) from None
     d.update(spec=args.spec, description=prog.description, steps=steps, attention=args.attention,
-             jax=__import__("jax").__version__, libtpu=tpu.libtpu_version(),
+             jax=__import__("jax").__version__, libtpu=tpu_compile.libtpu_version(),
              verdict=compile_verdict(d["variants"]))
     if args.json:
         print(json.dumps(d, indent=2))

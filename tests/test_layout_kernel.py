@@ -119,8 +119,8 @@ def test_measure_option_is_checked():
     closed = jax.make_jaxpr(_sampler("xla"))(*_args())
     with pytest.raises(ValueError, match="measure must be 'model' or 'tpu'"):
         plan_layout(closed, "v6e", measure="guess")
-    from kvhoist import tpu
+    from kvhoist import tpu_compile
 
-    if tpu.libtpu_version() is None:
-        with pytest.raises(tpu.LibtpuMissingError, match="libtpu is not installed"):
+    if tpu_compile.libtpu_version() is None:
+        with pytest.raises(tpu_compile.LibtpuMissingError, match="libtpu is not installed"):
             plan_layout(closed, "v6e", measure="tpu")

@@ -106,7 +106,7 @@ def run_checks() -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import kvhoist
-    from kvhoist.bench import COLLECTIVE_PATTERNS, hlo_loop_op_counts
+    from kvhoist.hlo import COLLECTIVE_PATTERNS, hlo_loop_op_counts
     from wan_ref.config import WanConfig
     from wan_ref.model import WanModel
     from wan_ref.sample import sample

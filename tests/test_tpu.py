@@ -16,12 +16,12 @@ import pathlib
 
 import pytest
 
-from kvhoist import cli, tpu
+from kvhoist import cli, tpu, tpu_compile
 
 HERE = pathlib.Path(__file__).parent
-LIBTPU = tpu.libtpu_version()
+LIBTPU = tpu_compile.libtpu_version()
 needs_libtpu = pytest.mark.skipif(LIBTPU is None, reason=f"libtpu is not installed: pip install -e '.[tpu]' "
-                                                          f"(jax[tpu]=={tpu.JAX_TPU_PIN})")
+                                                          f"(jax[tpu]=={tpu_compile.JAX_TPU_PIN})")
 
 
 def run(capsys, *argv):
@@ -56,26 +56,26 @@ def user_module(monkeypatch):
 @pytest.fixture
 def fake_libtpu(monkeypatch):
     """Pretend libtpu is installed (for validation that happens before any compile)."""
-    monkeypatch.setattr(tpu, "libtpu_version", lambda: "0.0.0-test")
+    monkeypatch.setattr(tpu_compile, "libtpu_version", lambda: "0.0.0-test")
 
 
 # -- CPU side: always run ----------------------------------------------------------------------------------
 
 def test_missing_libtpu_is_one_clear_error(monkeypatch, capsys):
-    monkeypatch.setattr(tpu, "libtpu_version", lambda: None)
-    with pytest.raises(tpu.LibtpuMissingError, match=r"libtpu is not installed: pip install -e '\.\[tpu\]'"):
-        tpu.require_libtpu()
-    with pytest.raises(tpu.LibtpuMissingError):
-        tpu.get_topology("v6e")
+    monkeypatch.setattr(tpu_compile, "libtpu_version", lambda: None)
+    with pytest.raises(tpu_compile.LibtpuMissingError, match=r"libtpu is not installed: pip install -e '\.\[tpu\]'"):
+        tpu_compile.require_libtpu()
+    with pytest.raises(tpu_compile.LibtpuMissingError):
+        tpu_compile.get_topology("v6e")
     rc, out, err = run(capsys, "compile", "tiny-t2v", "--target", "v6e")
     assert rc == 2 and out == ""
     assert err.strip() == (f"kvhoist compile: error: libtpu is not installed: pip install -e '.[tpu]' "
-                           f"(compile-only TPU targets need jax[tpu]=={tpu.JAX_TPU_PIN})")
+                           f"(compile-only TPU targets need jax[tpu]=={tpu_compile.JAX_TPU_PIN})")
 
 
 def test_tpu_pin_matches_pyproject():
     text = (HERE.parent / "pyproject.toml").read_text()
-    assert f'tpu = ["jax[tpu]=={tpu.JAX_TPU_PIN}"]' in text
+    assert f'tpu = ["jax[tpu]=={tpu_compile.JAX_TPU_PIN}"]' in text
     assert '"tpu: needs libtpu' in text
 
 
@@ -134,10 +134,10 @@ def test_attention_option_reaches_the_preset_config(capsys, fake_libtpu):
 
 
 @pytest.mark.parametrize("error, expected", [
-    (tpu.DoesNotFit("HLO temporaries (1.70T) exceeds available HBM (31.25G)", "plain"),
+    (tpu_compile.DoesNotFit("HLO temporaries (1.70T) exceeds available HBM (31.25G)", "plain"),
      "kvhoist compile: tiny-t2v does not fit on v6e:2x4 (plain): HLO temporaries (1.70T) exceeds available HBM "
      "(31.25G)"),
-    (tpu.CompileFailed("NotImplementedError: Mosaic kernels cannot be automatically partitioned.", "hand"),
+    (tpu_compile.CompileFailed("NotImplementedError: Mosaic kernels cannot be automatically partitioned.", "hand"),
      "kvhoist compile: tiny-t2v failed to compile for v6e:2x4 (hand): NotImplementedError: Mosaic kernels cannot "
      "be automatically partitioned."),
 ])
@@ -155,9 +155,9 @@ def test_default_topologies_cover_the_tpu_targets():
     from kvhoist.targets import TARGETS
 
     tpus = [name for name, t in TARGETS.items() if t.mxu_tile is not None]
-    assert sorted(tpus) == sorted(tpu.DEFAULT_TOPOLOGIES)
-    assert tpu.default_topology("ironwood") == "tpu7x:2x2x1"
-    assert tpu.default_topology("trillium") == "v6e:2x2"
+    assert sorted(tpus) == sorted(tpu_compile.DEFAULT_TOPOLOGIES)
+    assert tpu_compile.default_topology("ironwood") == "tpu7x:2x2x1"
+    assert tpu_compile.default_topology("trillium") == "v6e:2x2"
 
 
 def test_does_not_fit_line():
@@ -166,9 +166,9 @@ def test_does_not_fit_line():
            "  263.00M\n    program      1.70T\n    arguments   26.70G\n\nOutput size 0B; shares 0B with "
            "arguments.\n\nProgram hbm requirement 1.70T:\n    HLO temporaries (1.70T) exceeds available HBM "
            "(31.25G)")
-    assert tpu.does_not_fit_line(RuntimeError(msg)) == "HLO temporaries (1.70T) exceeds available HBM (31.25G)"
-    assert tpu.does_not_fit_line(RuntimeError("RESOURCE_EXHAUSTED: Used 40G of 16G hbm. x")) == "Used 40G of 16G hbm"
-    assert tpu.does_not_fit_line(RuntimeError("INVALID_ARGUMENT: bad shapes")) is None
+    assert tpu_compile.does_not_fit_line(RuntimeError(msg)) == "HLO temporaries (1.70T) exceeds available HBM (31.25G)"
+    assert tpu_compile.does_not_fit_line(RuntimeError("RESOURCE_EXHAUSTED: Used 40G of 16G hbm. x")) == "Used 40G of 16G hbm"
+    assert tpu_compile.does_not_fit_line(RuntimeError("INVALID_ARGUMENT: bad shapes")) is None
 
 
 def test_wan_partition_spec():
@@ -186,7 +186,7 @@ def test_hlo_op_executions_weights_trip_counts_on_cpu_hlo():
     import jax
     import jax.numpy as jnp
 
-    from kvhoist.bench import hlo_op_executions
+    from kvhoist.hlo import hlo_op_executions
 
     def f(w, x, flag):
         def step(h, _):
@@ -342,7 +342,7 @@ def test_splash_sampler_compiles_with_tile_aligned_image_tokens(target):
 
     tile = get_target(target).mxu_tile
     prog = resolve("tiny-i2v", SamplerOptions(steps=2, attention="splash"))
-    mesh = tpu.make_mesh(tpu.get_topology(target), chips=1)
+    mesh = tpu_compile.make_mesh(tpu_compile.get_topology(target), chips=1)
     args = tpu.shard_abstract(tuple(prog.args), mesh, params=True)
     kwargs = tpu.shard_abstract(dict(prog.kwargs), mesh, params=True)
     hf = kvhoist.hoist_invariants(prog.fun, target=target)

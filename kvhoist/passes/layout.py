@@ -958,7 +958,7 @@ def plan_layout(closed_jaxpr: Any, target: Any, *, measure: str = "model") -> tu
         raise ValueError(f"measure must be 'model' or 'tpu', got {measure!r}")
     tgt = get_target(target)
     if measure == "tpu":
-        from kvhoist.tpu import require_libtpu
+        from kvhoist.tpu_compile import require_libtpu
 
         require_libtpu()
     report = Report()
@@ -1046,7 +1046,7 @@ def _compiled_choice(current, candidate: _Repadded, traced_len: int, cand_len: i
     """Compile the traced layout and the candidate with the TPU compiler (one chip of ``tgt``); keep the one
     with fewer temporaries, then fewer FLOPs. Returns ``(chosen length, what the compiler said)``."""
     from kvhoist.errors import KvhoistError
-    from kvhoist.tpu import measure_jaxpr
+    from kvhoist.tpu_compile import measure_jaxpr
 
     try:
         figs = {traced_len: measure_jaxpr(current, tgt.name), cand_len: measure_jaxpr(candidate.jaxpr, tgt.name)}
