@@ -53,16 +53,29 @@ def _shape(v) -> tuple:
     return tuple(int(d) for d in v.aval.shape)
 
 
+def _is_broadcast(e) -> bool:
+    """``broadcast_in_dim``, or a ``tile`` that only repeats size-1 axes (Flax's beam search:
+    ``tile(expand_dims(x, 1), (1, k, 1, ...))`` is a broadcast of the new axis)."""
+    if e.primitive.name == "broadcast_in_dim":
+        return len(e.invars) == 1 and e.params.get("sharding") is None
+    if e.primitive.name == "tile" and is_var(e.invars[0]):
+        shape = getattr(e.invars[0].aval, "shape", ())
+        reps = tuple(e.params["reps"])
+        return len(reps) == len(shape) and all(r == 1 or int(d) == 1 for r, d in zip(reps, shape))
+    return False
+
+
 def _root_broadcast(var, prod: dict, eqns: Sequence):
     """``(x, m)``: ``var`` = a chain of broadcast_in_dim of ``x``, x's axis i landing on axis m[i]."""
     mapping = None
     cur = var
     while True:
         k = prod.get(cur)
-        if k is None or eqns[k].primitive.name != "broadcast_in_dim":
+        if k is None or not _is_broadcast(eqns[k]):
             break
         e = eqns[k]
-        dims = tuple(e.params["broadcast_dimensions"])
+        dims = (tuple(e.params["broadcast_dimensions"]) if e.primitive.name == "broadcast_in_dim"
+                else tuple(range(len(e.params["reps"]))))
         mapping = dims if mapping is None else tuple(mapping[d] for d in dims)
         cur = e.invars[0]
         if not is_var(cur):
@@ -145,12 +158,25 @@ class _Shrinker:
         self.prod = producers(self.eqns)
         self.tiled: dict = {}
         self.n_parent = len(parent)
+        #: Small twins of the enclosing block's elementwise / shape work on a tiled value (``tile(x) * s``
+        #: computed before the loop): computed again on the small value in front of the loop.
+        self.lifted: list = []
 
     def tiling(self, v) -> Tiling | None:
         if not is_var(v):
             return None
         if v not in self.tiled:
-            self.tiled[v] = tiling_of(v, self.prod, self.eqns)
+            self.tiled[v] = None  # no cycles: a value is looked at once
+            t = tiling_of(v, self.prod, self.eqns)
+            k = self.prod.get(v)
+            if t is None and k is not None and k < self.n_parent and self.eqns[k].primitive.name in motion.FUSIBLE:
+                # Work in the enclosing block after the tiling (a scale, a bias): XLA fuses it into its
+                # consumers anyway, so a twin on the small value costs nothing and keeps the cache small.
+                twin = self.twin(self.eqns[k])
+                if twin:
+                    self.lifted.extend(twin)
+                t = self.tiled.get(v)
+            self.tiled[v] = t
         return self.tiled[v]
 
     def constant_along(self, v, t: Tiling, full_shape) -> Any | None:
@@ -206,6 +232,8 @@ class _Shrinker:
                         return []
                     ins[i] = t.small
                 elif is_var(a):
+                    if len(_shape(a)) == len(_shape(out_full)) and _shape(a)[t0.axis] == 1:
+                        continue  # size 1 along the tiled axis (a bias ``[1, 1, D]``): the same for every copy
                     if _shape(a) != _shape(out_full):
                         return []
                     twin = self.constant_along(a, t0, _shape(out_full))
@@ -388,6 +416,7 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
     for e in pre:
         new_pre.extend(sh.twin(e))
         new_pre.append(e)
+    new_pre = sh.lifted + new_pre
     # Common values: identical hoisted equations computed once.
     subst: dict = {}
     kept: list = []
