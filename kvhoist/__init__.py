@@ -24,7 +24,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 # Nothing below imports jax until a name is used (PEP 562), so `kvhoist --help` and
-# `import kvhoist.cli` stay fast; `kvhoist.hoist_invariants` etc. import their module on first access.
+# `import kvhoist.tools.cli` stay fast; `kvhoist.hoist_invariants` etc. import their module on first access.
 from kvhoist.errors import KvhoistError, PassError, TraceError
 
 #: public name -> the module that defines it (a submodule itself when the name is that module's).

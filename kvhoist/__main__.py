@@ -1,3 +1,3 @@
-from kvhoist.cli import main
+from kvhoist.tools.cli import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kvhoist import cli
+from kvhoist.tools import cli
 
 HERE = pathlib.Path(__file__).parent
 USER = "cli_user_module:make_sampler"
@@ -320,7 +320,7 @@ def test_abstract_model_matches_eval_shape():
     import jax.numpy as jnp
     from flax import nnx
 
-    from kvhoist.specs import abstract_model
+    from kvhoist.tools.specs import abstract_model
     from wan_ref.model import WanModel
     from wan_ref.presets import get_preset
     from wan_ref.sample import sample
@@ -417,7 +417,7 @@ def test_check_output_path_accepts_a_new_file_and_rejects_an_unwritable_one(tmp_
 
 
 def test_write_failure_is_one_line(tmp_path):
-    from kvhoist.specs import SpecError
+    from kvhoist.tools.specs import SpecError
 
     with pytest.raises(SpecError) as info:
         with cli._writing("--html", str(tmp_path / "x.html")):
@@ -446,7 +446,7 @@ def test_bench_usage_error_returns_2(capsys, monkeypatch):
 
 _IMPORTS_OF = """
 import sys
-from kvhoist.cli import main
+from kvhoist.tools.cli import main
 rc = main(sys.argv[1:])
 heavy = sorted(m for m in ("jax", "jaxlib", "flax", "numpy", "networkx", "kvhoist.api", "wan_ref") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
@@ -499,7 +499,7 @@ def test_import_kvhoist_is_lazy_but_complete():
     (dict(target=""), "SamplerOptions(target='')"),
 ])
 def test_sampler_options_reject_nonsense_at_construction(kwargs, needle):
-    from kvhoist.specs import SamplerOptions
+    from kvhoist.tools.specs import SamplerOptions
 
     with pytest.raises(ValueError) as info:
         SamplerOptions(**kwargs)
@@ -507,7 +507,7 @@ def test_sampler_options_reject_nonsense_at_construction(kwargs, needle):
 
 
 def test_sampler_options_accept_defaults_and_real_values():
-    from kvhoist.specs import SamplerOptions
+    from kvhoist.tools.specs import SamplerOptions
 
     SamplerOptions()
     SamplerOptions(loop="fori", steps=1, height=480, width=832, frames=81, scheduler="euler", dtype="float32",
@@ -557,7 +557,7 @@ def test_graph_input_names_from_the_trace_or_positions():
     import jax.numpy as jnp
 
     from kvhoist import compat
-    from kvhoist.graph import hoisted_graph
+    from kvhoist.tools.graph import hoisted_graph
     from kvhoist.passes.pipeline import optimize
 
     def sampler(params, x):

@@ -1,4 +1,4 @@
-"""Encoder-decoder decoding (kvhoist.examples.encdec) under hoist_invariants: greedy and beam search in a
+"""Encoder-decoder decoding (kvhoist.tools.examples.encdec) under hoist_invariants: greedy and beam search in a
 ``lax.while_loop``, decoder layers unrolled or in a ``lax.scan``.
 
 For each case:
@@ -26,7 +26,7 @@ import pytest
 
 import kvhoist
 from kvhoist import contract
-from kvhoist.examples import encdec as E
+from kvhoist.tools.examples import encdec as E
 
 CFG = E.EncDecConfig(vocab=24, d_model=32, heads=2, mlp=64, enc_layers=1, dec_layers=2, max_decode_len=8, eos_id=19)
 BATCH, SRC_LEN = 3, 12

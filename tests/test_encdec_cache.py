@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import kvhoist
-from kvhoist.examples import encdec as E
+from kvhoist.tools.examples import encdec as E
 from test_encdec import BATCH, CASES, CFG, IDS, SRC_LEN, decode_fn, make_inputs, run_case
 
 

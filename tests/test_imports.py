@@ -21,8 +21,7 @@ PKG = ROOT / "kvhoist"
 
 CORE_MODULES = ("api", "ir", "compat", "errors", "report", "host", "targets")
 CORE_PACKAGES = ("analysis", "passes", "rules")
-TOOLING = ("kvhoist.cli", "kvhoist.diff", "kvhoist.graph", "kvhoist.specs", "kvhoist.progress", "kvhoist.bench",
-           "kvhoist.examples", "wan_ref")
+TOOLING = ("kvhoist.tools", "kvhoist.bench", "wan_ref")
 
 
 def _is_tooling(module: str) -> bool:

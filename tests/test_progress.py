@@ -1,4 +1,4 @@
-"""Progress reporting: kvhoist.progress, `kvhoist demo` / `kvhoist bench` progress, sample(progress=...)."""
+"""Progress reporting: kvhoist.tools.progress, `kvhoist demo` / `kvhoist bench` progress, sample(progress=...)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from kvhoist import cli
-from kvhoist.progress import ENV, Progress, progress_enabled
+from kvhoist.tools import cli
+from kvhoist.tools.progress import ENV, Progress, progress_enabled
 
 
 class FakeTTY(io.StringIO):

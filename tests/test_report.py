@@ -12,8 +12,8 @@ import pytest
 
 from kvhoist import Note, Report, licm
 from kvhoist.analysis import cost
-from kvhoist.diff import JaxprDiff, dots_per_step, step_loop
-from kvhoist.graph import hoisted_graph, to_dot
+from kvhoist.tools.diff import JaxprDiff, dots_per_step, step_loop
+from kvhoist.tools.graph import hoisted_graph, to_dot
 from kvhoist.report import HoistedValue
 
 #: The column vocabulary, written out here (not imported) so that a renamed column fails a test.

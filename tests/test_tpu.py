@@ -1,4 +1,4 @@
-"""`kvhoist compile` and `kvhoist.tpu`: compile-only TPU targets on a CPU host.
+"""`kvhoist compile` and `kvhoist.tools.tpu`: compile-only TPU targets on a CPU host.
 
 Unmarked tests (always run, no libtpu needed, seconds): the CLI's argument validation, the missing-libtpu
 error, the one-line out-of-memory message, the trip-count-weighted HLO counter on CPU HLO.
@@ -16,7 +16,8 @@ import pathlib
 
 import pytest
 
-from kvhoist import cli, tpu, tpu_compile
+from kvhoist import tpu_compile
+from kvhoist.tools import cli, tpu
 
 HERE = pathlib.Path(__file__).parent
 LIBTPU = tpu_compile.libtpu_version()
@@ -119,7 +120,7 @@ def test_unknown_spec_and_attention_errors(capsys, fake_libtpu, user_module):
 
 def test_attention_option_reaches_the_preset_config(capsys, fake_libtpu):
     """--attention sets WanConfig.attention on every expert; without that field, splash is refused."""
-    from kvhoist.specs import SamplerOptions, resolve
+    from kvhoist.tools.specs import SamplerOptions, resolve
     from wan_ref.config import WanConfig
 
     if "attention" not in {f.name for f in dataclasses.fields(WanConfig)}:
@@ -212,7 +213,7 @@ def test_hlo_op_executions_weights_trip_counts_on_cpu_hlo():
 @pytest.fixture(scope="module")
 def compiled_tiny():
     """Compile each tiny sampler three ways for a target once per module (cached by (preset, target))."""
-    from kvhoist.specs import SamplerOptions, resolve
+    from kvhoist.tools.specs import SamplerOptions, resolve
 
     cache: dict = {}
 
@@ -337,7 +338,7 @@ def test_splash_sampler_compiles_with_tile_aligned_image_tokens(target):
 
     import kvhoist
     from kvhoist.ir import all_eqns
-    from kvhoist.specs import SamplerOptions, resolve
+    from kvhoist.tools.specs import SamplerOptions, resolve
     from kvhoist.targets import get_target
 
     tile = get_target(target).mxu_tile

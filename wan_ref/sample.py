@@ -401,7 +401,7 @@ def sample(
         hoisting, docs/host_loop.md). Reuse one wrapped step across calls: it caches its compiled programs.
       progress: `loop="python"` only: called as `progress(done, total)` after each step has finished (the
         step's result is waited for, so the count is real; that costs the overlap of dispatch and compute),
-        e.g. a `kvhoist.progress.Progress` bar. Jitted loops run as one program and report nothing per
+        e.g. a `kvhoist.tools.progress.Progress` bar. Jitted loops run as one program and report nothing per
         step (a host callback would pin the work to the loop); a `progress` with them is an error.
       control_hidden_states: VACE (`wan_ref.vace.WanVACEModel`) only: the conditioning latents
         `WanVACEPipeline` builds ([1 or B, vace_in_channels, F, H, W]: inactive + reactive latents and the

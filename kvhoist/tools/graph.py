@@ -1,6 +1,6 @@
 """The dependence graph of what was hoisted, as Graphviz DOT (and SVG where ``dot`` is installed).
 
-Nodes are the equations that arrived in front of a loop (found as in :func:`kvhoist.diff.moved_marks`),
+Nodes are the equations that arrived in front of a loop (found as in :func:`kvhoist.tools.diff.moved_marks`),
 the program inputs they read (weights, text embeddings) and the loop that consumes their results.
 A loop created by fission (a scan of only hoisted work) is one node. Matmuls are highlighted. A value
 that only one branch of a ``cond`` reads (Wan 2.2's two experts) is labelled with that branch, in the words
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import networkx as nx
 
 from kvhoist import compat
-from kvhoist.diff import LOOPS, _short_type, _walk_eqn, moved_marks
+from kvhoist.tools.diff import LOOPS, _short_type, _walk_eqn, moved_marks
 from kvhoist.ir import dependence_graph, is_var
 
 
@@ -156,7 +156,7 @@ def hoisted_graph(before: Any, after: Any, *, input_names: Sequence[str | None] 
 
     Args:
       before, after: the traced and the rewritten closed jaxprs (``after`` has ``before``'s inputs).
-      input_names: one name per input of ``before`` (e.g. :meth:`kvhoist.specs.Program.input_names`);
+      input_names: one name per input of ``before`` (e.g. :meth:`kvhoist.tools.specs.Program.input_names`);
         default: the names jax recorded when tracing (``jax.make_jaxpr`` keeps them).
 
     Raises:

@@ -2,7 +2,7 @@
 
 ``python -m kvhoist`` and the ``kvhoist`` script both call :func:`main`. Every command that takes a
 SPEC accepts a ``wan_ref`` preset (traced over an abstract model: no weights are allocated) or
-``package.module:function`` returning ``(fun, args, kwargs)`` (see :mod:`kvhoist.specs`).
+``package.module:function`` returning ``(fun, args, kwargs)`` (see :mod:`kvhoist.tools.specs`).
 
 ``compile`` compiles a sampler for a TPU topology on this (CPU) host (needs ``pip install -e '.[tpu]'``);
 a configuration the TPU compiler cannot fit prints one line with the compiler's figures and exits 1.
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 PROG = "kvhoist"
 EXIT_USAGE = 2
 #: The narrowest ``--side-by-side`` page: two 20-character columns and the five-character gutter
-#: (``" M|H "``: change and moved/hoisted markers, see :meth:`kvhoist.diff.JaxprDiff.side_by_side`).
+#: (``" M|H "``: change and moved/hoisted markers, see :meth:`kvhoist.tools.diff.JaxprDiff.side_by_side`).
 MIN_COLUMNS = 45
 
 _SPEC_HELP = ("a wan_ref preset (wan2.1-t2v-14b, wan2.1-t2v-1.3b, wan2.1-i2v-14b, wan2.1-flf2v-14b, "
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 def _options(args: argparse.Namespace) -> Any:
-    from kvhoist.specs import SamplerOptions
+    from kvhoist.tools.specs import SamplerOptions
 
     return SamplerOptions(loop=args.loop, scan_layers=args.scan_layers, cfg=args.cfg, steps=args.steps,
                           height=args.height, width=args.width, frames=args.frames, scheduler=args.scheduler,
@@ -260,7 +260,7 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _program(args: argparse.Namespace):
-    from kvhoist.specs import resolve
+    from kvhoist.tools.specs import resolve
 
     return resolve(args.spec, _options(args))
 
@@ -275,7 +275,7 @@ def _use_color(flag: bool | None, stream: Any) -> bool:
 def _writing(option: str, path: str) -> Iterator[None]:
     """Turn an ``OSError`` while writing ``path`` (a disk that filled up, a folder removed since the
     early check) into the one-line usage error of the CLI."""
-    from kvhoist.specs import SpecError
+    from kvhoist.tools.specs import SpecError
 
     try:
         yield
@@ -308,7 +308,7 @@ def _ratio(part: int | None, whole: int | None) -> float | None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """``kvhoist diff``: summary table, then the unified / side-by-side diff; ``--html`` page."""
-    from kvhoist.diff import JaxprDiff
+    from kvhoist.tools.diff import JaxprDiff
 
     prog = _program(args)
     t0 = time.perf_counter()
@@ -338,7 +338,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def report_dict(prog: Any, before: Any, after: Any, report: Any) -> dict:
     """The ``report`` command's data: :meth:`~kvhoist.Report.to_dict` plus each value's ``share_of_run``
     (the 'share of run' column), the program's step count and the K/V projections' share of its FLOPs."""
-    from kvhoist.diff import step_loop
+    from kvhoist.tools.diff import step_loop
 
     loop = step_loop(before)
     steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
@@ -422,7 +422,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     """``kvhoist graph``: the dependence graph of the hoisted values to ``--out``."""
-    from kvhoist.graph import hoisted_graph, write_graph
+    from kvhoist.tools.graph import hoisted_graph, write_graph
 
     prog = _program(args)
     before, after, _report = prog.optimize()
@@ -452,7 +452,7 @@ def random_model(config: Any, seed: int = 0) -> Any:
     import numpy as np
     from flax import nnx
 
-    from kvhoist.specs import abstract_model
+    from kvhoist.tools.specs import abstract_model
 
     graphdef, state = nnx.split(abstract_model(config))
     rng = np.random.default_rng(seed)
@@ -496,7 +496,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import kvhoist
     from kvhoist.bench import time_interleaved
-    from kvhoist.progress import Progress
+    from kvhoist.tools.progress import Progress
     from wan_ref.sample import sample
 
     with Progress("demo", enabled=args.progress) as bar:
@@ -595,16 +595,17 @@ def compile_verdict(variants: dict) -> str:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """``kvhoist compile``: the sampler compiled for a TPU three ways (:func:`kvhoist.tpu.compile_three_ways`).
+    """``kvhoist compile``: the sampler compiled for a TPU three ways (:func:`kvhoist.tools.tpu.compile_three_ways`).
 
     Exit 1 (one line) when a variant does not fit the chip's memory or fails to compile; 2 for usage errors (no libtpu, a
     non-TPU target, a topology of another generation)."""
     import functools
     import json
 
-    from kvhoist import tpu, tpu_compile
+    from kvhoist import tpu_compile
+    from kvhoist.tools import tpu
     from kvhoist.errors import KvhoistError
-    from kvhoist.specs import SpecError
+    from kvhoist.tools.specs import SpecError
     from kvhoist.targets import get_target
 
     try:
@@ -622,7 +623,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     prog = _program(args)
     steps = prog.steps
     if steps is None:
-        from kvhoist.diff import step_loop
+        from kvhoist.tools.diff import step_loop
 
         loop = step_loop(prog.trace())
         steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
@@ -705,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     errors = output_path_errors(args)
     try:
-        from kvhoist.progress import progress_enabled
+        from kvhoist.tools.progress import progress_enabled
 
         progress_enabled()          # a KVHOIST_PROGRESS that is neither on nor off
     except ValueError as err:
@@ -716,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "compile":  # the host compiles for TPU; it must not try to start a TPU backend
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    from kvhoist.specs import SpecError
+    from kvhoist.tools.specs import SpecError
 
     try:
         return _COMMANDS[args.command](args)
