@@ -754,7 +754,7 @@ def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int
                    log: Callable[[str], None] = print, progress: Any = None) -> dict:
     """Runs every (config, form) and the pass-overhead measurement; returns the JSON-ready dict.
 
-    ``progress``: a :class:`kvhoist.progress.Progress` (or None): its count is the cases done (plus the
+    ``progress``: a :class:`kvhoist.tools.progress.Progress` (or None): its count is the cases done (plus the
     overhead measurement), its phase the case running.
     """
     t_start = time.perf_counter()
@@ -961,7 +961,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     >= 0), ``--config`` / ``--form`` must name known ones, ``--out`` / ``--markdown`` must be writable
     files in existing folders and ``--from-json`` an existing file; a bad one is a usage error (exit 2).
     """
-    from kvhoist.cli import input_file, int_at_least, output_file
+    from kvhoist.tools.cli import input_file, int_at_least, output_file
 
     positive = int_at_least(1, "a positive integer")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), default=None,
@@ -1006,7 +1006,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(md)
         return 0
-    from kvhoist.progress import Progress
+    from kvhoist.tools.progress import Progress
 
     configs = args.config or list(CONFIGS)
     forms = args.form or list(FORMS)

@@ -1,6 +1,6 @@
 """``python -m kvhoist.bench_decode``: encoder-decoder decoding, plain jit vs hoisted vs a hand-written cross K/V cache.
 
-The model is :mod:`kvhoist.examples.encdec` (T5/Whisper-like). For each encoder length (128 .. 1024), beam count
+The model is :mod:`kvhoist.tools.examples.encdec` (T5/Whisper-like). For each encoder length (128 .. 1024), beam count
 (1 = greedy decoding, 4 = beam search with the encoder output tiled across beams) and decoder layer form
 (unrolled, or a ``lax.scan`` over stacked layers), three variants run interleaved in one process:
 
@@ -42,7 +42,7 @@ import numpy as np
 import kvhoist
 from kvhoist.bench import _machine, time_interleaved
 from kvhoist.hlo import KNOWN_TRIP_COUNT, MATMUL_PATTERNS, WHILE_BODY, callees, hlo_computations, result_bytes
-from kvhoist.examples import encdec as E
+from kvhoist.tools.examples import encdec as E
 
 __all__ = ["CONFIG", "run", "render_markdown", "decode_loop_matmuls", "main"]
 
