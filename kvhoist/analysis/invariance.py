@@ -61,3 +61,20 @@ def outer_invariant_carries(body: Block, inv_inputs: set, carry_invars: Sequence
         if new == ok:
             return ok
         ok = new
+
+
+def carry_closure(read: set, carry_pairs: Sequence) -> set:
+    """``read`` plus the carry outputs a fissioned scan must compute because it reads their inputs.
+
+    A carry read by the split-out work must be updated there too; its new value may itself be another
+    carry's input (carries that swap every iteration), which then must be carried as well.
+    """
+    read = set(read)
+    changed = True
+    while changed:
+        changed = False
+        for cin, cout in carry_pairs:
+            if cin in read and is_var(cout) and cout not in read:
+                read.add(cout)
+                changed = True
+    return read

@@ -41,55 +41,8 @@ from kvhoist.analysis.invariance import atom_invariant
 from kvhoist.ir import (Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers, verify_eqns,
                         verify_jaxpr)
 from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
-
-
-@dataclasses.dataclass
-class LoopInfo:
-    """A loop being optimised: for reports and trip-count arithmetic."""
-
-    kind: str
-    trip_count: int | None
-    where: str
-    #: FLOPs one iteration surely runs (conds at their cheapest branch): bounds speculation.
-    surely_flops: int | None = None
-
-    def describe(self) -> str:
-        n = "?" if self.trip_count is None else str(self.trip_count)
-        return f"{self.kind}(length={n})" + (f" at {self.where}" if self.where else "")
-
-
-@dataclasses.dataclass
-class Split:
-    """A rule's answer to "take the invariant part out of this equation".
-
-    ``pre`` are invariant equations (all inputs invariant in the enclosing scope) computed in front of
-    ``post``, which replaces the original equation and reads their results. ``kind`` names the
-    rewrite ('fission', 'speculation', 'call') and ``note`` says what was done.
-    """
-
-    pre: list
-    post: list
-    kind: str
-    note: str = ""
-    extra_bytes: int = 0
-    nested: frozenset = frozenset()   # rewrite kinds that happened inside (fission inside a branch, ...)
-    branch_of: dict = dataclasses.field(default_factory=dict)  # speculation: id(pre eqn) -> branch info
-
-
-@dataclasses.dataclass
-class Extraction:
-    """The invariant part of a block, ready to be moved one scope out."""
-
-    hoisted: list                 # equations to move, in order; read only `used_invars`, literals, each other
-    residual: list                # equations that stay
-    crossing: list                # variables defined by `hoisted` that the residual block still needs
-    used_invars: list             # the block's (invariant) inputs that `hoisted` reads
-    via: dict                     # crossing var -> tuple of rewrite kinds that produced it
-    kinds: frozenset = frozenset()  # every rewrite kind used, nested ones included
-
-    @property
-    def empty(self) -> bool:
-        return not self.hoisted
+from kvhoist.rules.base import Extraction, LoopInfo, Split  # the engine/rule interface (re-exported)
+from kvhoist.analysis.invariance import carry_closure
 
 
 class Licm:
@@ -598,23 +551,6 @@ def _rematerialize_constants(hoisted: list, residual: list, outvars: Sequence) -
         return residual
     copies, sub = clone_eqns([hoisted[k] for k in sorted(chosen)], {})
     return copies + [e.replace(invars=[sub.get(a, a) if is_var(a) else a for a in e.invars]) for e in residual]
-
-
-def carry_closure(read: set, carry_pairs: Sequence) -> set:
-    """``read`` plus the carry outputs a fissioned scan must compute because it reads their inputs.
-
-    A carry read by the split-out work must be updated there too; its new value may itself be another
-    carry's input (carries that swap every iteration), which then must be carried as well.
-    """
-    read = set(read)
-    changed = True
-    while changed:
-        changed = False
-        for cin, cout in carry_pairs:
-            if cin in read and is_var(cout) and cout not in read:
-                read.add(cout)
-                changed = True
-    return read
 
 
 def _is_expansion(eqn) -> bool:

@@ -10,20 +10,16 @@ A rule has two methods:
   front of it (fission for ``scan``, speculation for ``cond``, lifting out of ``jit`` / ``remat`` /
   ``closed_call``), or ``None`` when the rule cannot prove a split safe.
 
-Primitives without a rule are left alone; unknown primitives holding sub-jaxprs are opaque.
+Primitives without a rule are left alone; unknown primitives holding sub-jaxprs are opaque. A rule receives the
+engine as an argument (:class:`kvhoist.rules.base.Engine`) and never imports the pass.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from kvhoist.rules.base import Rule
 
-_RULES: dict = {}
-
-
-class Rule(Protocol):
-    def optimize(self, eqn: Any, engine: Any) -> list: ...
-
-    def split(self, eqn: Any, mask: list, engine: Any) -> Any: ...
+#: The registry: primitive name -> rule object (data, like a pattern table; filled by ``@register``).
+_RULES: dict[str, Rule] = {}
 
 
 def register(*names: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from kvhoist import compat
 from kvhoist.ir import Block, clone_eqns
 from kvhoist.rules import register
+from kvhoist.rules.base import Split
 from kvhoist.rules.common import invariant_invars, map_subjaxprs
 
 _BODY_PARAM = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "remat2": "jaxpr"}
@@ -36,7 +37,6 @@ class _Recurse:
 @register("jit", "pjit", "closed_call", "remat2")
 class CallRule(_Recurse):
     def split(self, eqn, mask, engine):
-        from kvhoist.passes.licm import Split
 
         name = eqn.primitive.name
         key = _BODY_PARAM[name]

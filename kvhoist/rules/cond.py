@@ -21,6 +21,7 @@ from kvhoist.analysis import cost, motion
 from kvhoist.report import human_bytes
 from kvhoist.ir import Block, aval_bytes, clone_eqns
 from kvhoist.rules import register
+from kvhoist.rules.base import Split
 from kvhoist.rules.common import map_subjaxprs
 
 
@@ -30,7 +31,6 @@ class CondRule:
         return [map_subjaxprs(eqn, engine.optimize_sub)]
 
     def split(self, eqn, mask, engine):
-        from kvhoist.passes.licm import Split
 
         branches = eqn.params["branches"]
         ops, opmask = list(eqn.invars[1:]), list(mask[1:])

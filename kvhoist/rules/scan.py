@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from kvhoist import compat
 from kvhoist.analysis import branches, motion
-from kvhoist.analysis.invariance import outer_invariant_carries, passthrough_carries
+from kvhoist.analysis.invariance import carry_closure, outer_invariant_carries, passthrough_carries
 from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, used_vars
 from kvhoist.report import human_bytes
 from kvhoist.rules import register
+from kvhoist.rules.base import LoopInfo, Split
 
 
 def _loop_info(eqn, kind, trips):
-    from kvhoist.passes.licm import LoopInfo
 
     return LoopInfo(kind, trips, compat.source_line(eqn))
 
@@ -98,7 +98,6 @@ class ScanRule:
         return pre + [prune_scan(new_eqn)]
 
     def split(self, eqn, mask, engine):
-        from kvhoist.passes.licm import Split, carry_closure
 
         params = eqn.params
         body = Block.from_jaxpr(params["jaxpr"])

@@ -15,6 +15,7 @@ from kvhoist.analysis import motion
 from kvhoist.analysis.invariance import passthrough_carries
 from kvhoist.ir import Block, clone_eqns, used_vars
 from kvhoist.rules import register
+from kvhoist.rules.base import LoopInfo
 from kvhoist.rules.common import map_subjaxprs
 
 
@@ -39,7 +40,6 @@ def prune_while(eqn):
 @register("while")
 class WhileRule:
     def optimize(self, eqn, engine):
-        from kvhoist.passes.licm import LoopInfo
 
         params = eqn.params
         body = Block.from_jaxpr(params["body_jaxpr"])
