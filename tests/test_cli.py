@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from kvhoist.tools import cli
+from kvhoist.tools.commands import common, demo
 
 HERE = pathlib.Path(__file__).parent
 USER = "cli_user_module:make_sampler"
@@ -341,8 +342,8 @@ def _no_work(monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("the command started working before rejecting its arguments")
 
-    monkeypatch.setattr(cli, "_program", boom)
-    monkeypatch.setattr(cli, "random_model", boom)
+    monkeypatch.setattr(common, "program", boom)
+    monkeypatch.setattr(demo, "random_model", boom)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -420,7 +421,7 @@ def test_write_failure_is_one_line(tmp_path):
     from kvhoist.tools.specs import SpecError
 
     with pytest.raises(SpecError) as info:
-        with cli._writing("--html", str(tmp_path / "x.html")):
+        with common.writing("--html", str(tmp_path / "x.html")):
             raise OSError(28, "No space left on device")
     assert str(info.value) == f"--html {tmp_path / 'x.html'}: cannot write: No space left on device"
 
@@ -599,7 +600,7 @@ def test_demo_measures_like_bench(capsys, monkeypatch):
     assert rc == 0, err
     assert len(calls) == 1                          # one interleaved measurement of the three variants
     names, kw = calls[0]
-    assert names == sorted(cli.DEMO_VARIANTS) and kw["repeats"] == 3 and isinstance(kw["cpu_times"], dict)
+    assert names == sorted(demo.DEMO_VARIANTS) and kw["repeats"] == 3 and isinstance(kw["cpu_times"], dict)
     rows = [l for l in out.splitlines() if re.match(r"  (plain|hand|@hoist)", l)]
     assert len(rows) == 3
     for row in rows:   # CPU median [lower quartile-upper quartile], wall median, speed-up
@@ -611,5 +612,5 @@ def test_demo_measures_like_bench(capsys, monkeypatch):
 
 
 def test_spread_is_median_and_quartiles():
-    assert cli.spread([3.0]) == (3.0, 3.0, 3.0)
-    assert cli.spread([1.0, 2.0, 3.0, 4.0, 100.0]) == (3.0, 2.0, 4.0)
+    assert demo.spread([3.0]) == (3.0, 3.0, 3.0)
+    assert demo.spread([1.0, 2.0, 3.0, 4.0, 100.0]) == (3.0, 2.0, 4.0)

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from kvhoist.tools import cli
+from kvhoist.tools.commands import demo
 from kvhoist.tools.progress import ENV, Progress, progress_enabled
 
 
@@ -127,7 +128,7 @@ def test_bad_progress_environment_is_a_usage_error(capsys, monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("started working")
 
-    monkeypatch.setattr(cli, "random_model", boom)
+    monkeypatch.setattr(demo, "random_model", boom)
     rc = cli.main(["demo"])
     _out, err = capsys.readouterr()
     assert rc == 2 and err.strip() == "kvhoist demo: error: KVHOIST_PROGRESS='sometimes': use 1 (show progress) or 0 " \

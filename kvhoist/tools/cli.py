@@ -1,6 +1,8 @@
 """The ``kvhoist`` command line: ``diff``, ``report``, ``graph``, ``demo``, ``compile`` and ``bench``.
 
-``python -m kvhoist`` and the ``kvhoist`` script both call :func:`main`. Every command that takes a
+``python -m kvhoist`` and the ``kvhoist`` script both call :func:`main`, which parses the arguments and
+runs the command's module (:mod:`kvhoist.tools.commands`: ``diff``, ``report``, ...; ``bench`` is
+:mod:`kvhoist.bench`'s own parser). Every command that takes a
 SPEC accepts a ``wan_ref`` preset (traced over an abstract model: no weights are allocated) or
 ``package.module:function`` returning ``(fun, args, kwargs)`` (see :mod:`kvhoist.tools.specs`).
 
@@ -21,13 +23,11 @@ The module imports nothing heavy (no jax) until a command runs, so ``kvhoist --h
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import os
 import re
-import statistics
 import sys
-import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 PROG = "kvhoist"
 EXIT_USAGE = 2
@@ -249,300 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- helpers ----------------------------------------------------------------------------------------------
-
-def _options(args: argparse.Namespace) -> Any:
-    from kvhoist.tools.specs import SamplerOptions
-
-    return SamplerOptions(loop=args.loop, scan_layers=args.scan_layers, cfg=args.cfg, steps=args.steps,
-                          height=args.height, width=args.width, frames=args.frames, scheduler=args.scheduler,
-                          target=args.target, dtype=args.dtype, attention=getattr(args, "attention", None))
-
-
-def _program(args: argparse.Namespace):
-    from kvhoist.tools.specs import resolve
-
-    return resolve(args.spec, _options(args))
-
-
-def _use_color(flag: bool | None, stream: Any) -> bool:
-    if flag is not None:
-        return flag
-    return stream.isatty() and not os.environ.get("NO_COLOR")
-
-
-@contextlib.contextmanager
-def _writing(option: str, path: str) -> Iterator[None]:
-    """Turn an ``OSError`` while writing ``path`` (a disk that filled up, a folder removed since the
-    early check) into the one-line usage error of the CLI."""
-    from kvhoist.tools.specs import SpecError
-
-    try:
-        yield
-    except OSError as err:
-        raise SpecError(f"{option} {path}: cannot write: {err.strerror or err}") from None
-
-
-_KV_SCOPE = re.compile(r"(attn2/(to_k|to_v|add_k_proj|add_v_proj))(/|$)")
-
-
-def kv_projection_flops(closed: Any) -> Any:
-    """FLOPs of the cross-attention K/V projections (``attn2/to_k|to_v|add_k_proj|add_v_proj`` matmuls)
-    in one run of a program, counted as the program's totals are (:func:`kvhoist.analysis.cost.jaxpr_flops_run`:
-    scan trip counts multiplied, a ``cond`` its costliest branch, a ``while`` body per iteration in
-    ``.per_iteration``)."""
-    from kvhoist import compat
-    from kvhoist.analysis import cost
-
-    def kv(e: Any) -> int:
-        return cost.eqn_flops(e) if e.primitive.name == "dot_general" and _KV_SCOPE.search(compat.name_stack(e)) else 0
-
-    return cost.jaxpr_flops_run(closed, kv)
-
-
-def _ratio(part: int | None, whole: int | None) -> float | None:
-    return part / whole if (part is not None and whole) else None
-
-
-# -- commands ---------------------------------------------------------------------------------------------
-
-def cmd_diff(args: argparse.Namespace) -> int:
-    """``kvhoist diff``: summary table, then the unified / side-by-side diff; ``--html`` page."""
-    from kvhoist.tools.diff import JaxprDiff
-
-    prog = _program(args)
-    t0 = time.perf_counter()
-    before, after, report = prog.optimize()
-    d = JaxprDiff(before, after, report, full=args.full, context=args.context)
-    color = _use_color(args.color, sys.stdout)
-    out = []
-    if not args.no_summary:
-        out += [prog.description, f"(traced and rewritten in {time.perf_counter() - t0:.1f} s)", "",
-                d.summary_table(), ""]
-    if args.side_by_side:
-        import shutil
-
-        out.append(d.side_by_side(width=args.columns or shutil.get_terminal_size((200, 40)).columns, color=color))
-    else:
-        out.append(d.unified(color=color, names=(f"{args.spec} (traced)", f"{args.spec} (kvhoist)")))
-    print("\n".join(out))
-    if args.html:
-        page = d.html(title=f"kvhoist diff {args.spec}", description=prog.description)
-        with _writing("--html", args.html):
-            with open(args.html, "w", encoding="utf-8") as f:
-                f.write(page)
-        print(f"wrote {args.html}", file=sys.stderr)
-    return 0
-
-
-def report_dict(prog: Any, before: Any, after: Any, report: Any) -> dict:
-    """The ``report`` command's data: :meth:`~kvhoist.Report.to_dict` plus each value's ``share_of_run``
-    (the 'share of run' column), the program's step count and the K/V projections' share of its FLOPs."""
-    from kvhoist.tools.diff import step_loop
-
-    loop = step_loop(before)
-    steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
-    total = report.total_flops_before
-    kv = kv_projection_flops(before)
-    d = report.to_dict()
-    for row in d["hoisted"]:
-        row["share_of_run"] = _ratio(row["flops_saved"], total)
-    d["program"] = {"spec": prog.name, "description": prog.description, "real_size": prog.real_size,
-                    "steps": steps}
-    d["totals"]["kv_projection_flops"] = int(kv)
-    d["totals"]["kv_projection_share"] = _ratio(int(kv), total)
-    d["totals"]["kv_projection_flops_per_unknown_iteration"] = kv.per_iteration
-    d["totals"]["kv_projection_share_of_unknown_iteration"] = _ratio(kv.per_iteration,
-                                                                     report.unknown_trip_flops_before)
-    return d
-
-
-def totals_lines(d: dict) -> list[str]:
-    """The totals under ``kvhoist report``'s table: FLOPs per run before/after (and per iteration of loops
-    with an unknown trip count, counted apart), then the one-line summary."""
-    from kvhoist.report import human_flops
-
-    t, steps = d["totals"], d["program"]["steps"]
-    before, after = t["total_flops_before"], t["total_flops_after"]
-    line = f"program: {human_flops(before)} FLOPs per run before, {human_flops(after)} after"
-    if steps:
-        line += f" ({steps} steps, {human_flops((before or 0) / steps)} per step before)"
-    out = [line]
-    ib, ia = t["unknown_trip_flops_before"], t["unknown_trip_flops_after"]
-    if ib or ia:
-        out[0] += " outside while loops (work hoisted out of one runs once per run, in front of it)"
-        out.append(f"         + {human_flops(ib)} FLOPs per iteration of loops with an unknown trip count (while) "
-                   f"before, {human_flops(ia)} after")
-    return out
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """``kvhoist report``: the hoisting report as tables (``--json``: :func:`report_dict`)."""
-    import json
-
-    from kvhoist.report import percent
-
-    prog = _program(args)
-    before, after, report = prog.optimize()
-    d = report_dict(prog, before, after, report)
-    if args.json:
-        print(json.dumps(d, indent=2, default=str))
-        return 0
-    t = d["totals"]
-    out = [prog.description, "", report.hoisted_table()]
-    details = report.detail_lines()
-    if details:
-        out += [""] + details
-    out += [""] + totals_lines(d) + ["hoisted: " + report.summary().removeprefix("hoisted ")]
-    if t["kv_projection_flops"] or t["kv_projection_flops_per_unknown_iteration"]:
-        shares = []
-        if t["kv_projection_flops"]:
-            shares.append(f"{percent(t['kv_projection_share'])} of this sampler's FLOPs per run")
-        if t["kv_projection_flops_per_unknown_iteration"]:
-            shares.append(f"{percent(t['kv_projection_share_of_unknown_iteration'])} of each iteration of its while "
-                          "loop(s)")
-        out.append(f"K/V projections are {' and '.join(shares)}; hoisting saves at most that (plus the context "
-                   f"embedders it also moved).")
-    if any(h.get("upper_bound") for h in d["hoisted"]):
-        out.append("Values speculated out of a cond (two experts) are counted as if their branch ran every step: "
-                   "their 'saved' figures are upper bounds; each step runs one branch.")
-    elif any("speculation" in h["via"] for h in d["hoisted"]):
-        out.append("Values speculated out of a cond (two experts, see 'branch'): 'FLOPs saved/run' counts each "
-                   "branch's own runs, replayed from the static schedule (see the [speculation] note); a branch "
-                   "that runs once saves nothing per run, though its FLOPs/iteration left the loop.")
-    if prog.real_size:
-        out.append("These are real-size numbers: at full resolution self-attention and the FFN dominate, so the "
-                   "gain from hoisting is small; the cache costs memory.")
-    else:
-        out.append("(A tiny/user program: its shares do not represent a real checkpoint; use a full-size preset "
-                   "for those.)")
-    print("\n".join(out))
-    return 0
-
-
-def cmd_graph(args: argparse.Namespace) -> int:
-    """``kvhoist graph``: the dependence graph of the hoisted values to ``--out``."""
-    from kvhoist.tools.graph import hoisted_graph, write_graph
-
-    prog = _program(args)
-    before, after, _report = prog.optimize()
-    g = hoisted_graph(before, after, input_names=prog.input_names())
-    with _writing("--out", args.out):
-        path, message = write_graph(g, args.out, title=args.spec)
-    print(message, file=sys.stderr if path != args.out else sys.stdout)
-    return 0
-
-
-def demo_config(layers: int = 4) -> Any:
-    """The demo model: Wan T2V layout at D=256 (4 heads x 64), 1024-wide text embeddings, FFN 1024."""
-    from wan_ref.config import WanConfig
-
-    return WanConfig(num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=1024,
-                     freq_dim=256, ffn_dim=1024, num_layers=layers, scan_layers=True)
-
-
-def random_model(config: Any, seed: int = 0) -> Any:
-    """A ``WanModel`` with random weights drawn by NumPy over the abstract model's shapes.
-
-    Much faster than running the initialisers eagerly (seconds on a loaded 2-core machine):
-    matrices ~ N(0, 1/fan_in), norm weights 1, biases 0, modulation tables ~ N(0, 0.02).
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from kvhoist.tools.specs import abstract_model
-
-    graphdef, state = nnx.split(abstract_model(config))
-    rng = np.random.default_rng(seed)
-
-    def draw(path: Any, s: Any) -> Any:
-        name = jax.tree_util.keystr(path).lower()
-        if "scale_shift" in name or "pos_embed" in name:
-            x = 0.02 * rng.standard_normal(s.shape)
-        elif len(s.shape) >= 2 + (1 if "blocks" in name and config.scan_layers else 0):
-            x = rng.standard_normal(s.shape) / np.sqrt(s.shape[-2])
-        elif "norm" in name:
-            x = np.ones(s.shape)
-        else:
-            x = np.zeros(s.shape)
-        return jnp.asarray(x, s.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
-
-
-def spread(xs: Sequence[float]) -> tuple[float, float, float]:
-    """``(median, lower quartile, upper quartile)`` of ``xs`` (inclusive quartiles; one value: all three)."""
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return med, q1, q3
-
-
-DEMO_VARIANTS = ("plain jax.jit(sample)", "hand-written cache (kv_cache=True)", "@hoist_invariants")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``kvhoist demo``: plain vs hand-written cache vs ``@hoist_invariants`` on a small random Wan.
-
-    Measured as ``kvhoist bench`` measures (:func:`kvhoist.bench.time_interleaved`): the three variants
-    run interleaved, the order rotating every repeat, after one compiling call and one warm-up round each;
-    per variant the median and interquartile range of the process CPU time (all threads: steady on a shared
-    machine) and the median wall time; speed-ups are ratios of CPU medians."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    import kvhoist
-    from kvhoist.bench import time_interleaved
-    from kvhoist.tools.progress import Progress
-    from wan_ref.sample import sample
-
-    with Progress("demo", enabled=args.progress) as bar:
-        bar.phase("building a random model")
-        cfg = demo_config(args.layers)
-        model = random_model(cfg, args.seed)
-        keys = jax.random.split(jax.random.key(args.seed), 3)
-        latents = jax.random.normal(keys[0], (1, 16, 2, 8, 8), jnp.float32)   # 2x4x4 = 32 latent tokens
-        pe = jax.random.normal(keys[1], (1, 512, cfg.text_dim), jnp.float32)
-        npe = jax.random.normal(keys[2], (1, 512, cfg.text_dim), jnp.float32)
-        common = dict(num_inference_steps=args.steps, guidance_scale=5.0, flow_shift=3.0)
-        hoisted = kvhoist.hoist_invariants(functools.partial(sample, **common))
-        jitted = dict(zip(DEMO_VARIANTS, (jax.jit(functools.partial(sample, **common)),
-                                          jax.jit(functools.partial(sample, **common, kv_cache=True)), hoisted)))
-        fns = {label: functools.partial(fn, model, latents, pe, npe) for label, fn in jitted.items()}
-        outs = {}
-        for label, fn in fns.items():  # the first call traces (and rewrites) and compiles
-            bar.phase(f"tracing and compiling {label}")
-            outs[label] = jax.block_until_ready(fn())
-        bar(0, (1 + args.repeats) * len(fns))
-        bar.phase(f"running {args.repeats} repetitions x {len(fns)} variants, interleaved")
-        cpu: dict[str, list[float]] = {}
-        wall = time_interleaved(fns, repeats=args.repeats, warmup=1, cpu_times=cpu, on_call=lambda _n: bar.update())
-    print(f"demo: random Wan T2V, {cfg.num_layers} scanned layers, D={cfg.inner_dim}, 512 text tokens, "
-          f"32 latent tokens, CFG, {args.steps} UniPC steps")
-    print(f"timing: as kvhoist bench - the 3 variants interleaved, {args.repeats} timed runs each after a warm-up; "
-          "process CPU time (all threads), median [interquartile range]; wall-clock median; speed-up = CPU ratio")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > (os.cpu_count() or 1):
-        print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other work is running, timings are noisy")
-    ref = outs[DEMO_VARIANTS[0]]
-    base = statistics.median(cpu[DEMO_VARIANTS[0]])
-    worst = 0.0
-    for label in DEMO_VARIANTS:
-        med, q1, q3 = spread(cpu[label])
-        diff = float(jnp.max(jnp.abs(outs[label] - ref)))
-        worst = max(worst, diff)
-        print(f"  {label:<36} CPU {med * 1e3:8.1f} ms [{q1 * 1e3:.1f}-{q3 * 1e3:.1f}]  wall "
-              f"{statistics.median(wall[label]) * 1e3:8.1f} ms  ({base / med:4.2f}x)   max |latents - plain| = "
-              f"{diff:.2e}")
-    tol = 1e-3 * max(1.0, float(jnp.max(jnp.abs(ref))))
-    print(f"latents agree: {'yes' if worst <= tol else 'NO'} (max diff {worst:.2e}, tolerance {tol:.1e})")
-    print(hoisted.report(model, latents, pe, npe).summary())
-    return 0 if worst <= tol else 1
-
-
 def cmd_bench(argv: Sequence[str]) -> int:
     """``kvhoist bench``: delegate to :mod:`kvhoist.bench` (imported lazily; exit 2 if missing)."""
     try:
@@ -561,106 +267,8 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return int(bench.main(args) or 0)
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
-
-
-def compile_table(d: dict) -> str:
-    """``kvhoist compile``'s table (one row per variant) from :func:`cmd_compile`'s data."""
-    cols = ("variant", "matmuls in loop", "outside", "args MiB", "temp MiB", "output MiB", "code MiB",
-            "cache MiB", "compile s")
-    rows = [cols]
-    for name, v in d["variants"].items():
-        rows.append((name, f"{v['matmuls_inside']:,}", f"{v['matmuls_outside']:,}", _mib(v["argument_bytes"]),
-                     _mib(v["temp_bytes"]), _mib(v["output_bytes"]), _mib(v["generated_code_bytes"]),
-                     _mib(v["cache_bytes"]), f"{v['compile_seconds']:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def compile_verdict(variants: dict) -> str:
-    """One line comparing matmul executions inside the step loop: ``hoisted == hand < plain`` when kvhoist
-    matched the hand-written cache and both beat plain jit."""
-    inside = {k: v["matmuls_inside"] for k, v in variants.items()}
-    p, h = inside.get("plain"), inside.get("hoisted")
-    if "hand" in inside:
-        a = inside["hand"]
-        rel = lambda x, y: "==" if x == y else ("<" if x < y else ">")  # noqa: E731
-        ok = h == a < p
-        return (f"matmul executions in the step loop: hoisted {h} {rel(h, a)} hand {a} {rel(a, p)} plain {p}: "
-                + ("hoisted == hand < plain" if ok else "NOT hoisted == hand < plain"))
-    return f"matmul executions in the step loop: hoisted {h} vs plain {p} (no hand-written cache for this SPEC)"
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    """``kvhoist compile``: the sampler compiled for a TPU three ways (:func:`kvhoist.tools.tpu.compile_three_ways`).
-
-    Exit 1 (one line) when a variant does not fit the chip's memory or fails to compile; 2 for usage errors (no libtpu, a
-    non-TPU target, a topology of another generation)."""
-    import functools
-    import json
-
-    from kvhoist import tpu_compile
-    from kvhoist.tools import tpu
-    from kvhoist.errors import KvhoistError
-    from kvhoist.tools.specs import SpecError
-    from kvhoist.targets import get_target
-
-    try:
-        tpu_compile.require_libtpu()
-        target = get_target(args.target).name
-        tpu_compile.default_topology(target)
-        if args.topology:
-            tpu_compile.check_topology_name(target, args.topology)
-        elif args.mesh:
-            raise KvhoistError("--mesh needs --topology (one chip has no mesh to shape)")
-    except KvhoistError as err:
-        raise SpecError(str(err).splitlines()[0]) from None
-    if ":" in args.spec and args.attention != "xla":
-        raise SpecError(f"--attention {args.attention}: applies to wan_ref presets only")
-    prog = _program(args)
-    steps = prog.steps
-    if steps is None:
-        from kvhoist.tools.diff import step_loop
-
-        loop = step_loop(prog.trace())
-        steps = int(loop.params["length"]) if loop is not None and loop.primitive.name == "scan" else None
-    if steps is None:
-        raise SpecError(f"{args.spec}: cannot tell its step count (compile needs a preset, or a function whose "
-                        f"program has one scan step loop)")
-    hand = functools.partial(prog.fun, kv_cache=True) if prog.preset else None
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else None
-    try:
-        d = tpu.compile_three_ways(prog.fun, prog.args, prog.kwargs, steps=steps, target=target,
-                                   topology=args.topology, mesh_shape=args.mesh, hand=hand, log=log)
-    except tpu_compile.DoesNotFit as err:
-        where = args.topology or f"one {target} chip"
-        print(f"{PROG} compile: {args.spec} does not fit on {where} ({err.variant}): {err.line}", file=sys.stderr)
-        return 1
-    except tpu_compile.CompileFailed as err:
-        where = args.topology or f"one {target} chip"
-        print(f"{PROG} compile: {args.spec} failed to compile for {where} ({err.variant}): {err.line}",
-              file=sys.stderr)
-        return 1
-    except KvhoistError as err:
-        raise SpecError(str(err).splitlines()[0]) from None
-    d.update(spec=args.spec, description=prog.description, steps=steps, attention=args.attention,
-             jax=__import__("jax").__version__, libtpu=tpu_compile.libtpu_version(),
-             verdict=compile_verdict(d["variants"]))
-    if args.json:
-        print(json.dumps(d, indent=2))
-        return 0
-    print("\n".join([prog.description,
-                     f"compiled for {d['topology']} ({d['chips']} chip(s), {d['device_kind']}, mesh {d['mesh']}), "
-                     f"jax {d['jax']}, libtpu {d['libtpu']}; memory per chip, cache = hoisted values (global)", "",
-                     compile_table(d), "", d["verdict"],
-                     "(compile-only: run times cannot be known without TPU hardware)"]))
-    return 0
-
-
-_COMMANDS = {"diff": cmd_diff, "report": cmd_report, "graph": cmd_graph, "demo": cmd_demo, "compile": cmd_compile}
+#: command -> the module whose ``run(args)`` carries it out (imported when the command runs).
+_COMMANDS = {name: f"kvhoist.tools.commands.{name}" for name in ("diff", "report", "graph", "demo", "compile")}
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -720,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvhoist.tools.specs import SpecError
 
     try:
-        return _COMMANDS[args.command](args)
+        return importlib.import_module(_COMMANDS[args.command]).run(args)
     except SpecError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
