@@ -34,6 +34,13 @@ X = jnp.ones(())
 C4, C2 = jnp.ones((4, 8)), jnp.ones((2, 8))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_traces():
+    """Every test sees its own first trace: `hoist_invariants(sampler)` shares jit's trace cache across
+    decorations of the same function (as `jax.jit(sampler)` does), so earlier tests would otherwise hit it."""
+    jax.clear_caches()
+
+
 def kv_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "kvhoist"]
 
@@ -119,8 +126,13 @@ def test_dump_one_file_set_per_signature(tmp_path, monkeypatch, caplog):
 
 def test_dump_names_stay_unique_across_functions_of_one_name(tmp_path, monkeypatch):
     monkeypatch.setenv(DUMP_ENV, str(tmp_path))
-    kvhoist.hoist_invariants(sampler)(W, X, C4)
-    kvhoist.hoist_invariants(sampler)(W, X, C4)   # a second decorated copy traces the same signature
+    def twin():
+        def sampler(w, x, context):
+            return jax.lax.scan(lambda x, _: (x * 0.5 + jnp.tanh(context @ w).sum(), None), x, None, length=6)[0]
+        return sampler
+
+    kvhoist.hoist_invariants(twin())(W, X, C4)
+    kvhoist.hoist_invariants(twin())(W, X, C4)   # another function of the same name, same signature
     assert len(list(tmp_path.glob("*.report.json"))) == 2
 
 
