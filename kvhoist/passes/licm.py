@@ -607,22 +607,25 @@ def _ancestors(eqns, prod, start: int):
 
 
 def _provenance(hoisted, prod, v, claimed: set):
-    """FLOPs, primitive counts and the most expensive equation behind ``v`` (each eqn counted once)."""
+    """FLOPs, primitive counts and the most expensive equation behind ``v`` (each eqn counted once).
+
+    A scan behind ``v`` (a fissioned layer scan) is charged only the body work behind the outputs that
+    lead to ``v``, each body equation once across all values: two stacked values sharing a body matmul
+    (K and K.T) do not both count it, so the report's share never exceeds the program's FLOPs.
+    """
     flops = 0
     prims: dict = {}
     best, best_flops = None, -1
-    for k in _ancestors(hoisted, prod, prod[v]):
+    anc = list(_ancestors(hoisted, prod, prod[v]))
+    read = {a for k in anc for a in hoisted[k].invars if is_var(a)} | {v}
+    for k in anc:
         e = hoisted[k]
-        part = _scan_output_part(e, v) if k == prod[v] else None
+        part = _scan_output_part(e, [o for o in e.outvars if o in read], claimed, k)
         if part is not None:
-            # One stacked output of a fissioned scan: charge only the body work behind it.
-            f, p, b = part
-            if (k, id(v)) not in claimed:
-                claimed.add((k, id(v)))
-                flops += f
-                for name, n in p.items():
-                    prims[name] = prims.get(name, 0) + n
-            best_eqn, f_best = b, f
+            f, p, best_eqn, f_best = part
+            flops += f
+            for name, n in p.items():
+                prims[name] = prims.get(name, 0) + n
         else:
             f = cost.eqn_flops(e)
             if k not in claimed:
@@ -636,31 +639,43 @@ def _provenance(hoisted, prod, v, claimed: set):
     return flops, prims, best
 
 
-def _scan_output_part(eqn, v):
-    """(FLOPs, primitive counts, main equation) of the body work behind one ys output of a scan."""
+def _scan_output_part(eqn, outs, claimed: set | None = None, key: Any = None):
+    """``(FLOPs, primitive counts, main equation, all FLOPs)`` of the body work behind some outputs of a scan.
+
+    Body equations already in ``claimed`` (as ``("scan", key, index)``) are not charged again; the others are
+    claimed. ``None`` when ``eqn`` is not a scan or produces none of ``outs``.
+    """
     if eqn.primitive.name != "scan":
         return None
-    nc, nk = compat.scan_arity(eqn.params)
-    try:
-        i = next(i for i, o in enumerate(eqn.outvars) if o is v)
-    except StopIteration:
+    idx = [i for i, o in enumerate(eqn.outvars) if any(o is v for v in outs)]
+    if not idx:
         return None
     _cv, _c, _iv, outvars, body = compat.split_closed(eqn.params["jaxpr"])
     bprod = producers(body)
-    target = outvars[i]
-    if not is_var(target) or target not in bprod:
-        return 0, {}, None
     length = int(eqn.params["length"])
-    flops, prims, best, best_f = 0, {}, None, -1
-    for k in _ancestors(body, bprod, bprod[target]):
-        e = body[k]
-        f = cost.eqn_flops(e)
-        flops += f
-        for name, n in cost.primitive_counts(e).items():
-            prims[name] = prims.get(name, 0) + n * length
-        if f > best_f:
-            best, best_f = e, f
-    return flops * length, prims, best
+    flops, total, prims, best, best_f = 0, 0, {}, None, -1
+    seen: set = set()
+    for i in idx:
+        target = outvars[i]
+        if not is_var(target) or target not in bprod:
+            continue
+        for k in _ancestors(body, bprod, bprod[target]):
+            if k in seen:
+                continue
+            seen.add(k)
+            e = body[k]
+            f = cost.eqn_flops(e)
+            total += f
+            if f > best_f:
+                best, best_f = e, f
+            if claimed is not None:
+                if ("scan", key, k) in claimed:
+                    continue
+                claimed.add(("scan", key, k))
+            flops += f
+            for name, n in cost.primitive_counts(e).items():
+                prims[name] = prims.get(name, 0) + n * length
+    return flops * length, prims, best, total * length
 
 
 def _nearest_work(hoisted, prod, v):
@@ -673,7 +688,7 @@ def _nearest_work(hoisted, prod, v):
             continue
         seen.add(k)
         e = hoisted[k]
-        part = _scan_output_part(e, v) if k == prod[v] else None
+        part = _scan_output_part(e, [v]) if k == prod[v] else None
         if part is not None and part[2] is not None:
             return part[2]
         if e.primitive.name in cost.COUNTED or (cost.primitive_counts(e) and e.primitive.name != "scan"):

@@ -20,10 +20,12 @@ Carries of the nested scan that are outer-invariant (a layer counter) are found 
 
 from __future__ import annotations
 
+import dataclasses
+
 from kvhoist import compat
 from kvhoist.analysis import branches, motion
 from kvhoist.analysis.invariance import carry_closure, outer_invariant_carries, passthrough_carries
-from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, used_vars
+from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, live_eqns, producers, used_vars
 from kvhoist.report import human_bytes
 from kvhoist.rules import register
 from kvhoist.rules.base import LoopInfo, Split
@@ -119,6 +121,7 @@ class ScanRule:
                              carry_pairs=[(carry_b[k], carry_out[k]) for k in inv_carries])
         if ext.empty:
             return None
+        ext = _views_stay(ext, carry_out)
         pairs = [(carry_b[k], carry_out[k]) for k in inv_carries]
         read = carry_closure({a for e in ext.hoisted for a in e.invars if is_var(a)}, pairs)
         a_carries = [k for k in inv_carries if carry_b[k] in read]
@@ -136,11 +139,21 @@ class ScanRule:
         stacked = [compat.new_var(compat.stacked_aval(v.aval, length)) for v in ext.crossing]
         a_operands = ([eqn.invars[k] for k in a_consts] + [eqn.invars[nc + k] for k in a_carries]
                       + [eqn.invars[nc + nk + k] for k in a_xs])
-        pre = None
+        pre, fallback = None, ""
         if engine.fission == "vmap" and not a_carries:
             pre = _vmapped(a_body, len(a_consts), a_operands, length)
             if pre is not None:
-                pre, stacked = pre
+                widest = _widest_intermediate(pre[0], pre[1])
+                cache = sum(aval_bytes(v.aval) for v in pre[1])
+                if widest > cache:
+                    # Every layer's intermediate at once (an MLP's hidden layer for all L layers) would
+                    # outgrow the cache it computes; the scan form holds one layer's at a time.
+                    fallback = (f"; fission='vmap' fell back to a scan: vectorised over all {length} "
+                                f"iterations, an intermediate would take {human_bytes(widest)}, more than the "
+                                f"{human_bytes(cache)} cached")
+                    pre = None
+                else:
+                    pre, stacked = pre
         a_params = compat.scan_params(params, jaxpr=a_body.to_closed(), num_consts=len(a_consts),
                                       num_carry=len(a_carries), num_xs=len(a_xs), num_ys=len(ext.crossing))
         if pre is None:
@@ -155,7 +168,51 @@ class ScanRule:
         return Split(pre, [b_eqn], "fission",
                      f"fissioned scan(length={length}) at {compat.source_line(eqn)}: "
                      f"{len(ext.hoisted)} equation(s) per iteration moved to a separate scan "
-                     f"producing {len(stacked)} stacked value(s), {human_bytes(nbytes)}", nbytes, ext.kinds)
+                     f"producing {len(stacked)} stacked value(s), {human_bytes(nbytes)}{fallback}", nbytes,
+                     ext.kinds)
+
+
+def _widest_intermediate(eqns: list, outs: list) -> int:
+    """Bytes of the largest value ``eqns`` compute that is not one of ``outs`` (0 if none)."""
+    out_set = set(outs)
+    return max((aval_bytes(v.aval) for e in eqns for v in e.outvars if is_var(v) and v not in out_set),
+               default=0)
+
+
+_VIEWS = ("transpose", "reshape", "squeeze", "expand_dims")
+
+
+def _views_stay(ext, carry_out):
+    """``ext`` without stacking views of values it already stacks.
+
+    A value the fissioned scan would stack that is only a transpose / reshape of another stacked value (``k`` and
+    ``k.T`` of one projection) is recomputed from it in ``scan_B`` instead: the cache holds the projection once,
+    as the flat-loop ``views`` rewrite of :mod:`kvhoist.passes.shrink` does. The view is a copy per iteration,
+    which jit pays too.
+    """
+    prod = producers(ext.hoisted)
+    crossing = set(ext.crossing)
+    moved: list = []             # view equations re-done in scan_B, in order
+    for v in ext.crossing:
+        chain, cur = [], v
+        while cur in prod and ext.hoisted[prod[cur]].primitive.name in _VIEWS:
+            e = ext.hoisted[prod[cur]]
+            if len(e.invars) != 1 or not is_var(e.invars[0]):
+                break
+            chain.append(e)
+            cur = e.invars[0]
+            if cur in crossing:
+                break
+        if chain and cur in crossing and cur is not v:
+            moved.extend(e for e in reversed(chain) if all(e is not m for m in moved))
+    if not moved:
+        return ext
+    out_vars = {o for e in moved for o in e.outvars}
+    keep = [v for v in ext.crossing if v not in out_vars]
+    residual = [e for e in moved] + list(ext.residual)
+    hoisted = live_eqns(ext.hoisted, keep + [v for v in carry_out if is_var(v)])
+    return dataclasses.replace(ext, hoisted=hoisted, residual=residual, crossing=keep,
+                               via={v: ext.via[v] for v in keep if v in ext.via})
 
 
 def _vmapped(a_body: Block, n_consts: int, operands: list, length: int):
