@@ -149,6 +149,30 @@ def live_eqns(eqns: Sequence, roots: Iterable, keep: Callable[[Any], bool] | Non
     return [e for k, e in enumerate(eqns) if k in live]
 
 
+#: Call-like primitives whose params say nothing per operand: an operand the body does not read can be dropped
+#: by rebuilding the body alone (``jit`` carries per-operand shardings and donations and is left as is).
+_PLAIN_CALLS = {"remat2": "jaxpr", "checkpoint": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+
+
+def prune_call_operands(eqn: Any) -> Any:
+    """``eqn`` without the operands its body never reads, for ``remat2`` / ``closed_call``; else ``eqn``.
+
+    After LICM lifts work out of a ``jax.checkpoint`` body, the body may no longer read an operand (the text
+    context whose K/V projections left): passing it anyway keeps the value alive in the loop, i.e. cached.
+    """
+    key = _PLAIN_CALLS.get(eqn.primitive.name)
+    if key is None or key not in eqn.params:
+        return eqn
+    body = eqn.params[key]
+    constvars, consts, invars, outvars, eqns = compat.split_closed(body)
+    used = used_vars(eqns, outvars)
+    keep = [i for i, v in enumerate(invars) if v in used]
+    if len(keep) == len(invars) or len(invars) != len(eqn.invars):
+        return eqn
+    new_body = compat.rebuild_like(body, constvars, consts, [invars[i] for i in keep], outvars, eqns)
+    return eqn.replace(invars=[eqn.invars[i] for i in keep], params={**eqn.params, key: new_body})
+
+
 def all_eqns(j: Any) -> Iterator[Any]:
     """Every equation of a (closed) jaxpr and of all its sub-jaxprs, depth first, in program order."""
     from kvhoist import compat

@@ -202,3 +202,52 @@ def test_hugging_face_flax_generate(beams):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(generate)(model.params, ids)))
     report = hoisted.report(model.params, ids)
     assert len(report.hoisted) >= 4  # every decoder layer's cross K and V left the decode loop
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint_name (maxdiffusion names K/V for its remat policies)
+# --------------------------------------------------------------------------------------------------
+
+
+def _remat_sampler(params, ctx, x):
+    """maxdiffusion-style: a projected context, a remat'd layer scan whose K/V carry checkpoint names."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    def step(x, _t):
+        ctx_p = checkpoint_name(jnp.tanh(ctx @ params["w_text"]), "context")
+
+        def layer(h, lw):
+            wq, wk, wv = lw
+            k = checkpoint_name(ctx_p @ wk, "key_proj")
+            v = checkpoint_name(ctx_p @ wv, "value_proj")
+            return h + jax.nn.softmax((h @ wq) @ k.T, axis=-1) @ v, None
+
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names("key_proj", "value_proj"))
+        h, _ = lax.scan(layer, x, (params["wq"], params["wk"], params["wv"]))
+        return h * 0.9, None
+    return lax.scan(step, x, jnp.arange(4))[0]
+
+
+def test_checkpoint_name_is_an_identity_and_only_kv_are_cached():
+    layers, d, s = 3, 16, 12
+    params = dict(w_text=rand(d, d, seed=1) * 0.2, wq=rand(layers, d, d, seed=2) * 0.2,
+                  wk=rand(layers, d, d, seed=3) * 0.2, wv=rand(layers, d, d, seed=4) * 0.2)
+    args = (params, rand(s, d, seed=5), rand(5, d, seed=6))
+    hoisted = kvhoist.hoist_invariants(_remat_sampler)
+    contract.assert_close(hoisted(*args), jax.jit(_remat_sampler)(*args))
+    report = hoisted.report(*args)
+    assert not report.skipped
+    # Every layer's K and V (stacked by fission, out of the remat'd body) and nothing else: not the context.
+    kv_bytes = 2 * layers * s * d * 4
+    assert sorted(h.bytes for h in report.hoisted) == [kv_bytes // 2] * 2, report.table()
+    assert sum(h.bytes for h in report.hoisted) == kv_bytes
+
+
+def test_name_primitive_is_pure_free_and_speculatable():
+    from jax.ad_checkpoint import checkpoint_name
+
+    from kvhoist.analysis import cost, motion
+
+    (eqn,) = jax.make_jaxpr(lambda a: checkpoint_name(a, "k"))(jnp.ones(3)).jaxpr.eqns
+    assert eqn.primitive.name == "name"
+    assert motion.speculatable(eqn) and cost.eqn_flops(eqn) == 0 and cost.is_shape_only(eqn)

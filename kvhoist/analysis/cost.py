@@ -26,7 +26,7 @@ SHAPE_ONLY = frozenset({
     "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "convert_element_type",
     "iota", "slice", "dynamic_slice", "concatenate", "pad", "copy", "copy_p", "rev",
     "bitcast_convert_type", "device_put", "sharding_constraint", "reduce_precision",
-    "gather", "select_n", "stop_gradient", "split",
+    "gather", "select_n", "stop_gradient", "split", "name",
 })
 
 

@@ -56,11 +56,13 @@ ELEMENTWISE = frozenset({
     "copy_p", "stop_gradient", "mulhi", "add_any", "log2", "one_minus_square", "polynomial",
 })
 
-#: Shape and data-movement primitives: pure, and fused by XLA like elementwise ones.
+#: Shape and data-movement primitives: pure, and fused by XLA like elementwise ones. ``name``
+#: (``jax.ad_checkpoint.checkpoint_name``) is an identity that labels a value for remat policies: free,
+#: pure and speculatable; a hoisted value keeps its label (the equation moves with it).
 SHAPE = frozenset({
     "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "iota", "slice", "dynamic_slice",
     "dynamic_update_slice", "concatenate", "pad", "rev", "bitcast_convert_type", "gather", "split",
-    "device_put", "sharding_constraint", "reshard", "tile",
+    "device_put", "sharding_constraint", "reshard", "tile", "name",
 })
 
 #: Other pure, deterministic first-order primitives whose results XLA materialises (matmuls,
@@ -116,7 +118,7 @@ STAYS = {
     "call": "higher-order primitive kvhoist does not model",
     "eval_jaxpr": "higher-order primitive kvhoist does not model",
     "ragged_all_to_all": "collective kvhoist does not model",
-    "empty2": "uninitialised memory", "name": "not modelled",
+    "empty2": "uninitialised memory",
     "eq_to": "not modelled", "le_to": "not modelled", "lt_to": "not modelled",
 }
 

@@ -38,8 +38,8 @@ from kvhoist import compat
 from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
-from kvhoist.ir import (Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers, verify_eqns,
-                        verify_jaxpr)
+from kvhoist.ir import (Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers,
+                        prune_call_operands, verify_eqns, verify_jaxpr)
 from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
 from kvhoist.rules.base import Extraction, LoopInfo, Split  # the engine/rule interface (re-exported)
 from kvhoist.analysis.invariance import carry_closure
@@ -298,6 +298,8 @@ class Licm:
         # consumers) must not keep a value crossing into the loop. Only pure work is dropped: a dead
         # rng_uniform still advances the generator's state.
         residual = live_eqns(residual, block.outvars, keep=lambda e: not motion.may_move(e))
+        # A call whose lifted work no longer reads an operand must not keep it crossing either.
+        residual = [prune_call_operands(e) for e in residual]
         hoisted = live_eqns(hoisted, [a for e in residual for a in e.invars] + list(block.outvars))
         defined = {v for e in hoisted for v in e.outvars if is_var(v)}
         needed = set()
