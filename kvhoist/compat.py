@@ -415,3 +415,47 @@ def direct_executable(jitted: Any, args: Sequence[Any]) -> tuple[Any, tuple] | N
         def run(flat):
             return execute(consts + pick(flat)).consume_with_handlers(handlers)
     return run, specs
+
+
+# --- primitives of kvhoist's own (kvhoist.speculation) ----------------------------------------------
+
+Primitive = jex.Primitive
+
+
+def out_avals(j: Any) -> list:
+    """The output avals of a (closed or open) jaxpr."""
+    return [v.aval for v in split_closed(j)[3]]
+
+
+def tangent_aval(aval: Any) -> Any:
+    """The aval of a tangent of a value of ``aval`` (``float0`` for integers)."""
+    return aval.to_tangent_aval()
+
+
+def vmap_closed(j: Any, args: Sequence[Any], dims: Sequence[int | None], size: int | None = None) -> Any:
+    """A closed jaxpr computing ``jaxpr_as_fun(j)`` vmapped: inputs batched as ``args`` are (``dims[i]``,
+    None = not batched, ``size`` the batch size), every output batched on axis 0."""
+    if size is None:
+        size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    fun = jaxpr_as_fun(j)
+    batched = jax.vmap(lambda *a: list(fun(*a)), in_axes=tuple(dims), out_axes=0, axis_size=size)
+    return jax.make_jaxpr(batched)(*args)
+
+
+def register_checkify_rule(primitive: Any, rule: Any) -> None:
+    """Register ``rule(check_jaxpr, error, enabled_errors, *invals, **params) -> (error, outvals)`` as
+    ``primitive``'s rule for ``jax.experimental.checkify``; ``check_jaxpr(closed, enabled_errors, error,
+    *args) -> (error, outvals)`` runs a closed jaxpr with checks at the point of the rule (jax 0.12's
+    rules also receive a checkify context, passed on here)."""
+    import functools
+    import inspect
+
+    from jax._src import checkify as _ck  # type: ignore
+
+    if next(iter(inspect.signature(_ck.checkify_jaxpr).parameters)) == "ctx":
+        def wrapped(ctx, error, enabled_errors, *invals, **params):
+            return rule(functools.partial(_ck.checkify_jaxpr, ctx), error, enabled_errors, *invals, **params)
+    else:
+        def wrapped(error, enabled_errors, *invals, **params):
+            return rule(_ck.checkify_jaxpr, error, enabled_errors, *invals, **params)
+    _ck.error_checks[primitive] = wrapped

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvhoist import compat, licm
+from kvhoist import compat, licm, speculation
+from kvhoist.ir import is_var
 from licm_util import (body_of, count, direct_count, eqns_of, find_eqns, licm_and_compare, rand,
                        run_closed)
 
@@ -207,7 +208,10 @@ def test_cond_speculation_hoists_both_experts():
     (cond,) = find_eqns(body_of(loop), "cond")
     for branch in cond.params["branches"]:
         assert direct_count(branch, "dot_general") == 1      # only the variant h @ k.T left
-    assert direct_count(after, "dot_general") == 2           # both experts' K, once
+    assert direct_count(speculation.primal(after), "dot_general") == 2   # both experts' K, once
+    # ... computed for the primal only; each branch attaches its own K (kvhoist.speculation)
+    assert direct_count(after, "kvhoist_speculate") == 4 and not direct_count(after, "dot_general")  # K, K.T each
+    assert all(direct_count(b, "kvhoist_attach") == 1 for b in cond.params["branches"])
     assert any(n.kind == "speculation" for n in report.notes)
     assert len(report.hoisted) == 2 and all("speculation" in h.via for h in report.hoisted)
 
@@ -341,7 +345,9 @@ def test_custom_jvp_is_moved_whole_but_never_split():
     assert len(find_eqns(after, "custom_jvp_call")) == 1          # proj left the loop
 
 
-def test_custom_vjp_moved_whole():
+def test_custom_vjp_stays_in_the_loop():
+    """A custom_vjp's backward is user code (issue 18): moved out of the loop it would run once on the
+    summed cotangents. It stays, and the report says why."""
     @jax.custom_vjp
     def proj(ctx, w):
         return ctx @ w
@@ -354,7 +360,10 @@ def test_custom_vjp_moved_whole():
         return jax.lax.scan(step, x, jnp.arange(3.0))[0]
 
     _, after, report = licm_and_compare(f, W, CTX, X)
-    assert len(report.hoisted) == 1
+    assert not report.hoisted
+    (loop,) = find_eqns(after, "scan")
+    assert find_eqns(body_of(loop), "custom_vjp_call") or find_eqns(body_of(loop), "custom_vjp_call_jaxpr")
+    assert any("custom_vjp" in s.reason for s in report.skipped)
 
 
 def test_shard_map_inner_loop_and_whole_move():
@@ -541,7 +550,14 @@ def test_while_drops_consts_the_body_no_longer_reads():
     (w_before,) = [e for e in closed.eqns if e.primitive.name == "while"]
     (w_after,) = [e for e in new.eqns if e.primitive.name == "while"]
     assert w_before.params["body_nconsts"] == 3  # ctx, wk, wv
-    assert w_after.params["body_nconsts"] == 2   # only the hoisted K and V
+    # The body's work reads only the hoisted K and V; ctx, wk, wv stay for the attach alone (the
+    # derivative computed where it ran, kvhoist.speculation), which lowers to nothing.
+    assert w_after.params["body_nconsts"] == 5
+    body_in = compat.split_closed(w_after.params["body_jaxpr"])[2]
+    body_eqns = compat.split_closed(w_after.params["body_jaxpr"])[4]
+    (att,) = [e for e in body_eqns if e.primitive.name == "kvhoist_attach"]
+    assert list(att.invars) == body_in[3:5] + body_in[:3]
+    assert not any(a in body_in[:5] for e in body_eqns if e is not att for a in e.invars if is_var(a))
     np.testing.assert_allclose(jax.jit(jax.extend.core.jaxpr_as_fun(new))(*args)[0], jax.jit(f)(*args), rtol=1e-6)
 
 

@@ -27,6 +27,7 @@ SHAPE_ONLY = frozenset({
     "iota", "slice", "dynamic_slice", "concatenate", "pad", "copy", "copy_p", "rev",
     "bitcast_convert_type", "device_put", "sharding_constraint", "reduce_precision",
     "gather", "select_n", "stop_gradient", "split", "name",
+    "kvhoist_attach",   # identity in the primal (kvhoist.speculation): lowered to nothing
 })
 
 

@@ -87,7 +87,7 @@ MATERIALISED = frozenset({
 #: kvhoist's own primitives. ``kvhoist_attention`` (:mod:`kvhoist.kernels`) is pure, deterministic and always
 #: terminates with a cost fixed by its shapes, whichever implementation it lowers to (einsum + softmax, or
 #: the splash-attention kernel, whose grid is static): it may be hoisted and speculated like a matmul.
-KVHOIST_PRIMITIVES = frozenset({"kvhoist_attention"})
+KVHOIST_PRIMITIVES = frozenset({"kvhoist_attention", "kvhoist_attach"})
 
 #: First-order primitives known to be pure, deterministic and non-trapping on XLA.
 PURE_PRIMITIVES = ELEMENTWISE | SHAPE | MATERIALISED | KVHOIST_PRIMITIVES
@@ -95,8 +95,16 @@ PURE_PRIMITIVES = ELEMENTWISE | SHAPE | MATERIALISED | KVHOIST_PRIMITIVES
 #: Higher-order primitives whose semantics kvhoist knows: they may move when their bodies may.
 HIGHER_ORDER = frozenset({
     "scan", "while", "cond", "jit", "pjit", "remat2", "checkpoint", "closed_call", "core_call",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map",
+    "custom_jvp_call", "shard_map", "kvhoist_speculate",
 })
+
+#: Primitives that may move out of a loop that surely runs but never leave a region that might not run
+#: (:func:`speculatable` is False for anything holding them), with the reason. ``kvhoist_attach``
+#: (:mod:`kvhoist.speculation`) is where transformations see speculated work: in its branch or ``while`` body.
+NOT_SPECULATABLE = {
+    "while": "a while loop may not terminate (its trip count depends on data)",
+    "kvhoist_attach": "the derivative and checks of speculated work stay in the region it came from",
+}
 
 #: Known to stay, with the reason the report gives (anything else unlisted stays as "unknown").
 STAYS = {
@@ -114,6 +122,10 @@ STAYS = {
     "shape_assertion": "run-time check", "check": "run-time check", "unreachable": "run-time check",
     "get": "mutable reference", "swap": "mutable reference", "addupdate": "mutable reference",
     "custom_lin": "autodiff-internal primitive",
+    "custom_vjp_call": "custom_vjp (its backward is user code, not necessarily linear in the cotangent: moved out "
+                       "of a loop it would run once on the summed cotangents instead of once per iteration)",
+    "custom_vjp_call_jaxpr": "custom_vjp (its backward is user code, not necessarily linear in the cotangent: "
+                             "moved out of a loop it would run once on the summed cotangents)",
     "custom_linear_solve": "higher-order primitive kvhoist does not model",
     "call": "higher-order primitive kvhoist does not model",
     "eval_jaxpr": "higher-order primitive kvhoist does not model",
@@ -158,8 +170,9 @@ def why_not_speculatable(eqn) -> str | None:
 
 
 def _unbounded(eqn) -> str | None:
-    if eqn.primitive.name == "while":
-        return "a while loop may not terminate (its trip count depends on data)"
+    reason = NOT_SPECULATABLE.get(eqn.primitive.name)
+    if reason is not None:
+        return reason
     for sub in compat.subjaxprs_of(eqn):
         for e in compat.split_closed(sub)[4]:
             reason = _unbounded(e)

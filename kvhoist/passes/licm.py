@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import networkx as nx
 
-from kvhoist import compat
+from kvhoist import compat, speculation
 from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
@@ -496,9 +496,11 @@ class Licm:
             outer = None if (outer is None or info.trip_count is None) else outer * info.trip_count
         prod = producers(ext.hoisted)
         claimed: set = set()
+        # Speculated work is wrapped one equation per kvhoist_speculate: report the equation itself.
+        view = [speculation.unwrap(e) for e in ext.hoisted]
         for v in ext.crossing:
-            flops, prims, best = _provenance(ext.hoisted, prod, v, claimed)
-            nearest = _nearest_work(ext.hoisted, prod, v)
+            flops, prims, best = _provenance(view, prod, v, claimed)
+            nearest = _nearest_work(view, prod, v)
             main = _deepest(nearest or best) if (nearest or best) is not None else None
             name, src = _describe(main) if main is not None else ("", "")
             trips = loop.trip_count

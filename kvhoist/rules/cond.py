@@ -12,11 +12,15 @@ allowlisted primitives that cannot trap and terminate — no ``while`` loop, no 
 value larger than a small multiple of the branch's inputs (a never-taken branch may not allocate), and
 at most as many FLOPs as the enclosing loop surely runs (its body with every cond at its cheapest
 branch, times its trip count): a never-taken branch may not add unbounded work.
+
+The speculated equations are computed for the primal program only (``kvhoist_speculate``); each
+branch starts with a ``kvhoist_attach`` of its values, where JVP, checkify and vmap see the work as
+under jit (:mod:`kvhoist.speculation`).
 """
 
 from __future__ import annotations
 
-from kvhoist import compat
+from kvhoist import compat, speculation
 from kvhoist.analysis import cost, motion
 from kvhoist.report import human_bytes
 from kvhoist.ir import Block, aval_bytes, clone_eqns
@@ -53,16 +57,24 @@ class CondRule:
         for j, (b, x) in enumerate(zip(blocks, exts)):
             outer_of = {v: o for v, o, m in zip(b.invars, ops, opmask) if m}
             p, sub = clone_eqns(x.hoisted, outer_of)
+            p = [speculation.wrap(q) for q in p]   # primal only: transformations see the attach below
             runs = None if known_runs is None else known_runs[1].get(j)
             branch_of.update({id(q): (q, id(eqn), j, runs, compat.source_line(eqn)) for q in p})
             pre.extend(p)
             outer_new.append([sub[v] for v in x.crossing])
         new_branches = []
         for j, (b, x) in enumerate(zip(blocks, exts)):
-            extra = []
+            extra, top = [], []
             for k, xk in enumerate(exts):
-                extra.extend(xk.crossing if k == j else [compat.new_var(v.aval) for v in xk.crossing])
-            new_branches.append(Block(b.invars + extra, b.outvars, x.residual).like(branches[j]))
+                if k == j and xk.crossing:
+                    # The branch's values arrive speculated; the attach makes transformations (JVP,
+                    # checkify, vmap) compute them here, only when this branch runs.
+                    c_in, att = speculation.attach_eqn(xk.hoisted, xk.used_invars, xk.crossing)
+                    extra.extend(c_in)
+                    top.append(att)
+                else:
+                    extra.extend(compat.new_var(v.aval) for v in xk.crossing)
+            new_branches.append(Block(b.invars + extra, b.outvars, top + x.residual).like(branches[j]))
         flat_new = [v for vs in outer_new for v in vs]
         post = eqn.replace(invars=list(eqn.invars) + flat_new,
                            params={**eqn.params, "branches": tuple(new_branches)})

@@ -4,13 +4,15 @@ Body consts are invariant; a carry is invariant when the body passes it through 
 count is unknown statically (reports say so). ``fori_loop`` with static bounds lowers to ``scan`` and
 is handled there; with traced bounds it lowers to ``while`` and lands here. The ``cond_jaxpr`` is left
 as is (it is typically a comparison). A while body may run zero times, so what leaves it is
-*speculated*: only speculatable work moves (:mod:`kvhoist.analysis.motion`). A nested ``while`` inside another loop's body is not fissioned —
+*speculated*: only speculatable work moves (:mod:`kvhoist.analysis.motion`), computed for the primal
+only (``kvhoist_speculate``, after the cache is shrunk); the body starts with a ``kvhoist_attach`` of
+the values, where JVP, checkify and vmap see the work as under jit (:mod:`kvhoist.speculation`). A nested ``while`` inside another loop's body is not fissioned —
 its results cannot be stacked without a static trip count — but moves as a whole when invariant.
 """
 
 from __future__ import annotations
 
-from kvhoist import compat
+from kvhoist import compat, speculation
 from kvhoist.analysis import motion
 from kvhoist.analysis.invariance import passthrough_carries
 from kvhoist.ir import Block, clone_eqns, used_vars
@@ -60,13 +62,16 @@ class WhileRule:
         outer_of = dict(zip(body.invars[:bn], eqn.invars[cn:cn + bn]))
         outer_of.update({body.invars[bn + k]: eqn.invars[cn + bn + k] for k in range(nk) if through[k]})
         pre, sub = clone_eqns(ext.hoisted, outer_of)
-        new_body = Block(body.invars[:bn] + ext.crossing + body.invars[bn:], body.outvars, ext.residual)
+        # The body receives the values speculated; the attach at its top makes transformations compute
+        # them there, in the iterations that run (kvhoist.speculation).
+        c_in, att = speculation.attach_eqn(ext.hoisted, ext.used_invars, ext.crossing)
+        new_body = Block(body.invars[:bn] + c_in + body.invars[bn:], body.outvars, [att] + ext.residual)
         new_params = compat.while_params(params, body_jaxpr=new_body.like(params["body_jaxpr"]),
                                          body_nconsts=bn + len(ext.crossing))
         new_eqn = eqn.replace(invars=list(eqn.invars[:cn + bn]) + [sub[v] for v in ext.crossing]
                               + list(eqn.invars[cn + bn:]), params=new_params)
         pre, new_eqn = engine.shrink(pre, new_eqn, cn + bn, len(ext.crossing))
-        return pre + [prune_while(new_eqn)]
+        return [speculation.wrap(e) for e in pre] + [prune_while(new_eqn)]
 
     def split(self, eqn, mask, engine):
         return None

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import networkx as nx
 
-from kvhoist import compat
+from kvhoist import compat, speculation
 from kvhoist.tools.diff import LOOPS, _short_type, _walk_eqn, moved_marks
 from kvhoist.ir import dependence_graph, is_var
 
@@ -28,6 +28,8 @@ from kvhoist.ir import dependence_graph, is_var
 def _hoisted_like(e: Any, marks: dict) -> bool:
     if id(e) in marks:
         return True
+    if e.primitive is speculation.speculate_p:  # speculated work: one wrapped equation
+        return any(id(x) in marks for x in _walk_eqn(e))
     if e.primitive.name not in LOOPS:
         return False
     inner = [x for x in _walk_eqn(e) if x is not e]
@@ -36,6 +38,7 @@ def _hoisted_like(e: Any, marks: dict) -> bool:
 
 
 def _label(e: Any, hoisted: bool = True) -> str:
+    e = speculation.unwrap(e)
     name = e.primitive.name
     if name == "scan":
         name = f"scan(length={e.params['length']})"
