@@ -429,16 +429,14 @@ def test_write_failure_is_one_line(tmp_path):
 def test_bench_usage_error_returns_2(capsys, monkeypatch):
     import types
 
-    fake = types.ModuleType("kvhoist.bench")
+    import kvhoist.bench
+
+    fake = types.ModuleType("kvhoist.bench.command")
     fake.__doc__ = "fake bench"
     fake.add_arguments = lambda p: p.add_argument("--repeats", type=cli.int_at_least(1, "a positive integer"))
     fake.main = lambda args: 0
-    monkeypatch.setitem(sys.modules, "kvhoist.bench", fake)
-    import kvhoist
-
-    # on the module's dict: monkeypatch.setattr would read the old value through kvhoist.__getattr__, which
-    # imports the fake from sys.modules, and "restore" the fake after the test
-    monkeypatch.setitem(vars(kvhoist), "bench", fake)
+    monkeypatch.setitem(sys.modules, "kvhoist.bench.command", fake)
+    monkeypatch.setattr(kvhoist.bench, "command", fake, raising=False)
     rc, _out, err = run(capsys, "bench", "--repeats", "0")
     assert rc == 2 and "usage: kvhoist bench" in err and "must be a positive integer, got 0" in err
 
@@ -527,7 +525,7 @@ def test_sampler_options_accept_defaults_and_real_values():
     (lambda d: ["--from-json", str(d / "nope.json")], "nope.json: no such file"),
 ])
 def test_bench_bad_values_exit_2_with_usage(capsys, monkeypatch, tmp_path, argv_of, needle):
-    from kvhoist import bench
+    from kvhoist.bench import command as bench
 
     def boom(*_a, **_k):
         raise AssertionError("kvhoist bench started working before rejecting its arguments")
@@ -586,16 +584,16 @@ def test_graph_input_names_from_the_trace_or_positions():
 # -- demo: measured as `kvhoist bench` measures --------------------------------------------------------------
 
 def test_demo_measures_like_bench(capsys, monkeypatch):
-    from kvhoist import bench
+    from kvhoist.bench import timing
 
     calls = []
-    real = bench.time_interleaved
+    real = timing.time_interleaved
 
     def spy(fns, **kw):
         calls.append((sorted(fns), kw))
         return real(fns, **kw)
 
-    monkeypatch.setattr(bench, "time_interleaved", spy)
+    monkeypatch.setattr(timing, "time_interleaved", spy)
     rc, out, err = run(capsys, "demo", "--layers", "1", "--steps", "2", "--repeats", "3", "--no-progress")
     assert rc == 0, err
     assert len(calls) == 1                          # one interleaved measurement of the three variants

@@ -100,7 +100,7 @@ def test_sample_python_loop_reports_every_step():
 # -- the command line -----------------------------------------------------------------------------------
 
 def test_time_interleaved_reports_every_call():
-    from kvhoist.bench import time_interleaved
+    from kvhoist.bench.timing import time_interleaved
 
     calls = []
     times = time_interleaved({"a": lambda: 1, "b": lambda: 2}, repeats=3, warmup=2, on_call=calls.append)
@@ -136,7 +136,7 @@ def test_bad_progress_environment_is_a_usage_error(capsys, monkeypatch):
 
 
 def test_bench_progress_counts_cases(monkeypatch, capsys):
-    from kvhoist import bench
+    from kvhoist.bench import samplers as bench
 
     ran = []
 
@@ -160,6 +160,8 @@ def test_bench_progress_counts_cases(monkeypatch, capsys):
     assert "[bench] small / scan x layer-scan ..." in text       # log lines go through the bar
     import argparse
 
+    from kvhoist.bench.command import add_arguments
+
     p = argparse.ArgumentParser()             # `kvhoist bench --progress / --no-progress`
-    bench.add_arguments(p)
+    add_arguments(p)
     assert p.parse_args(["--no-progress"]).progress is False and p.parse_args([]).progress is None

@@ -190,15 +190,15 @@ def test_wan_cache_is_no_larger_than_the_hand_written_one(form):
     tables such as the timestep frequencies are left to XLA's constant folding)."""
     import dataclasses
 
-    from kvhoist.bench import CONFIGS, FORMS, _hand_cache_bytes, _split_kwargs, build_case
+    from kvhoist.bench.forms import CONFIGS, FORMS, build_case, hand_cache_bytes, split_kwargs
     from wan_ref.sample import sample
 
     cfg = dataclasses.replace(CONFIGS["small"], steps=2, num_layers=2)
     case = build_case(cfg, FORMS[form])
-    static, traced = _split_kwargs(case.kwargs)
+    static, traced = split_kwargs(case.kwargs)
     report = kvhoist.hoist_invariants(functools.partial(sample, **static)).report(*case.args, **traced)
     assert report.hoisted
-    assert report.cache_bytes <= _hand_cache_bytes(case, FORMS[form], cfg), report.table()
+    assert report.cache_bytes <= hand_cache_bytes(case, FORMS[form], cfg), report.table()
 
 
 def test_fissioned_layer_scan_over_a_tiled_value_caches_one_copy():

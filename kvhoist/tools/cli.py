@@ -250,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    """``kvhoist bench``: delegate to :mod:`kvhoist.bench` (imported lazily; exit 2 if missing)."""
+    """``kvhoist bench``: delegate to :mod:`kvhoist.bench.command` (imported lazily; exit 2 if missing)."""
     try:
-        from kvhoist import bench
+        from kvhoist.bench import command as bench
     except ImportError as err:
         print(f"{PROG} bench: the benchmark module (kvhoist.bench) is not available in this install ({err})",
               file=sys.stderr)

@@ -64,7 +64,7 @@ DEMO_VARIANTS = ("plain jax.jit(sample)", "hand-written cache (kv_cache=True)", 
 def run(args: argparse.Namespace) -> int:
     """``kvhoist demo``: plain vs hand-written cache vs ``@hoist_invariants`` on a small random Wan.
 
-    Measured as ``kvhoist bench`` measures (:func:`kvhoist.bench.time_interleaved`): the three variants
+    Measured as ``kvhoist bench`` measures (:func:`kvhoist.bench.timing.time_interleaved`): the three variants
     run interleaved, the order rotating every repeat, after one compiling call and one warm-up round each;
     per variant the median and interquartile range of the process CPU time (all threads: steady on a shared
     machine) and the median wall time; speed-ups are ratios of CPU medians."""
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
     import kvhoist
-    from kvhoist.bench import time_interleaved
+    from kvhoist.bench.timing import time_interleaved
     from kvhoist.tools.progress import Progress
     from wan_ref.sample import sample
 

@@ -37,8 +37,8 @@ and wall time. Reported: median over repeats and the spread (min, max, and the i
 It is a measurement, not a test: nothing asserts a speed.
 
 Example:
-    $ python -m kvhoist.bench_dispatch --out docs/dispatch_bench.json
-    >>> from kvhoist.bench_dispatch import run_dispatch_benchmark, markdown_table
+    $ python -m kvhoist.bench.dispatch --out docs/dispatch_bench.json
+    >>> from kvhoist.bench.dispatch import run_dispatch_benchmark, markdown_table
     >>> print(markdown_table(run_dispatch_benchmark(repeats=5)))
 """
 
@@ -275,7 +275,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench_dispatch", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.dispatch", description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["pytree16", "dict555", "nnx555", "wan_step"], choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calls-scale", type=float, default=1.0)

@@ -1,4 +1,4 @@
-"""``python -m kvhoist.bench_decode``: encoder-decoder decoding, plain jit vs hoisted vs a hand-written cross K/V cache.
+"""``python -m kvhoist.bench.decode``: encoder-decoder decoding, plain jit vs hoisted vs a hand-written cross K/V cache.
 
 The model is :mod:`kvhoist.tools.examples.encdec` (T5/Whisper-like). For each encoder length (128 .. 1024), beam count
 (1 = greedy decoding, 4 = beam search with the encoder output tiled across beams) and decoder layer form
@@ -18,8 +18,8 @@ must equal plain exactly; hand may differ in the last float bits.
 Benchmarks are measurements, not tests. The machine is shared: CPU time is the steadier measure.
 
 Example:
-    $ python -m kvhoist.bench_decode                      # writes docs/decode_bench.json, prints the table
-    $ python -m kvhoist.bench_decode --quick --out /tmp/d.json   # tiny sizes, a smoke test of the script
+    $ python -m kvhoist.bench.decode                      # writes docs/decode_bench.json, prints the table
+    $ python -m kvhoist.bench.decode --quick --out /tmp/d.json   # tiny sizes, a smoke test of the script
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 import kvhoist
-from kvhoist.bench import _machine, time_interleaved
+from kvhoist.bench.timing import machine, time_interleaved
 from kvhoist.hlo import KNOWN_TRIP_COUNT, MATMUL_PATTERNS, WHILE_BODY, callees, hlo_computations, result_bytes
 from kvhoist.tools.examples import encdec as E
 
@@ -184,7 +184,7 @@ def run(*, quick: bool = False, repeats: int = 5, enc_lens: Sequence[int] | None
     cfg = QUICK_CONFIG if quick else CONFIG
     enc_lens = tuple(enc_lens or ((16, 32) if quick else ENC_LENS))
     t0 = time.perf_counter()
-    data: dict = {"machine": _machine(), "config": dataclasses.asdict(cfg), "batch": BATCH, "repeats": repeats,
+    data: dict = {"machine": machine(), "config": dataclasses.asdict(cfg), "batch": BATCH, "repeats": repeats,
                   "warmup": 1, "note": note, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     for form in FORMS:
         params = E.init_params(jax.random.key(0), cfg, scan_layers=form == "scan")
@@ -236,7 +236,7 @@ def render_markdown(data: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvhoist.bench_decode", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvhoist.bench.decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/decode_bench.json", help="JSON output (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--enc-lens", type=int, nargs="*", default=None)

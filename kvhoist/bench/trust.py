@@ -13,7 +13,7 @@ Two measurements, written to ``docs/trust_bench.json`` and printed as markdown (
   branch). Compiled ``memory_analysis()`` at a large abstract size (never executed), and the peak RSS of a
   fresh process running each variant at a size that fits this machine.
 
-Run: ``python -m kvhoist.bench_trust [--repeats N] [--out docs/trust_bench.json]``.
+Run: ``python -m kvhoist.bench.trust [--repeats N] [--out docs/trust_bench.json]``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ TINY = None  # built lazily (imports wan_ref)
 
 
 def _tiny_config():
-    from kvhoist.bench import BenchConfig
+    from kvhoist.bench.forms import BenchConfig
 
     return BenchConfig("sub-ms", "2 heads x 16, 2 layers, 16 text tokens, 16 latent tokens, 4 steps",
                        heads=2, head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, text_tokens=16,
@@ -51,7 +51,8 @@ SUBMS_FORMS = ("scan x layer-scan", "I2V + CFG", "expert cond (A14B)")
 def submillisecond(*, repeats: int = 300, log: Callable[[str], None] = print) -> dict:
     """Interleaved CPU-time medians of plain / hand / hoisted on tiny wan_ref samplers."""
     import kvhoist
-    from kvhoist.bench import FORMS, _split_kwargs, build_case, time_interleaved
+    from kvhoist.bench.forms import FORMS, build_case, split_kwargs
+    from kvhoist.bench.timing import time_interleaved
     from wan_ref.sample import sample
 
     cfg = _tiny_config()
@@ -59,7 +60,7 @@ def submillisecond(*, repeats: int = 300, log: Callable[[str], None] = print) ->
     for form_name in SUBMS_FORMS:
         form = FORMS[form_name]
         case = build_case(cfg, form)
-        static, traced = _split_kwargs(case.kwargs)
+        static, traced = split_kwargs(case.kwargs)
         args = case.args
         plain = jax.jit(functools.partial(sample, **static))
         hand = jax.jit(functools.partial(sample, **static, kv_cache=True))
@@ -130,7 +131,7 @@ def _compiled_bytes(fn, args) -> dict:
 
 _RSS_CHILD = r"""
 import resource, sys, jax, kvhoist
-from kvhoist import bench_trust as b
+from kvhoist.bench import trust as b
 fn, make = b.PROGRAMS[sys.argv[1]]
 n = int(sys.argv[2])
 f = jax.jit(fn, static_argnames=("n",)) if sys.argv[3] == "jit" else kvhoist.hoist_invariants(fn, static_argnames=("n",))
@@ -202,7 +203,7 @@ def render_markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvhoist.bench_trust", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kvhoist.bench.trust", description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=300, help="interleaved repeats per sub-ms form (default 300)")
     p.add_argument("--out", default="docs/trust_bench.json", help="JSON output path")
     p.add_argument("--skip-memory", action="store_true")

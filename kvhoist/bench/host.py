@@ -15,8 +15,8 @@ with CFG, so the invariant work is most of a step. It is a measurement, not a te
 speed; ``targets`` in the result says whether "auto within 5% of hand" held.
 
 Example:
-    $ python -m kvhoist.bench_host --config small --out docs/host_loop_bench.json
-    >>> from kvhoist.bench_host import run_host_benchmark
+    $ python -m kvhoist.bench.host --config small --out docs/host_loop_bench.json
+    >>> from kvhoist.bench.host import run_host_benchmark
     >>> result = run_host_benchmark(config="small", path="host.json")
 """
 
@@ -147,7 +147,7 @@ def run_host_benchmark(config: str = "small", *, repeats: int = 7, path: str | o
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench_host", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.host", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=None)

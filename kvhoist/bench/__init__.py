@@ -1,0 +1,15 @@
+"""The benchmarks: measurements, not tests (nothing here asserts a speed). One benchmark per module:
+
+* :mod:`kvhoist.bench.samplers`: ``kvhoist bench`` / ``python -m kvhoist.bench`` — plain ``jax.jit`` vs the
+  hand-written K/V cache vs ``hoist_invariants`` on every sampler form (docs/benchmarks.md); its command line
+  is :mod:`kvhoist.bench.command`, its ``--quick`` accelerator check :mod:`kvhoist.bench.quick`, the pass's
+  own cost :mod:`kvhoist.bench.overhead`;
+* :mod:`kvhoist.bench.decode`: encoder-decoder decoding (``python -m kvhoist.bench.decode``, docs/decode.md);
+* :mod:`kvhoist.bench.dispatch`: per-call dispatch of the host-loop wrapper (``python -m kvhoist.bench.dispatch``);
+* :mod:`kvhoist.bench.host`: a Python loop around a jitted step (``python -m kvhoist.bench.host``);
+* :mod:`kvhoist.bench.trust`: what ``hoist_invariants`` costs where it cannot help (``python -m kvhoist.bench.trust``).
+
+Shared: :mod:`kvhoist.bench.forms` (configs, sampler forms, the random case), :mod:`kvhoist.bench.timing`
+(interleaved runs, process CPU time), :mod:`kvhoist.bench.markdown` (the page); counting ops in compiled HLO is
+the compiler's :mod:`kvhoist.hlo`. Importing this package imports nothing (no jax).
+"""

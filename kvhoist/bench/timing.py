@@ -1,0 +1,87 @@
+"""How the benchmarks measure: interleaved runs with the order rotated, process CPU time beside wall time,
+peak RSS, XLA's temporaries, the machine a run happened on."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+__all__ = ["time_interleaved", "timed", "tree_bytes", "peak_rss_mib", "xla_temp_bytes", "machine"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+                     cpu_times: dict[str, list[float]] | None = None,
+                     on_call: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Wall times of each ``fns[name]()`` (blocked until ready), interleaved, order rotated per repeat.
+
+    Interleaving spreads the noise of a shared machine over all variants instead of one. ``warmup``
+    untimed rounds run first (compilation happens there). If ``cpu_times`` is given, it is filled with
+    the process CPU time (all threads, ``time.process_time``) of each call: on a machine shared with
+    other jobs that is far steadier than wall time (it does not count time spent waiting for a core).
+    ``on_call(name)`` runs after every call, warm-up ones included (``(warmup + repeats) * len(fns)``
+    calls: a progress bar's count), outside the timed region.
+
+    Returns:
+      ``{name: [seconds per repeat]}``.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            jax.block_until_ready(fns[n]())
+            if on_call is not None:
+                on_call(n)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(fns[n]())
+            times[n].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(n, []).append(time.process_time() - c0)
+            if on_call is not None:
+                on_call(n)
+    return times
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+                   if hasattr(x, "shape")))
+
+
+def peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def xla_temp_bytes(lowered: Any) -> int | None:
+    """XLA's temporary buffer bytes for a lowered program (None where the backend does not say)."""
+    try:
+        stats = lowered.compile().memory_analysis()
+        return int(stats.temp_size_in_bytes) if stats is not None else None
+    except Exception:  # memory_analysis is optional per backend
+        return None
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"), "backend": jax.default_backend(),
+            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}", "device_count": jax.device_count(),
+            "loadavg_start": list(load) if load else None}
