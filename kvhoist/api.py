@@ -22,6 +22,7 @@ signature also writes ``<prefix>.before.txt`` / ``.after.txt`` (the jaxprs) and 
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import itertools
@@ -32,6 +33,7 @@ import re
 import threading
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -214,21 +216,24 @@ def _check_options(max_cache_bytes: Any, fission: Any) -> None:
         raise ValueError(f"hoist_invariants: fission must be 'scan' or 'vmap', got {fission!r}")
 
 
-_TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
-                 jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError)
+def trace_to_jaxpr(flat_fun: Callable, leaves: Sequence, name: str, *, return_shape: bool = False,
+                   as_jit: Callable[[], Any] | None = None):
+    """``jax.make_jaxpr(flat_fun)(*leaves)``, failing with ``jax.jit``'s own error.
 
-
-def trace_to_jaxpr(flat_fun: Callable, leaves: Sequence, name: str, *, return_shape: bool = False):
-    """``jax.make_jaxpr(flat_fun)(*leaves)``, turning tracing errors into one :class:`TraceError`
-    that names the function and the fix."""
+    ``flat_fun`` takes flat leaves, so an error raised while tracing it would name ``flat_fun`` and its
+    ``dyn_leaves[3]`` instead of the user's function and argument. When tracing fails, ``as_jit()`` — a
+    zero-argument callable doing what ``jax.jit`` of the user's function does on the same arguments (e.g.
+    ``jax.jit(fun, static_argnums=...).trace(*args, **kwargs)``) — runs, and its exception propagates:
+    the same type (``ConcretizationTypeError``, ``TracerBoolConversionError``, a shape ``TypeError``, ...)
+    and message as under jit. If it does not fail, the original error is raised.
+    """
     try:
         return jax.make_jaxpr(flat_fun, return_shape=return_shape)(*leaves)
-    except _TRACE_ERRORS as err:
-        raise TraceError(
-            f"hoist_invariants could not trace {name}: it uses Python control flow or a Python "
-            f"conversion on a traced value ({type(err).__name__}). Mark that argument static "
-            f"(static_argnums=/static_argnames=) or use jax.lax.cond / jax.lax.fori_loop. "
-            f"Original error: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # noqa: BLE001 - re-raised below, or replaced by jit's own error
+        failure = err
+    if as_jit is not None:
+        as_jit()  # raises jit's own exception for the same mistake (outside the except: no chained context)
+    raise failure
 
 
 def function_name(fun: Callable) -> str:
@@ -275,68 +280,117 @@ def _hashable(x: Any) -> Any:
 
 def _leaf_key(x: Any, dynamic: bool) -> tuple:
     if dynamic:
-        a = x.aval if _is_tracer(x) else jax.typeof(x)
-        return ("d", tuple(a.shape), str(a.dtype), bool(getattr(a, "weak_type", False)))
+        return ("d", compat.aval_key(x.aval if _is_tracer(x) else jax.typeof(x)))
     return ("s", type(x), _hashable(x))  # a static value and its type, as jit keys them
 
 
-class HoistedFunction:
-    """The result of :func:`hoist_invariants`: a ``jax.jit`` whose trace goes through kvhoist.
+#: The keyword options of ``jax.jit`` in the installed JAX; :func:`hoist_invariants` passes each one through.
+JIT_OPTIONS: tuple[str, ...] = tuple(
+    n for n, p in inspect.signature(jax.jit).parameters.items() if p.kind == inspect.Parameter.KEYWORD_ONLY)
 
-    Call it like the original function. Attributes: ``fun`` (the wrapped function), ``jitted`` (the
-    underlying ``jax.jit`` object), ``static_argnums`` / ``static_argnames`` (resolved through the
-    signature, as jit resolves them), ``target``, ``max_cache_bytes``, ``fission``.
+#: Recorded signatures (``.jaxprs()`` / ``.report()``) kept per function and options, least recently traced
+#: dropped first; a dropped signature's ``.report()`` traces it again. ``clear_cache()`` and
+#: ``jax.clear_caches()`` drop them all.
+MAX_RECORDS = 32
+
+
+def _check_jit_options(options: dict, who: str = "hoist_invariants") -> None:
+    unknown = sorted(set(options) - set(JIT_OPTIONS))
+    if unknown:
+        raise TypeError(f"{who}() got an unexpected keyword argument {unknown[0]!r} (kvhoist's options: target, "
+                        f"max_cache_bytes, fission, invariant_argnums, invariant_argnames; jax.jit's: "
+                        f"{', '.join(JIT_OPTIONS)})")
+
+
+def _freeze(x: Any) -> Any:
+    """A hashable stand-in for an option value (dicts and lists by content), to share one jit per options."""
+    if isinstance(x, dict):
+        return ("dict", tuple(sorted(((k, _freeze(v)) for k, v in x.items()), key=lambda kv: repr(kv[0]))))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_freeze(v) for v in x))
+    return x
+
+
+class _SourceInfo:
+    """What jax reads from a traced function for messages and HLO metadata (``__name__``, ``__code__``:
+    "while tracing the function f at model.py:12"), without a reference to the function itself."""
+
+    def __init__(self, fun: Callable):
+        base = fun
+        while isinstance(base, functools.partial):
+            base = base.func
+        base = inspect.unwrap(base)
+        self.__name__ = function_name(fun)
+        code = getattr(base, "__code__", None)
+        if code is not None:
+            self.__code__ = code
+
+    def __repr__(self) -> str:
+        return f"<function {self.__name__}>"
+
+
+class _LastTraced(threading.local):
+    """What this thread's latest trace of a hoisted function recorded, while ``listening`` (``.report()``
+    tracing a signature whose record it needs); never held otherwise (records are freed with the cache)."""
+
+    listening: bool = False
+    record: "_Traced | None" = None
+
+
+_last_traced = _LastTraced()
+
+
+class _Twin:
+    """The ``jax.jit`` of one function with one set of options, shared by every :class:`HoistedFunction`
+    made from them — so ``hoist_invariants(f)(x)`` called five times traces once, as ``jax.jit(f)(x)``
+    does. jit keys its caches on the function it wraps; that function is ``traced`` below, made once per
+    (function, options) and held in :data:`_TWINS` only as long as the user's function lives. It reaches the
+    user's function through a weak reference (so the table never keeps it alive) and carries its signature
+    and source location (so jit resolves static/donated argument names and names the function in its
+    errors exactly as for ``jax.jit(fun)``).
     """
 
-    def __init__(self, fun: Callable, *, target: Any = None, static_argnums=None, static_argnames=None,
-                 donate_argnums=None, donate_argnames=None, in_shardings: Any = None,
-                 out_shardings: Any = None, keep_unused: bool = False, max_cache_bytes: int | None = None,
-                 fission: str = "scan"):
-        if not callable(fun):
-            raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
-        _check_options(max_cache_bytes, fission)
-        self.fun = fun
-        self.max_cache_bytes = max_cache_bytes
-        self.fission = fission
-        self.target = target
-        if target is not None:
-            from kvhoist.targets import get_target
+    def __init__(self, fun: Callable, name: str, target: Any, max_cache_bytes: int | None, fission: str,
+                 jit_options: dict, shared: bool):
+        self.name = name
+        self.target, self.max_cache_bytes, self.fission = target, max_cache_bytes, fission
+        if shared:
+            self._fun = weakref.ref(fun)
+        else:
+            self._fun = lambda: fun
+        self.records: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+        twin = self
 
-            self.target = get_target(target)  # an unknown name fails now, listing the known ones
-        self.__name__ = function_name(fun)
-        nums = _normalize_argnums(static_argnums)
-        names = _normalize_argnames(static_argnames)
-        self.static_argnums, self.static_argnames = _resolve_static(fun, nums, names, self.__name__)
-        self._records: dict = {}
-        self._last: list = []
-        self._lock = threading.Lock()
-
-        @functools.wraps(fun)
         def traced(*args, **kwargs):
-            return self._rewrite_and_eval(args, kwargs)
+            return twin.rewrite_and_eval(args, kwargs)
 
-        jit_kwargs: dict = dict(static_argnums=self.static_argnums or None,
-                                static_argnames=self.static_argnames or None, keep_unused=keep_unused)
-        if donate_argnums is not None:
-            jit_kwargs["donate_argnums"] = donate_argnums
-        if donate_argnames is not None:
-            jit_kwargs["donate_argnames"] = donate_argnames
-        if in_shardings is not None:
-            jit_kwargs["in_shardings"] = in_shardings
-        if out_shardings is not None:
-            jit_kwargs["out_shardings"] = out_shardings
-        self._jit_name = traced.__name__  # jax's events name the compile `jit(<this>)` (compile log line)
-        self.jitted = jax.jit(traced, **jit_kwargs)
-        functools.update_wrapper(self, fun, updated=())
-        self.__name__ = function_name(fun)
+        traced.__name__ = traced.__qualname__ = name
+        traced.__module__ = getattr(fun, "__module__", None) or __name__
+        traced.__doc__ = getattr(fun, "__doc__", None)
+        try:
+            traced.__signature__ = inspect.signature(fun)
+        except (TypeError, ValueError):
+            pass
+        traced.__wrapped__ = _SourceInfo(fun)
+        self.jit_name = name  # jax's events name the compile `jit(<this>)` (compile log line)
+        self.jitted = jax.jit(traced, **jit_options)
+        _ALL_TWINS.add(self)
+
+    def fun(self) -> Callable:
+        f = self._fun()
+        if f is None:  # only reachable through a kept `.jitted` whose HoistedFunction and function died
+            raise KvhoistError(f"hoist_invariants: {self.name} was garbage-collected; keep the decorated function")
+        return f
 
     # -- inside jit's trace ----------------------------------------------------------------------
-    def _rewrite_and_eval(self, args: tuple, kwargs: dict):
+    def rewrite_and_eval(self, args: tuple, kwargs: dict):
         """Run by ``jax.jit`` while it traces: trace ``fun`` on the abstract inputs, rewrite, evaluate."""
+        fun = self.fun()
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
         dyn = [i for i, x in enumerate(leaves) if _is_tracer(x)]
-        key = (tree, tuple(_leaf_key(x, i in set(dyn)) for i, x in enumerate(leaves)), compat.trace_context())
-        fun = self.fun
+        dyn_set = set(dyn)
+        key = (tree, tuple(_leaf_key(x, i in dyn_set) for i, x in enumerate(leaves)), compat.trace_context())
 
         def flat_fun(*dyn_leaves):
             full = list(leaves)
@@ -345,26 +399,51 @@ class HoistedFunction:
             a, k = jax.tree_util.tree_unflatten(tree, full)
             return fun(*a, **k)
 
-        specs = [jax.ShapeDtypeStruct(leaves[i].aval.shape, leaves[i].aval.dtype,
-                                      weak_type=getattr(leaves[i].aval, "weak_type", False)) for i in dyn]
+        # Exactly the types of jit's tracers: sharding (Explicit axes) and varying manual axes included.
+        specs = [compat.abstract_arg(leaves[i].aval) for i in dyn]
         t0 = time.perf_counter()
-        before, out_shape = trace_to_jaxpr(flat_fun, specs, self.__name__, return_shape=True)
+        try:
+            before, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*specs)
+        except Exception as err:  # noqa: BLE001 - jit's own trace below raises its own error
+            failure = err
+        else:
+            failure = None
+        if failure is not None:
+            return self._as_jit(fun, args, kwargs, failure)
         t1 = time.perf_counter()
         signature = signature_text(specs, LOG_INPUTS) if logger.isEnabledFor(logging.INFO) else ""
         if logger.isEnabledFor(logging.INFO):
-            logger.info("traced %s (%s) in %.3f s: %d equations", self.__name__, signature, t1 - t0,
+            logger.info("traced %s (%s) in %.3f s: %d equations", self.name, signature, t1 - t0,
                         count_equations(before))
         after, report = self._optimize(before)
-        log_report(self.__name__, report, time.perf_counter() - t1)
+        log_report(self.name, report, time.perf_counter() - t1)
         if os.environ.get(DUMP_ENV):
-            dump_signature(self.__name__, signature_text(specs), before, after, report)
-        _expect_compile(self._jit_name, self.__name__, signature)
+            dump_signature(self.name, signature_text(specs), before, after, report)
+        _expect_compile(self.jit_name, self.name, signature)
         record = _Traced(before, after, report)
-        with self._lock:
-            self._records[key] = record
-            self._last.append(record)
+        with self.lock:
+            self.records[key] = record
+            self.records.move_to_end(key)
+            while len(self.records) > MAX_RECORDS:
+                self.records.popitem(last=False)
         out = compat.jaxpr_as_fun(after)(*(leaves[i] for i in dyn))
+        if _last_traced.listening:
+            _last_traced.record = record
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), list(out))
+
+    def _as_jit(self, fun: Callable, args: tuple, kwargs: dict, failure: Exception):
+        """The re-trace failed: trace ``fun`` on jit's own tracers, as ``jax.jit(fun)`` does. A mistake in
+        ``fun`` (Python ``if`` on a traced value, a shape error) raises jit's own exception, type and
+        message; if ``fun`` traces there, the re-trace was kvhoist's failure and the program runs as traced."""
+        out = fun(*args, **kwargs)
+        if strict():
+            raise KvhoistError(f"hoist_invariants could not re-trace {self.name} on the abstract values jit "
+                               f"traces it with ({type(failure).__name__}: {str(failure).splitlines()[0][:300]})"
+                               ) from failure
+        warnings.warn(f"kvhoist could not re-trace {self.name} ({type(failure).__name__}: "
+                      f"{str(failure).splitlines()[0][:300]}); it runs unoptimised, as under jax.jit. Please "
+                      "report this.", KvhoistWarning, stacklevel=4)
+        return out
 
     def _optimize(self, before):
         from kvhoist.passes.pipeline import optimize
@@ -375,7 +454,7 @@ class HoistedFunction:
         except Exception as err:
             if strict():
                 raise
-            warnings.warn(f"kvhoist could not optimise {self.__name__} ({type(err).__name__}: "
+            warnings.warn(f"kvhoist could not optimise {self.name} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300]}); it runs unoptimised, as under jax.jit. "
                           "Please report this.", KvhoistWarning, stacklevel=4)
             report = Report(notes=[Note("refused", f"the pipeline failed ({type(err).__name__}); "
@@ -383,14 +462,114 @@ class HoistedFunction:
             return before, report
         if not report.hoisted and not _has_loop(before):
             report.notes.append(Note("hint", (
-                f"{self.__name__} traces to a program without a scan/fori_loop/while_loop, so there is no loop "
+                f"{self.name} traces to a program without a scan/fori_loop/while_loop, so there is no loop "
                 "to hoist out of. If the denoising loop is a Python loop that calls a jitted step, decorate the "
                 "step with hoist_invariants(step, invariant_argnames=(...)) instead (host-loop hoisting).")))
         return after, report
 
+    def clear_records(self) -> None:
+        with self.lock:
+            self.records.clear()
+
+
+# Every twin alive, for jax.clear_caches(); and the shared twins by function identity:
+# id(fun) -> (weak reference to fun, {options key: _Twin}). An entry goes when its function dies.
+_ALL_TWINS: "weakref.WeakSet[_Twin]" = weakref.WeakSet()
+_TWINS: dict = {}
+_TWINS_LOCK = threading.Lock()
+
+
+class _ClearRecords:
+    """Registered with ``jax.clear_caches()`` (jax's cache registry): it drops every twin's records."""
+
+    def cache_clear(self) -> None:
+        for twin in list(_ALL_TWINS):
+            twin.clear_records()
+
+    def cache_info(self) -> int:
+        return sum(len(t.records) for t in list(_ALL_TWINS))
+
+    def cache_keys(self) -> list:
+        return [k for t in list(_ALL_TWINS) for k in list(t.records)]
+
+
+_clear_records = _ClearRecords()  # jax's registry holds it weakly
+try:
+    compat.register_cache_clear(_clear_records, "kvhoist recorded jaxprs")
+except Exception:  # pragma: no cover - a jax without the registry: clear_cache() still frees them
+    pass
+
+
+def _forget_function(fid: int, ref: Any) -> None:
+    with _TWINS_LOCK:
+        entry = _TWINS.get(fid)
+        if entry is not None and entry[0] is ref:
+            del _TWINS[fid]
+
+
+def _twin_for(fun: Callable, name: str, options_key: Any, make: Callable[[bool], _Twin]) -> _Twin:
+    """The shared :class:`_Twin` of ``fun`` (by identity, as jit's caches) and these options; a private one
+    when ``fun`` cannot be weakly referenced or an option value cannot be hashed."""
+    try:
+        hash(options_key)
+        ref = weakref.ref(fun, functools.partial(_forget_function, id(fun)))
+    except TypeError:
+        return make(False)
+    with _TWINS_LOCK:
+        entry = _TWINS.get(id(fun))
+        if entry is None or entry[0]() is not fun:
+            entry = (ref, {})
+            _TWINS[id(fun)] = entry
+        twin = entry[1].get(options_key)
+        if twin is None:
+            twin = entry[1][options_key] = make(True)
+    return twin
+
+
+class HoistedFunction:
+    """The result of :func:`hoist_invariants`: a ``jax.jit`` whose trace goes through kvhoist.
+
+    Call it like the original function. Attributes: ``fun`` (the wrapped function), ``jitted`` (the
+    underlying ``jax.jit`` object, shared by every ``hoist_invariants`` of the same function with the same
+    options, as ``jax.jit(fun)`` shares its caches), ``static_argnums`` / ``static_argnames`` (resolved
+    through the signature, as jit resolves them), ``jit_options`` (what ``jax.jit`` receives), ``target``,
+    ``max_cache_bytes``, ``fission``.
+    """
+
+    def __init__(self, fun: Callable, *, target: Any = None, max_cache_bytes: int | None = None,
+                 fission: str = "scan", **jit_options: Any):
+        if not callable(fun):
+            raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
+        _check_options(max_cache_bytes, fission)
+        _check_jit_options(jit_options)
+        self._given = dict(target=target, max_cache_bytes=max_cache_bytes, fission=fission, **jit_options)
+        self.fun = fun
+        self.max_cache_bytes = max_cache_bytes
+        self.fission = fission
+        self.target = target
+        if target is not None:
+            from kvhoist.targets import get_target
+
+            self.target = get_target(target)  # an unknown name fails now, listing the known ones
+        self.__name__ = function_name(fun)
+        nums = _normalize_argnums(jit_options.get("static_argnums"))
+        names = _normalize_argnames(jit_options.get("static_argnames"))
+        self.static_argnums, self.static_argnames = _resolve_static(fun, nums, names, self.__name__)
+        options = dict(jit_options)
+        options["static_argnums"] = self.static_argnums or None
+        options["static_argnames"] = self.static_argnames or None
+        self.jit_options = options
+        key = (_freeze(self.target), max_cache_bytes, fission, _freeze(options))
+        self._twin = _twin_for(fun, self.__name__, key, lambda shared: _Twin(
+            fun, self.__name__, self.target, max_cache_bytes, fission, options, shared))
+        self.jitted = self._twin.jitted
+        self._jit_name = self._twin.jit_name
+        functools.update_wrapper(self, fun, updated=())
+        self.__name__ = function_name(fun)
+
     # -- reading what tracing recorded -----------------------------------------------------------
     def _key_of_call(self, args: tuple, kwargs: dict) -> tuple:
-        """The key ``_rewrite_and_eval`` computes for this call, from concrete arguments."""
+        """The key ``_Twin.rewrite_and_eval`` computes for this call, from concrete arguments."""
         parts, is_static = [], []
         for i, a in enumerate(args):
             leaves = jax.tree_util.tree_leaves(a)
@@ -405,29 +584,38 @@ class HoistedFunction:
         return (tree, keys, compat.trace_context())
 
     def _record(self, args: tuple, kwargs: dict) -> _Traced:
+        twin = self._twin
         try:
-            hit = self._records.get(self._key_of_call(args, kwargs))
+            key = self._key_of_call(args, kwargs)
+            with twin.lock:
+                hit = twin.records.get(key)
+                if hit is not None:
+                    twin.records.move_to_end(key)
         except Exception:
             hit = None
         if hit is not None:
             return hit
-        with self._lock:
-            self._last.clear()
-        self.jitted.trace(*args, **kwargs)
-        _compile_log.pending = None
-        with self._lock:
-            if self._last:
-                return self._last[-1]
-        # jit had this signature cached under a key we could not reproduce: trace once more, fresh.
-        fresh = HoistedFunction(self.fun, target=self.target, static_argnums=self.static_argnums,
-                                static_argnames=self.static_argnames, max_cache_bytes=self.max_cache_bytes,
-                                fission=self.fission)
-        fresh.jitted.trace(*args, **kwargs)
-        _compile_log.pending = None
-        return fresh._last[-1]
+        for t in (twin, None):
+            if t is None:
+                # jit had this signature cached (its record was dropped, or jit keys it differently than
+                # we can reproduce): trace once more with a private twin.
+                t = _Twin(self.fun, self.__name__, self.target, self.max_cache_bytes, self.fission,
+                          self.jit_options, shared=False)
+            _last_traced.record, _last_traced.listening = None, True
+            try:
+                t.jitted.trace(*args, **kwargs)
+            finally:
+                _compile_log.pending = None
+                _last_traced.listening = False
+            record, _last_traced.record = _last_traced.record, None
+            if record is not None:
+                return record
+        raise KvhoistError(f"hoist_invariants: tracing {self.__name__} recorded nothing")  # pragma: no cover
 
     # -- public ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if compat.jit_disabled():  # jax.disable_jit(): jax.jit calls the function itself, eagerly
+            return self.fun(*args, **kwargs)
         return self.jitted(*args, **kwargs)
 
     def jaxprs(self, *args, **kwargs) -> tuple[Any, Any]:
@@ -461,15 +649,27 @@ class HoistedFunction:
             _compile_log.pending = None  # traced, not compiled here: no compile line to wait for
 
     def clear_cache(self) -> None:
-        """Drop jit's compiled programs and the recorded jaxprs/reports."""
+        """Drop jit's compiled programs and the recorded jaxprs/reports (``jax.clear_caches()`` drops both
+        too, for every hoisted function)."""
         self.jitted.clear_cache()
-        with self._lock:
-            self._records.clear()
+        self._twin.clear_records()
 
     def __get__(self, obj, objtype=None):
         if obj is None:
             return self
         return functools.partial(self, obj)
+
+    def __copy__(self) -> "HoistedFunction":
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "HoistedFunction":
+        """Like ``copy.deepcopy(jax.jit(f))``: a new wrapper of a deep copy of ``f`` (a plain function is
+        its own deep copy, so the copy shares the traces and compiled programs)."""
+        import copy
+
+        return type(self)(copy.deepcopy(self.fun, memo), **self._given)
 
     def __repr__(self) -> str:
         return f"<hoist_invariants {self.__name__}>"
@@ -502,24 +702,21 @@ def _resolve_static(fun: Callable, nums: tuple, names: tuple, name: str) -> tupl
     return tuple(sorted(set(out_nums))), tuple(dict.fromkeys(out_names))
 
 
-def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_argnums=None,
-                     static_argnames=None, max_cache_bytes: int | None = None,
-                     invariant_argnums: int | Sequence[int] | None = None,
-                     invariant_argnames: str | Sequence[str] | None = None, fission: str = "scan",
-                     donate_argnums=None, donate_argnames=None, in_shardings: Any = None,
-                     out_shardings: Any = None, keep_unused: bool = False):
+def hoist_invariants(fun: Callable | None = None, *, target: Any = None, max_cache_bytes: int | None = None,
+                     fission: str = "scan", invariant_argnums: int | Sequence[int] | None = None,
+                     invariant_argnames: str | Sequence[str] | None = None, **jit_options: Any):
     """Compile ``fun`` with loop-invariant work hoisted out of its loops.
 
-    Usable bare (``@hoist_invariants``) or with options (``@hoist_invariants(target="v6e")``).
+    Usable bare (``@hoist_invariants``) or with options (``@hoist_invariants(target="v6e")``). The result
+    is ``jax.jit``'s twin: same dispatch, trace cache (keyed on ``fun`` itself: decorating the same function
+    again reuses its traces), exceptions, ``jax.disable_jit()`` behaviour, ``copy`` / ``deepcopy``, and
+    every ``jax.jit`` keyword.
 
     Args:
       fun: the function, typically a diffusion sampler containing a ``lax.scan`` / ``fori_loop`` /
         ``while_loop`` over steps.
       target: a TPU generation name or :class:`kvhoist.targets.Target`; when given, image-token
         padding is re-aligned to the target's MXU tile (see :func:`kvhoist.repad_tokens`).
-      static_argnums, static_argnames: as in ``jax.jit`` (resolved through the signature; static values
-        are keyed by value and type, as jit keys them).
-      donate_argnums, donate_argnames, in_shardings, out_shardings, keep_unused: passed to ``jax.jit``.
       max_cache_bytes: optional budget (an int, bytes) for the hoisted values; checked here.
       fission: ``"scan"`` (default) or ``"vmap"``: how per-layer invariant work split out of a nested
         layer scan is computed (a separate scan, or one batched computation); see :func:`kvhoist.licm`.
@@ -527,6 +724,12 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
         stay the same across *calls* (weights, prompt/image embeddings). The work that depends only on
         them runs once per distinct set of them and is cached; later calls run only the rest. Returns a
         :class:`kvhoist.host.HostHoistedFunction` instead.
+      **jit_options: any keyword of ``jax.jit`` (:data:`JIT_OPTIONS`: ``static_argnums``,
+        ``static_argnames``, ``donate_argnums``, ``donate_argnames``, ``in_shardings``, ``out_shardings``,
+        ``keep_unused``, ``device``, ``backend``, ``inline``, ``compiler_options``, ...), passed to it
+        unchanged (static arguments are resolved through the signature, as jit resolves them). Host-loop
+        mode takes the static and donated arguments (varying ones only) and the program-wide options.
+
     Returns:
       A :class:`HoistedFunction` — a ``jax.jit`` whose trace goes through kvhoist — with
       ``.jaxprs(...)``, ``.report(...)``, ``.lower(...)``, ``.trace(...)``, ``.eval_shape(...)``. With
@@ -540,25 +743,16 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, static_
       >>> print(sample.report(model, latents, context, steps=30).table())
     """
     _check_options(max_cache_bytes, fission)
+    _check_jit_options(jit_options)
 
     def wrap(f):
         if invariant_argnums is not None or invariant_argnames is not None:
             from kvhoist.host import HostHoistedFunction
 
-            if any(o is not None for o in (donate_argnums, donate_argnames, in_shardings, out_shardings)):
-                raise KvhoistError("hoist_invariants: donate_argnums/donate_argnames/in_shardings/out_shardings "
-                                   "are not supported with host-loop hoisting (invariant_argnums/argnames)")
-
             return HostHoistedFunction(f, invariant_argnums=() if invariant_argnums is None else invariant_argnums,
                                        invariant_argnames=() if invariant_argnames is None else invariant_argnames,
-                                       target=target,
-                                       static_argnums=() if static_argnums is None else static_argnums,
-                                       static_argnames=() if static_argnames is None else static_argnames,
-                                       max_cache_bytes=max_cache_bytes)
-        return HoistedFunction(f, target=target, static_argnums=static_argnums,
-                               static_argnames=static_argnames, max_cache_bytes=max_cache_bytes,
-                               fission=fission, donate_argnums=donate_argnums, donate_argnames=donate_argnames,
-                               in_shardings=in_shardings, out_shardings=out_shardings, keep_unused=keep_unused)
+                                       target=target, max_cache_bytes=max_cache_bytes, **jit_options)
+        return HoistedFunction(f, target=target, max_cache_bytes=max_cache_bytes, fission=fission, **jit_options)
 
     if fun is None:
         return wrap

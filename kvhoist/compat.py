@@ -304,6 +304,60 @@ def eval_primitive(primitive: Any, args: Sequence[Any], params: dict) -> Any:
 # directly (no wrapper call: the host-loop hit path calls it on every call).
 trace_context = _config.trace_context
 
+_disable_jit_state = _config.disable_jit
+
+
+def jit_disabled() -> bool:
+    """Whether ``jax.disable_jit()`` is in effect (``jax.jit`` then calls the function eagerly)."""
+    return bool(_disable_jit_state.value)
+
+
+def _abstract_mesh_part(aval: Any) -> tuple[Any, Any]:
+    """``(sharding, manual axis type)`` of ``aval`` that are part of its type, else None each.
+
+    A sharding is part of the type on a non-empty mesh (Explicit axes print as ``float32[16@x,4]``; Auto
+    and Manual axes carry a mesh too); the manual axis type (varying manual axes, ``float32[2,4]{V:x}``
+    inside ``shard_map``) when it names any axis. jax's own ``ShapeDtypeStruct.like`` keeps the same two.
+    """
+    sharding = getattr(aval, "sharding", None)
+    if sharding is not None and getattr(getattr(sharding, "mesh", None), "empty", True):
+        sharding = None
+    mat = getattr(aval, "mat", None)  # jax 0.10 and 0.12: ManualAxisType (varying / unreduced / reduced)
+    if mat is not None and getattr(mat, "empty", False):
+        mat = None
+    return sharding, mat
+
+
+def abstract_arg(aval: Any) -> jax.ShapeDtypeStruct:
+    """A ``jax.ShapeDtypeStruct`` that ``jax.make_jaxpr`` re-traces to exactly ``aval``: shape, dtype, weak
+    type, the sharding under Explicit / Manual mesh axes and the varying manual axes inside ``shard_map``.
+
+    ``hoist_invariants`` re-traces the user's function on the avals of ``jax.jit``'s tracers; a spec with
+    shape and dtype only would drop ``16@x`` (a ``fori_loop`` over an Explicit-sharded carry then fails
+    to type-check) or ``{V:x}`` (a ``psum`` result times a varying value mismatches).
+    """
+    sharding, mat = _abstract_mesh_part(aval)
+    kwargs: dict = {"weak_type": bool(getattr(aval, "weak_type", False))}
+    if sharding is not None:
+        kwargs["sharding"] = sharding
+    if mat is not None:
+        kwargs["manual_axis_type"] = mat
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, **kwargs)
+
+
+def aval_key(aval: Any) -> tuple:
+    """A hashable key of everything in ``aval`` a re-trace depends on (see :func:`abstract_arg`)."""
+    sharding, mat = _abstract_mesh_part(aval)
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)), sharding, mat)
+
+
+def register_cache_clear(obj: Any, name: str) -> None:
+    """Let ``jax.clear_caches()`` call ``obj.cache_clear()`` (jax's registry of caches; it holds ``obj``
+    weakly, so the caller keeps it alive). ``obj`` also needs ``cache_info()`` and ``cache_keys()``."""
+    from jax._src import util as _util
+
+    _util.register_cache(obj, name)
+
 
 def is_jaxpr(j: Any) -> bool:
     """A (closed or open) jaxpr of the installed JAX."""

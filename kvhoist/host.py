@@ -73,9 +73,9 @@ import numpy as np
 
 from kvhoist import compat
 from kvhoist.analysis import cost
-from kvhoist.api import (DUMP_ENV, LOG_INPUTS, KvhoistError, _normalize_argnames, _normalize_argnums,
-                         count_equations, dump_signature, function_name, log_report, logger, signature_text,
-                         trace_to_jaxpr)
+from kvhoist.api import (DUMP_ENV, LOG_INPUTS, KvhoistError, _check_jit_options, _normalize_argnames,
+                         _normalize_argnums, count_equations, dump_signature, function_name, log_report, logger,
+                         signature_text, trace_to_jaxpr)
 from kvhoist.ir import Block, used_vars
 from kvhoist.report import Report
 
@@ -267,7 +267,7 @@ class _Program:
 
 
 def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature: tuple,
-               step_var: Sequence[int]) -> Callable:
+               step_var: Sequence[int], donate: tuple = (), jit_options: dict | None = None) -> Callable:
     """The step as ``jax.jit(run)(values, inv, *varying arguments as passed)``.
 
     jit's C++ fast path then flattens and checks the varying arguments itself (no ``jax.typeof`` per
@@ -286,7 +286,8 @@ def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature
         return jax.tree_util.tree_unflatten(out_tree, list(out))
 
     run.__name__ = run.__qualname__ = f"{name}_step"
-    return jax.jit(run)
+    # ``donate``: positions in (values, inv, *varying arguments) of the donated varying arguments.
+    return jax.jit(run, donate_argnums=tuple(donate) or None, **(jit_options or {}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,11 +439,21 @@ class HostHoistedFunction:
 
     def __init__(self, fun: Callable, *, invariant_argnums=(), invariant_argnames=(), static_argnums=(),
                  static_argnames=(), max_cache_bytes: int | None = None, target: Any = None,
-                 max_cache_entries: int = 2):
+                 max_cache_entries: int = 2, donate_argnums=None, donate_argnames=None, **jit_options: Any):
         if not callable(fun):
             raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
         if not isinstance(max_cache_entries, int) or max_cache_entries < 1:
             raise ValueError(f"max_cache_entries must be a positive int, got {max_cache_entries!r}")
+        _check_jit_options(jit_options)
+        placed = sorted(k for k in ("in_shardings", "out_shardings") if k in jit_options)
+        if placed:
+            raise KvhoistError(f"hoist_invariants: {placed[0]} is not supported with host-loop hoisting "
+                               "(invariant_argnums/argnames): it names the step's arguments, but the compiled "
+                               "programs are a prologue and a step with other arguments; place the arrays "
+                               "with jax.device_put (shardings follow the committed inputs)")
+        # Program-wide jax.jit options (keep_unused, device, backend, inline, compiler_options, ...) go to
+        # every program compiled here (prologue and step).
+        self.jit_options = dict(jit_options)
         self.fun = fun
         self.max_cache_bytes = max_cache_bytes
         self.max_cache_entries = max_cache_entries
@@ -462,6 +473,8 @@ class HostHoistedFunction:
                                                _normalize_argnames(invariant_argnames),
                                                _normalize_argnums(static_argnums),
                                                _normalize_argnames(static_argnames))
+        self.donate_argnums, self.donate_argnames = self._resolve_donated(
+            _normalize_argnums(donate_argnums, "donate_argnums"), _normalize_argnames(donate_argnames, "donate_argnames"))
         self._programs: dict = {}         # program key -> _Program
         self._entries: collections.OrderedDict = collections.OrderedDict()  # serial -> _Entry, LRU order
         self._index: dict = {}            # entry key (program key, identity key) -> _Entry (slow path)
@@ -535,6 +548,47 @@ class HostHoistedFunction:
             raise ValueError(f"hoist_invariants: argument {n!r} of {what} is static and cannot also be "
                              "invariant; drop it from invariant_argnums/invariant_argnames")
         return inv_nums, inv_names, st_nums, st_names
+
+    def _resolve_donated(self, nums: tuple, names: tuple) -> tuple[tuple, tuple]:
+        """``donate_argnums`` / ``donate_argnames`` completed through the signature; only varying arguments
+        may be donated (one error naming why for an invariant or static one)."""
+        pos = self._positional_params()
+        what = f"{self.__name__}{self._signature if self._signature is not None else '(...)'}"
+        params = {} if self._signature is None else dict(self._signature.parameters)
+        has_varkw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        for n in names:
+            if self._signature is not None and not has_varkw and n not in params:
+                raise ValueError(f"hoist_invariants: donate_argnames={n!r} is not a parameter of {what}")
+        idx = {p.name: i for i, p in enumerate(pos)}
+        if self._signature is not None and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+            for i in nums:
+                if not -len(pos) <= i < len(pos):
+                    raise ValueError(f"hoist_invariants: donate_argnums={i} is out of range: {what} has "
+                                     f"{len(pos)} positional parameter(s)")
+            nums = tuple(i % len(pos) for i in nums)
+        nums = tuple(sorted(set(nums) | {idx[n] for n in names if n in idx}))
+        names = tuple(sorted(set(names) | {pos[i].name for i in nums if 0 <= i < len(pos)}))
+        for i, n in [(i, None) for i in nums] + [(None, n) for n in names]:
+            label = repr(n) if n is not None else f"{i}" + (f" ({pos[i].name!r})" if 0 <= i < len(pos) else "")
+            if (i is not None and i in self.invariant_argnums) or n in self.invariant_argnames:
+                raise KvhoistError(
+                    f"hoist_invariants: argument {label} of {what} is invariant and cannot be donated: its "
+                    "arrays stay cached across calls (the prologue's results are keyed on them and the step "
+                    "may read them again), so they must stay alive; donate only varying arguments")
+            if (i is not None and i in self.static_argnums) or n in self.static_argnames:
+                raise ValueError(f"hoist_invariants: argument {label} of {what} is static and cannot be donated")
+        return nums, names
+
+    def _donated(self, slot: Any) -> bool:
+        """Whether the argument in ``slot`` (a name, ``("*", k)`` or ``("**", key)``) is donated."""
+        if isinstance(slot, str):
+            name, position = slot, {p.name: i for i, p in enumerate(self._positional_params())}.get(slot)
+        elif slot[0] == "*":
+            name = None
+            position = len(self._positional_params()) + slot[1] if self._signature is not None else slot[1]
+        else:
+            name, position = slot[1], None
+        return (position is not None and position in self.donate_argnums) or name in self.donate_argnames
 
     # -- binding a call ---------------------------------------------------------------------------
     def _classify(self, slot: Any, position: int | None) -> str:
@@ -695,8 +749,13 @@ class HostHoistedFunction:
             out_store.append(tree)
             return leaves
 
+        def as_jit():  # what jax.jit(fun) does with these arguments: raises jit's own error for a mistake
+            args, kwargs = self._rebuild(layout, call.inv_leaves, call.var_leaves)
+            jax.jit(self.fun, static_argnums=self.static_argnums or None,
+                    static_argnames=self.static_argnames or None).trace(*args, **kwargs)
+
         t0 = time.perf_counter()
-        before = trace_to_jaxpr(flat_fun, [*call.inv_leaves, *call.var_leaves], self.__name__)
+        before = trace_to_jaxpr(flat_fun, [*call.inv_leaves, *call.var_leaves], self.__name__, as_jit=as_jit)
         t1 = time.perf_counter()
         leaves = [*call.inv_leaves, *call.var_leaves]
         signature = signature_text(leaves, LOG_INPUTS) if logger.isEnabledFor(logging.INFO) else ""
@@ -754,6 +813,8 @@ class HostHoistedFunction:
                                               "arguments; every call runs the whole step"))
         step_inv = [position[v] for v in st_inv]
         step_var = [var_position[v] for v in st_var]
+        var_slots = [slot for slot, cls in layout.slots if cls == _VARYING]
+        donate = tuple(2 + k for k, slot in enumerate(var_slots) if self._donated(slot))
         log_report(f"host-loop step {self.__name__}", report, time.perf_counter() - t1)
         if os.environ.get(DUMP_ENV):
             dump_signature(self.__name__, signature_text(leaves), before,
@@ -762,11 +823,11 @@ class HostHoistedFunction:
         return _Program(
             before=before, prologue=prologue, step=step, report=report, out_tree=out_tree,
             prologue_inv=[position[v] for v in pro_inv], step_inv=step_inv, step_var=step_var,
-            prologue_fn=None if ext.empty else jax.jit(compat.jaxpr_as_fun(prologue)),
+            prologue_fn=None if ext.empty else jax.jit(compat.jaxpr_as_fun(prologue), **self.jit_options),
             step_call=_step_call(self.__name__, step, out_tree, layout.var_tree, _signature(call.var_leaves),
-                                 step_var),
-            step_flat=jax.jit(compat.jaxpr_as_fun(step)), take_step_inv=_taker(step_inv, n_inv),
-            var_tree=layout.var_tree, direct=_UNBUILT)
+                                 step_var, donate, self.jit_options),
+            step_flat=jax.jit(compat.jaxpr_as_fun(step), **self.jit_options), take_step_inv=_taker(step_inv, n_inv),
+            var_tree=layout.var_tree, direct=None if donate else _UNBUILT)
 
     # -- running -------------------------------------------------------------------------------
     def _run_prologue(self, prog: _Program, inv_leaves: Sequence) -> tuple:

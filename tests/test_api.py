@@ -89,14 +89,23 @@ def test_error_non_callable():
         kvhoist.hoist_invariants(42)
 
 
-def test_error_untraceable_names_fix():
-    def bad(x):
+def test_error_untraceable_is_jits_own_error():
+    """Python control flow on a traced value raises exactly jax.jit's exception: its type (a user's
+    ``except jax.errors.ConcretizationTypeError`` still catches it) and its message, which names the
+    function and the argument (not kvhoist's flattened re-trace), in both the jit twin and host-loop mode."""
+    def bad(x, w):
         if x.sum() > 0:            # Python control flow on a traced value
-            return x
+            return x * w
         return -x
 
-    with pytest.raises(kvhoist.TraceError, match="static_argnums|lax.cond"):
-        kvhoist.hoist_invariants(bad)(X)
+    with pytest.raises(jax.errors.TracerBoolConversionError) as want:
+        jax.jit(bad)(X, W[0])
+    for hf in (kvhoist.hoist_invariants(bad), kvhoist.hoist_invariants(bad, invariant_argnums=1)):
+        with pytest.raises(jax.errors.ConcretizationTypeError) as got:
+            hf(X, W[0])
+        assert type(got.value) is type(want.value)
+        assert str(got.value) == str(want.value)
+        assert "the function bad at" in str(got.value) and "argument x" in str(got.value)
 
 
 def test_error_unhashable_static_arg_is_jits_error():
