@@ -587,3 +587,50 @@ def test_direct_path_falls_back_to_jit_semantics(monkeypatch):
     with pytest.raises(Exception, match="delete"):
         f(params, ctx, x)
     assert f.prologue_runs == 2  # params, then params with a new w001
+
+
+def _g(w, ctx, x):  # the output has x's shape and dtype: its buffer can be donated
+    return x * 0.5 + jnp.tanh(ctx @ w).sum(0)
+
+
+def test_donated_varying_arguments_are_donated_like_jit():
+    """donate_argnums / donate_argnames of varying arguments: the buffer is consumed as under jax.jit(step,
+    donate_argnums=...), on the first (slow) call and on every cache hit; values and the cache unchanged."""
+    for kw in ({"donate_argnums": 2}, {"donate_argnames": "x"}, {"donate_argnums": (2,), "donate_argnames": "x"}):
+        W, CTX, X = _fresh()
+        hf = kvhoist.hoist_invariants(_g, invariant_argnums=(0, 1), **kw)
+        ref = jax.jit(_g, **kw)
+        x = X
+        for i in range(3):
+            mine, theirs = x + 0.0, x + 0.0
+            out = hf(W, CTX, mine)
+            want = ref(W, CTX, theirs)
+            assert theirs.is_deleted() and mine.is_deleted(), (kw, i)
+            np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
+            x = out
+        assert hf.prologue_runs == 1 and hf.cache_info().hits == 2
+        assert not W.is_deleted() and not CTX.is_deleted()
+
+
+def test_donating_an_invariant_argument_is_one_clear_error():
+    for kw in ({"donate_argnums": 0}, {"donate_argnames": "ctx"}, {"donate_argnums": -3}):
+        with pytest.raises(kvhoist.KvhoistError, match="invariant and cannot be donated: its arrays stay cached"):
+            kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1), **kw)
+    with pytest.raises(kvhoist.KvhoistError, match="in_shardings is not supported with host-loop hoisting"):
+        kvhoist.hoist_invariants(_f, invariant_argnums=0, in_shardings=None)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'donate'"):
+        kvhoist.hoist_invariants(_f, invariant_argnums=0, donate=1)
+
+
+def test_program_wide_jit_options_reach_the_host_programs():
+    """keep_unused / backend / inline / compiler_options apply to the prologue and the step: an XLA option
+    that does not exist fails as under jax.jit."""
+    W, CTX, X = _fresh()
+    want = jax.jit(_f)(W, CTX, X)
+    for kw in ({"keep_unused": True}, {"backend": "cpu"}, {"compiler_options": {"xla_cpu_enable_fast_math": False}}):
+        np.testing.assert_allclose(kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1), **kw)(W, CTX, X), want,
+                                   rtol=TOL, atol=TOL)
+    with pytest.raises(Exception) as jit_err:
+        jax.jit(_f, compiler_options={"no_such_xla_option": True})(W, CTX, X)
+    with pytest.raises(type(jit_err.value)):
+        kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1), compiler_options={"no_such_xla_option": True})(W, CTX, X)
