@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kvhoist.tools import cli
+from kvhoist.tools import cli, options
 from kvhoist.tools.commands import common, demo
 
 HERE = pathlib.Path(__file__).parent
@@ -411,10 +411,10 @@ def test_output_path_not_writable(capsys, monkeypatch, tmp_path):
 
 
 def test_check_output_path_accepts_a_new_file_and_rejects_an_unwritable_one(tmp_path, monkeypatch):
-    assert cli.check_output_path("--out", str(tmp_path / "new.svg")) is None
-    assert "empty file name" in cli.check_output_path("--out", "")
+    assert options.check_output_path("--out", str(tmp_path / "new.svg")) is None
+    assert "empty file name" in options.check_output_path("--out", "")
     monkeypatch.setattr(os, "access", lambda *_a, **_k: False)   # as for a read-only folder, even as root
-    assert "is not writable" in cli.check_output_path("--out", str(tmp_path / "new.svg"))
+    assert "is not writable" in options.check_output_path("--out", str(tmp_path / "new.svg"))
 
 
 def test_write_failure_is_one_line(tmp_path):
@@ -433,7 +433,7 @@ def test_bench_usage_error_returns_2(capsys, monkeypatch):
 
     fake = types.ModuleType("kvhoist.bench.command")
     fake.__doc__ = "fake bench"
-    fake.add_arguments = lambda p: p.add_argument("--repeats", type=cli.int_at_least(1, "a positive integer"))
+    fake.add_arguments = lambda p: p.add_argument("--repeats", type=options.int_at_least(1, "a positive integer"))
     fake.main = lambda args: 0
     monkeypatch.setitem(sys.modules, "kvhoist.bench.command", fake)
     monkeypatch.setattr(kvhoist.bench, "command", fake, raising=False)

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     >= 0), ``--config`` / ``--form`` must name known ones, ``--out`` / ``--markdown`` must be writable
     files in existing folders and ``--from-json`` an existing file; a bad one is a usage error (exit 2).
     """
-    from kvhoist.tools.cli import input_file, int_at_least, output_file
+    from kvhoist.tools.options import input_file, int_at_least, output_file
 
     positive = int_at_least(1, "a positive integer")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), default=None,

@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from kvhoist.tools.options import check_output_path, int_at_least, mesh_shape
 
 PROG = "kvhoist"
 EXIT_USAGE = 2
@@ -70,79 +71,8 @@ needs libtpu: pip install -e '.[tpu]' (compile-only: nothing runs, no TPU needed
 
 # -- option values ----------------------------------------------------------------------------------
 
-def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
-    """An argparse ``type=``: an integer >= ``minimum``; ``what`` names the allowed range in the error
-    (e.g. ``int_at_least(1, "a positive integer")`` turns ``--steps 0`` into ``argument --steps: must be
-    a positive integer, got 0``)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={minimum}"
-    return parse
-
-
 _POSITIVE = int_at_least(1, "a positive integer")
 _NON_NEGATIVE = int_at_least(0, "an integer >= 0")
-
-
-def check_output_path(option: str, path: str) -> str | None:
-    """Why ``path`` (the value of ``option``) cannot be written, in one line, or None if it can.
-
-    Checked before any work starts, so that a typo in ``--out`` does not cost a trace of a 14B sampler.
-    """
-    if not path:
-        return f"{option}: empty file name"
-    if os.path.isdir(path):
-        return f"{option} {path}: is a directory; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = "is not a directory" if os.path.exists(folder) else "does not exist"
-        return f"{option} {path}: folder {folder} {what}"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{option} {path}: folder {folder} is not writable"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{option} {path}: file exists and is not writable"
-    return None
-
-
-def output_file(option: str) -> Callable[[str], str]:
-    """An argparse ``type=`` for an output file: :func:`check_output_path` at parse time, so a bad path
-    is a usage error (the subcommand's usage, exit 2) before any work starts."""
-
-    def parse(path: str) -> str:
-        why = check_output_path(option, path)
-        if why:
-            raise argparse.ArgumentTypeError(why.removeprefix(f"{option} "))
-        return path
-
-    parse.__name__ = "output file"
-    return parse
-
-
-def input_file(path: str) -> str:
-    """An argparse ``type=`` for a file that must exist and be readable."""
-    if not os.path.exists(path):
-        raise argparse.ArgumentTypeError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{path}: is a directory; give a file name")
-    if not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{path}: not readable")
-    return path
-
-
-def _mesh_shape(text: str) -> tuple[int, int]:
-    """An argparse ``type=`` for ``--mesh``: ``DATAxTENSOR`` with two positive integers, e.g. ``1x8``."""
-    m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"must be DATAxTENSOR with positive integers (e.g. 1x8), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 # -- parser -------------------------------------------------------------------------------------------
@@ -237,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", metavar="NAME:AxB",
                    help="compile for all chips of this topology (e.g. v6e:2x4, v5e:2x4), parameters tensor-sharded "
                         "over a (data=2, tensor=n/2) mesh; default: one chip")
-    p.add_argument("--mesh", metavar="DATAxTENSOR", type=_mesh_shape,
+    p.add_argument("--mesh", metavar="DATAxTENSOR", type=mesh_shape,
                    help="with --topology: the (data, tensor) mesh, e.g. 1x8 (all chips on tensor parallelism); "
                         "default 2x(chips/2)")
     p.add_argument("--attention", choices=("xla", "splash"), default="xla",
