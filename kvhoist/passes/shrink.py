@@ -374,6 +374,206 @@ def expansion_eqns(small_var, t: Tiling, full_var) -> list:
     return new
 
 
+def _traced_eqns(fn, in_vars: Sequence, out_var) -> list:
+    """Equations of ``fn`` traced on ``in_vars``' avals, reading ``in_vars`` and defining ``out_var``."""
+    import jax
+
+    specs = [jax.ShapeDtypeStruct(_shape(v), v.aval.dtype, weak_type=getattr(v.aval, "weak_type", False))
+             for v in in_vars]
+    closed = jax.make_jaxpr(fn)(*specs)
+    _cv, _c, invars, outvars, eqns = compat.split_closed(closed)
+    if not eqns:
+        return []
+    new, sub = clone_eqns(eqns, dict(zip(invars, in_vars)))
+    last = sub[outvars[0]]
+    new[-1] = new[-1].replace(outvars=[out_var if o is last else o for o in new[-1].outvars])
+    return new
+
+
+def _split_axis(t: Tiling, n_small: int) -> tuple:
+    """How an axis of size ``n_small * t.k`` indexes the copies: ``(sizes, small_first)``."""
+    return ((n_small, t.k), True) if t.mode == "repeat" else ((t.k, n_small), False)
+
+
+def batched_dot(e, tiled: dict) -> list:
+    """``dot_general`` of a tiled operand along a *batch* axis, rewritten to read the small value.
+
+    ``dot(O, expand(small))`` with the tiled axis ``a`` batched against ``O``'s axis ``b`` (attention
+    logits of every beam against its sequence's keys): ``O``'s axis ``b`` is split into (sequence, copy),
+    the sequence part stays batched against ``small`` and the copy part becomes a free axis of ``O``;
+    the result is transposed and reshaped back to the original layout. Same products and sums, without
+    re-tiling ``small`` every iteration. Returns the equations, or ``[]`` when ``e`` is not such a dot.
+    """
+    from jax import lax
+
+    if e.primitive.name != "dot_general" or len(e.outvars) != 1 or not is_var(e.outvars[0]):
+        return []
+    ts = [tiled.get(a) if is_var(a) else None for a in e.invars]
+    if (ts[0] is None) == (ts[1] is None):
+        return []
+    f = 0 if ts[0] is not None else 1   # the tiled operand's side
+    t = ts[f]
+    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+    contract, batch = (list(lc), list(rc)), (list(lb), list(rb))
+    if t.axis not in batch[f]:
+        return []
+    pos = batch[f].index(t.axis)
+    other = e.invars[1 - f]
+    b = batch[1 - f][pos]
+    o_shape = _shape(other)
+    n_small = _shape(t.small)[t.axis]
+    (s0, s1), small_first = _split_axis(t, n_small)
+    b_s, b_k = (b, b + 1) if small_first else (b + 1, b)
+    o_new_shape = o_shape[:b] + (s0, s1) + o_shape[b + 1:]
+
+    def shift(d):
+        return d + 1 if d > b else d
+
+    o_contract = [shift(d) for d in contract[1 - f]]
+    o_batch = [b_s if d == b else shift(d) for d in batch[1 - f]]
+    new_contract = [None, None]
+    new_batch = [None, None]
+    new_contract[f], new_batch[f] = contract[f], batch[f]
+    new_contract[1 - f], new_batch[1 - f] = o_contract, o_batch
+    dn = ((tuple(new_contract[0]), tuple(new_contract[1])), (tuple(new_batch[0]), tuple(new_batch[1])))
+    # Where the copy axis lands in the new result: after the batch axes, among the other side's free axes.
+    n_batch = len(lb)
+    o_free = _free_dims(len(o_new_shape), o_contract, o_batch)
+    if f == 1:   # other is lhs: its free axes come first
+        q = n_batch + o_free.index(b_k)
+    else:
+        f_free = _free_dims(len(_shape(e.invars[0])), contract[0], batch[0])
+        q = n_batch + len(f_free) + o_free.index(b_k)
+    out = e.outvars[0]
+    out_shape = _shape(out)
+    new_out_shape = list(out_shape)
+    new_out_shape[pos] = n_small
+    new_out_shape.insert(q, t.k)
+    # Move the copy axis next to the batch axis it came from, then merge the two.
+    rest = [i for i in range(len(new_out_shape)) if i != q]
+    at = rest.index(pos)
+    perm = rest[:at] + ([pos, q] if small_first else [q, pos]) + rest[at + 1:]
+
+    o_var = compat.new_var(compat.resize_aval(other.aval, o_new_shape))
+    d_var = compat.new_var(compat.resize_aval(out.aval, tuple(new_out_shape)))
+    eqns = _traced_eqns(lambda x: lax.reshape(x, o_new_shape), [other], o_var)
+    ins = [None, None]
+    ins[f], ins[1 - f] = t.small, o_var
+    eqns.append(e.replace(invars=ins, outvars=[d_var], params={**e.params, "dimension_numbers": dn}))
+    eqns += _traced_eqns(lambda x: lax.reshape(lax.transpose(x, perm), out_shape), [d_var], out)
+    return eqns
+
+
+def unexpansion_eqns(full_var, t: Tiling, small_var) -> list:
+    """Equations defining ``small_var`` as the first copy in ``full_var`` (the inverse of
+    :func:`expansion_eqns` on a tiled value)."""
+    from jax import lax
+
+    full = _shape(full_var)
+    a, n_small = t.axis, _shape(small_var)[t.axis]
+    (s0, s1), small_first = _split_axis(t, n_small)
+
+    def first_copy(x):
+        x = lax.reshape(x, full[:a] + (s0, s1) + full[a + 1:])
+        return lax.index_in_dim(x, 0, a + 1 if small_first else a, keepdims=False)
+
+    return _traced_eqns(first_copy, [full_var], small_var)
+
+
+def _attach_small(e, sh: "_Shrinker") -> list:
+    """A ``kvhoist_attach`` (:mod:`kvhoist.speculation`) of tiled values, attaching the small values instead.
+
+    The attach stays the one place transformations see the moved work: its hidden body computes the full
+    values as before and then takes their first copy, so the JVP it computes is the small value's. The full
+    outputs are re-expanded after it (and consumers rewritten by :func:`read_untiled` read the small ones).
+    """
+    from kvhoist import speculation
+
+    body = e.params["body"]
+    cv, c, b_in, b_out, b_eqns = compat.split_closed(body.jaxpr)
+    n = len(b_out)
+    ts = [sh.tiled.get(a) if is_var(a) else None for a in e.invars[:n]]
+    if not any(ts):
+        return []
+    ins, outs, b_out, b_eqns, after = list(e.invars), list(e.outvars), list(b_out), list(b_eqns), []
+    for i, t in enumerate(ts):
+        if t is None or not is_var(b_out[i]) or not is_var(outs[i]):
+            continue
+        small_out, small_b = compat.new_var(t.small.aval), compat.new_var(t.small.aval)
+        b_eqns += unexpansion_eqns(b_out[i], t, small_b)
+        b_out[i] = small_b
+        ins[i] = t.small
+        after += expansion_eqns(small_out, t, outs[i])
+        sh.tiled[outs[i]] = Tiling(small_out, t.axis, t.k, t.mode)
+        outs[i] = small_out
+    if not after:
+        return []
+    new_body = speculation.Body(compat.make_closed(cv, c, b_in, b_out, b_eqns))
+    return [e.replace(invars=ins, outvars=outs, params={**e.params, "body": new_body})] + after
+
+
+def _scan_small(e, sh: "_Shrinker") -> list:
+    """A ``scan`` reading tiled consts or xs (the layer scan reading the stacked cross K/V), given the small
+    values instead: its body re-expands them at its top and its consumers are rewritten by
+    :func:`read_untiled` (recursively)."""
+    params = e.params
+    if not compat.scan_params_supported(params):
+        return []
+    nc, nk = compat.scan_arity(params)
+    constvars, consts, invars, outvars, beqns = compat.split_closed(params["jaxpr"])
+    if constvars or consts:
+        return []
+    ops, new_invars, prologue, inner = list(e.invars), list(invars), [], {}
+    for i, a in enumerate(e.invars):
+        t = sh.tiled.get(a) if is_var(a) and not nc <= i < nc + nk else None
+        if t is None or (i >= nc + nk and t.axis == 0):
+            continue  # carries change; a tiled scanned axis is not a per-iteration tiling
+        axis = t.axis if i < nc else t.axis - 1
+        small_aval = t.small.aval if i < nc else compat.resize_aval(t.small.aval, _shape(t.small)[1:])
+        small_in = compat.new_var(small_aval)
+        inner_t = Tiling(small_in, axis, t.k, t.mode)
+        prologue += expansion_eqns(small_in, inner_t, invars[i])
+        inner[invars[i]] = inner_t
+        new_invars[i], ops[i] = small_in, t.small
+    if not inner:
+        return []
+    body = live_eqns(prologue + read_untiled(beqns, inner), outvars, keep=lambda x: not motion.may_move(x))
+    new_body = compat.rebuild_like(params["jaxpr"], [], [], new_invars, outvars, body)
+    return [e.replace(invars=ops, params={**params, "jaxpr": new_body})]
+
+
+def read_untiled(eqns: Sequence, tiled: dict) -> list:
+    """A loop body whose inputs ``tiled`` (``{full var: Tiling}``) are expansions of small values, rewritten
+    so that its consumers read the small values where they can.
+
+    Work that treats the tiled axis independently is done on the small value and its result re-expanded
+    (:class:`_Shrinker`'s twins: transposes, reshapes, elementwise ops, dots where the axis is free); a
+    ``dot_general`` batching over the tiled axis reads the small value directly (:func:`batched_dot`). The
+    original definitions of the full values stay in front; XLA drops them where nothing reads them.
+    """
+    sh = _Shrinker([], [])
+    sh.tiled.update(tiled)
+    out: list = []
+    for e in eqns:
+        if e.primitive.name in ("kvhoist_attach", "scan"):
+            new = (_attach_small if e.primitive.name == "kvhoist_attach" else _scan_small)(e, sh)
+            if new:
+                out.extend(new)
+                continue
+        if any(is_var(a) and sh.tiled.get(a) is not None for a in e.invars) and motion.may_move(e):
+            new = batched_dot(e, sh.tiled)
+            if not new and e.primitive.name in {"dot_general", "transpose", "reshape"} | motion.ELEMENTWISE:
+                twins = sh.twin(e)
+                if twins:
+                    t = sh.tiled[e.outvars[0]]
+                    new = twins + expansion_eqns(t.small, t, e.outvars[0])
+            if new:
+                out.extend(new)
+                continue
+        out.append(e)
+    return out
+
+
 def _same_eqn(a, b) -> bool:
     if a.primitive is not b.primitive or len(a.invars) != len(b.invars) or compat.subjaxprs_of(a):
         return False
@@ -440,6 +640,7 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
     drop: set = set()
     sizes: dict = {}
     seen_operand: dict = {}
+    body_tiled: dict = {}      # body input (full) -> its tiling of the small body input
     pre_prod = producers(new_pre)
     for i in range(first, first + count):
         op = operands[i]
@@ -457,11 +658,13 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
             small = subst.get(t.small, t.small)  # the small twin may itself be a common value
             if small in seen_operand:  # another operand's twin too (tile(x) @ w and repeat(x) @ w)
                 prologue.extend(expansion_eqns(seen_operand[small], t, binvars[j]))
+                body_tiled[binvars[j]] = Tiling(seen_operand[small], t.axis, t.k, t.mode)
                 drop.add(i)
                 sizes[i] = (old_bytes, None, 0)
                 continue
             small_in = compat.new_var(small.aval)
             prologue.extend(expansion_eqns(small_in, t, binvars[j]))
+            body_tiled[binvars[j]] = Tiling(small_in, t.axis, t.k, t.mode)
             binvars[j] = small_in
             operands[i] = small
             sizes[i] = (old_bytes, _shape(small), aval_bytes(small.aval))
@@ -485,10 +688,17 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
     keep = [i for i in range(len(operands)) if i not in drop]
     new_binvars = [binvars[i - body_offset] for i in keep if i >= body_offset]
     # Body inputs that became locals are defined by the prologue; duplicates read the first copy.
-    body_eqns = prologue + list(beqns)
+    body_eqns = list(beqns)
     if rename:
         body_eqns = [e.replace(invars=[rename.get(a, a) if is_var(a) else a for a in e.invars]) for e in body_eqns]
         boutvars = [rename.get(a, a) if is_var(a) else a for a in boutvars]
+    if body_tiled:
+        # The body's consumers read the small values where they can (no re-tiling every iteration); the
+        # expansions nothing reads any more are dropped.
+        body_eqns = read_untiled(body_eqns, body_tiled)
+        body_eqns = live_eqns(prologue + body_eqns, boutvars, keep=lambda e: not motion.may_move(e))
+    else:
+        body_eqns = prologue + body_eqns
     new_body = compat.rebuild_like(body_j, [], [], new_binvars, boutvars, body_eqns)
     new_loop = loop.replace(invars=[operands[i] for i in keep], params={**loop.params, body_key: new_body})
     # Dead hoisted equations (the full-size work the loop no longer reads) are dropped.
