@@ -42,6 +42,8 @@ class Tiling:
     axis: int
     k: int
     mode: str
+    #: The loop operand this tiling comes from (body-side rewrites), for the re-tiled-or-tiled decision.
+    origin: Any = None
 
     def small_shape(self, full_shape: Sequence[int]) -> tuple:
         s = list(full_shape)
@@ -161,6 +163,8 @@ class _Shrinker:
         #: Small twins of the enclosing block's elementwise / shape work on a tiled value (``tile(x) * s``
         #: computed before the loop): computed again on the small value in front of the loop.
         self.lifted: list = []
+        #: Body-side rewrites: full values re-expanded from small ones -> the loop operand they come from.
+        self.expanded: dict = {}
 
     def tiling(self, v) -> Tiling | None:
         if not is_var(v):
@@ -340,7 +344,7 @@ class _Shrinker:
         return [e.replace(invars=ops, outvars=new_outs, params={**params, "jaxpr": new_body})]
 
     def _done(self, out_full, small_out, t0: Tiling, new_axis: int) -> list:
-        self.tiled[out_full] = Tiling(small_out, new_axis, t0.k, t0.mode)
+        self.tiled[out_full] = Tiling(small_out, new_axis, t0.k, t0.mode, t0.origin)
         return self.out
 
 
@@ -504,7 +508,8 @@ def _attach_small(e, sh: "_Shrinker") -> list:
         b_out[i] = small_b
         ins[i] = t.small
         after += expansion_eqns(small_out, t, outs[i])
-        sh.tiled[outs[i]] = Tiling(small_out, t.axis, t.k, t.mode)
+        sh.tiled[outs[i]] = Tiling(small_out, t.axis, t.k, t.mode, t.origin)
+        sh.expanded[outs[i]] = t.origin
         outs[i] = small_out
     if not after:
         return []
@@ -531,18 +536,20 @@ def _scan_small(e, sh: "_Shrinker") -> list:
         axis = t.axis if i < nc else t.axis - 1
         small_aval = t.small.aval if i < nc else compat.resize_aval(t.small.aval, _shape(t.small)[1:])
         small_in = compat.new_var(small_aval)
-        inner_t = Tiling(small_in, axis, t.k, t.mode)
+        inner_t = Tiling(small_in, axis, t.k, t.mode, t.origin)
         prologue += expansion_eqns(small_in, inner_t, invars[i])
+        sh.expanded[invars[i]] = t.origin
         inner[invars[i]] = inner_t
         new_invars[i], ops[i] = small_in, t.small
     if not inner:
         return []
-    body = live_eqns(prologue + read_untiled(beqns, inner), outvars, keep=lambda x: not motion.may_move(x))
+    body = live_eqns(prologue + read_untiled(beqns, inner, sh.expanded), outvars,
+                     keep=lambda x: not motion.may_move(x))
     new_body = compat.rebuild_like(params["jaxpr"], [], [], new_invars, outvars, body)
     return [e.replace(invars=ops, params={**params, "jaxpr": new_body})]
 
 
-def read_untiled(eqns: Sequence, tiled: dict) -> list:
+def read_untiled(eqns: Sequence, tiled: dict, expanded: dict) -> list:
     """A loop body whose inputs ``tiled`` (``{full var: Tiling}``) are expansions of small values, rewritten
     so that its consumers read the small values where they can.
 
@@ -553,6 +560,7 @@ def read_untiled(eqns: Sequence, tiled: dict) -> list:
     """
     sh = _Shrinker([], [])
     sh.tiled.update(tiled)
+    sh.expanded = expanded
     out: list = []
     for e in eqns:
         if e.primitive.name in ("kvhoist_attach", "scan"):
@@ -567,11 +575,31 @@ def read_untiled(eqns: Sequence, tiled: dict) -> list:
                 if twins:
                     t = sh.tiled[e.outvars[0]]
                     new = twins + expansion_eqns(t.small, t, e.outvars[0])
+                    expanded[e.outvars[0]] = t.origin
             if new:
                 out.extend(new)
                 continue
         out.append(e)
     return out
+
+
+def _retiled_for(eqns: Sequence, outvars: Sequence, expanded: dict) -> set:
+    """Origins of the re-expanded values that something other than fusible work reads (recursively):
+    a dot contracting the tiled axis, a loop carry, an opaque op. Fusible readers (elementwise and shape
+    ops) take the expansion into their fusion for free; these would materialise a tiled copy."""
+    bad = {expanded[v] for v in outvars if is_var(v) and v in expanded}
+
+    def walk(eqns):
+        for e in eqns:
+            if e.primitive.name not in motion.FUSIBLE:
+                bad.update(expanded[a] for a in e.invars if is_var(a) and a in expanded)
+            for sub in compat.subjaxprs_of(e):
+                sub_eqns = compat.split_closed(sub)[4]
+                walk(sub_eqns)
+                bad.update(expanded[v] for v in compat.split_closed(sub)[3] if is_var(v) and v in expanded)
+
+    walk(eqns)
+    return bad
 
 
 def _same_eqn(a, b) -> bool:
@@ -628,78 +656,93 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
             continue
         kept.append(e)
     new_pre = kept
-    operands = [subst.get(a, a) if is_var(a) else a for a in loop.invars]
+    operands0 = [subst.get(a, a) if is_var(a) else a for a in loop.invars]
 
     body_j = loop.params[body_key]
-    constvars, consts, binvars, boutvars, beqns = compat.split_closed(body_j)
+    constvars, consts, binvars0, boutvars0, beqns = compat.split_closed(body_j)
     if constvars or consts:
         return pre, loop, {}
-    binvars = list(binvars)
-    prologue: list = []
-    rename: dict = {}          # body input passed twice -> the first one's body input
-    drop: set = set()
-    sizes: dict = {}
-    seen_operand: dict = {}
-    body_tiled: dict = {}      # body input (full) -> its tiling of the small body input
-    pre_prod = producers(new_pre)
-    for i in range(first, first + count):
-        op = operands[i]
-        if not is_var(op):
-            continue
-        j = i - body_offset
-        old_bytes = aval_bytes(op.aval)
-        if op in seen_operand:  # passed twice: read the first one's body input
-            rename[binvars[j]] = seen_operand[op]
-            drop.add(i)
-            sizes[i] = (old_bytes, None, 0)
-            continue
-        t = sh.tiled.get(op)
-        if t is not None and op in pre_prod:
-            small = subst.get(t.small, t.small)  # the small twin may itself be a common value
-            if small in seen_operand:  # another operand's twin too (tile(x) @ w and repeat(x) @ w)
-                prologue.extend(expansion_eqns(seen_operand[small], t, binvars[j]))
-                body_tiled[binvars[j]] = Tiling(seen_operand[small], t.axis, t.k, t.mode)
+
+    def attempt(kept_tiled: set):
+        """``(new loop, sizes, operands the body still re-tiles for a consumer that materialises them)``."""
+        boutvars, binvars, operands = boutvars0, list(binvars0), list(operands0)
+        prologue: list = []
+        rename: dict = {}          # body input passed twice -> the first one's body input
+        drop: set = set()
+        sizes: dict = {}
+        seen_operand: dict = {}
+        body_tiled: dict = {}      # body input (full) -> its tiling of the small body input
+        pre_prod = producers(new_pre)
+        for i in range(first, first + count):
+            op = operands[i]
+            if not is_var(op):
+                continue
+            j = i - body_offset
+            old_bytes = aval_bytes(op.aval)
+            if op in seen_operand:  # passed twice: read the first one's body input
+                rename[binvars[j]] = seen_operand[op]
                 drop.add(i)
                 sizes[i] = (old_bytes, None, 0)
                 continue
-            small_in = compat.new_var(small.aval)
-            prologue.extend(expansion_eqns(small_in, t, binvars[j]))
-            body_tiled[binvars[j]] = Tiling(small_in, t.axis, t.k, t.mode)
-            binvars[j] = small_in
-            operands[i] = small
-            sizes[i] = (old_bytes, _shape(small), aval_bytes(small.aval))
-        seen_operand[operands[i]] = binvars[j]
-    # Views: an operand that is a transpose/reshape of another operand is recomputed in the body.
-    position = {operands[i]: i for i in range(first, first + count) if i not in drop and is_var(operands[i])}
-    for i in range(first, first + count):
-        op = operands[i]
-        if i in drop or not is_var(op) or op not in pre_prod:
-            continue
-        e = new_pre[pre_prod[op]]
-        if (e.primitive.name in ("transpose", "reshape") and len(e.invars) == 1 and is_var(e.invars[0])
-                and e.invars[0] in position and position[e.invars[0]] != i
-                and position[e.invars[0]] not in drop):
-            src_body = binvars[position[e.invars[0]] - body_offset]
-            prologue.append(e.replace(invars=[src_body], outvars=[binvars[i - body_offset]]))
-            drop.add(i)
-            sizes[i] = (aval_bytes(op.aval), None, 0)
-    if not sizes:
+            t = sh.tiled.get(op)
+            if t is not None and op in pre_prod and i not in kept_tiled:
+                small = subst.get(t.small, t.small)  # the small twin may itself be a common value
+                if small in seen_operand:  # another operand's twin too (tile(x) @ w and repeat(x) @ w)
+                    prologue.extend(expansion_eqns(seen_operand[small], t, binvars[j]))
+                    body_tiled[binvars[j]] = Tiling(seen_operand[small], t.axis, t.k, t.mode, i)
+                    drop.add(i)
+                    sizes[i] = (old_bytes, None, 0)
+                    continue
+                small_in = compat.new_var(small.aval)
+                prologue.extend(expansion_eqns(small_in, t, binvars[j]))
+                body_tiled[binvars[j]] = Tiling(small_in, t.axis, t.k, t.mode, i)
+                binvars[j] = small_in
+                operands[i] = small
+                sizes[i] = (old_bytes, _shape(small), aval_bytes(small.aval))
+            seen_operand[operands[i]] = binvars[j]
+        # Views: an operand that is a transpose/reshape of another operand is recomputed in the body.
+        position = {operands[i]: i for i in range(first, first + count) if i not in drop and is_var(operands[i])}
+        for i in range(first, first + count):
+            op = operands[i]
+            if i in drop or not is_var(op) or op not in pre_prod:
+                continue
+            e = new_pre[pre_prod[op]]
+            if (e.primitive.name in ("transpose", "reshape") and len(e.invars) == 1 and is_var(e.invars[0])
+                    and e.invars[0] in position and position[e.invars[0]] != i
+                    and position[e.invars[0]] not in drop):
+                src_body = binvars[position[e.invars[0]] - body_offset]
+                prologue.append(e.replace(invars=[src_body], outvars=[binvars[i - body_offset]]))
+                drop.add(i)
+                sizes[i] = (aval_bytes(op.aval), None, 0)
+        if not sizes:
+            return None, {}, set()
+        keep = [i for i in range(len(operands)) if i not in drop]
+        new_binvars = [binvars[i - body_offset] for i in keep if i >= body_offset]
+        # Body inputs that became locals are defined by the prologue; duplicates read the first copy.
+        body_eqns = list(beqns)
+        if rename:
+            body_eqns = [e.replace(invars=[rename.get(a, a) if is_var(a) else a for a in e.invars]) for e in body_eqns]
+            boutvars = [rename.get(a, a) if is_var(a) else a for a in boutvars]
+        if body_tiled:
+            # The body's consumers read the small values where they can (no re-tiling every iteration); the
+            # expansions nothing reads any more are dropped.
+            expanded = {v: t.origin for v, t in body_tiled.items()}
+            body_eqns = read_untiled(body_eqns, body_tiled, expanded)
+            body_eqns = live_eqns(prologue + body_eqns, boutvars, keep=lambda e: not motion.may_move(e))
+            retiled = _retiled_for(body_eqns, boutvars, expanded)
+        else:
+            body_eqns, retiled = prologue + body_eqns, set()
+        new_body = compat.rebuild_like(body_j, [], [], new_binvars, boutvars, body_eqns)
+        new_loop = loop.replace(invars=[operands[i] for i in keep], params={**loop.params, body_key: new_body})
+        return new_loop, sizes, retiled
+
+    new_loop, sizes, retiled = attempt(set())
+    if retiled:
+        # A consumer reads the whole tiled value (the tiled axis contracted, a carry, an unknown op): the
+        # untiled cache would be re-tiled into a full copy every iteration, a copy jit does not make. The
+        # tiled cache is then the faster one; keep those operands tiled (the loop's speed over its memory).
+        new_loop, sizes, _ = attempt(retiled)
+    if new_loop is None:
         return pre, loop, {}
-    keep = [i for i in range(len(operands)) if i not in drop]
-    new_binvars = [binvars[i - body_offset] for i in keep if i >= body_offset]
-    # Body inputs that became locals are defined by the prologue; duplicates read the first copy.
-    body_eqns = list(beqns)
-    if rename:
-        body_eqns = [e.replace(invars=[rename.get(a, a) if is_var(a) else a for a in e.invars]) for e in body_eqns]
-        boutvars = [rename.get(a, a) if is_var(a) else a for a in boutvars]
-    if body_tiled:
-        # The body's consumers read the small values where they can (no re-tiling every iteration); the
-        # expansions nothing reads any more are dropped.
-        body_eqns = read_untiled(body_eqns, body_tiled)
-        body_eqns = live_eqns(prologue + body_eqns, boutvars, keep=lambda e: not motion.may_move(e))
-    else:
-        body_eqns = prologue + body_eqns
-    new_body = compat.rebuild_like(body_j, [], [], new_binvars, boutvars, body_eqns)
-    new_loop = loop.replace(invars=[operands[i] for i in keep], params={**loop.params, body_key: new_body})
     # Dead hoisted equations (the full-size work the loop no longer reads) are dropped.
     return live_eqns(new_pre, new_loop.invars), new_loop, sizes
