@@ -34,10 +34,6 @@ TOOLING = TOOL_PACKAGES + ("wan_ref",)
 #: line when you break it).
 KNOWN_CIRCLES: tuple[frozenset[str], ...] = (
     frozenset({"kvhoist.api", "kvhoist.host"}),                       # host takes options/errors from api
-    # The rules registry imports each rule to register it; each rule imports the registry's decorator back
-    # (passes/licm <-> rules became this when the rules got the engine passed in; the registry should be data).
-    frozenset({"kvhoist.rules", "kvhoist.rules.call", "kvhoist.rules.cond", "kvhoist.rules.scan",
-               "kvhoist.rules.while_"}),
 )
 
 

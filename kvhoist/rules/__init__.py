@@ -17,22 +17,26 @@ engine as an argument (:class:`kvhoist.rules.base.Engine`) and never imports the
 from __future__ import annotations
 
 from kvhoist.rules.base import Rule
+from kvhoist.rules.call import CallRule, OpaqueBodyRule
+from kvhoist.rules.cond import CondRule
+from kvhoist.rules.scan import ScanRule
+from kvhoist.rules.while_ import WhileRule
 
-#: The registry: primitive name -> rule object (data, like a pattern table; filled by ``@register``).
-_RULES: dict[str, Rule] = {}
+_CALL, _OPAQUE = CallRule(), OpaqueBodyRule()
 
-
-def register(*names: str):
-    def deco(cls):
-        inst = cls()
-        for n in names:
-            _RULES[n] = inst
-        return cls
-    return deco
+#: The registry is data: primitive name -> rule (like a pattern table). A primitive not listed has no rule: LICM
+#: leaves it alone (and treats an unknown one holding sub-jaxprs as opaque).
+RULES: dict[str, Rule] = {
+    "scan": ScanRule(),
+    "while": WhileRule(),
+    "cond": CondRule(),
+    # calls: optimise inside; split = lift the body's invariant part out in front of the call
+    "jit": _CALL, "pjit": _CALL, "closed_call": _CALL, "remat2": _CALL,
+    # custom derivatives and shard_map: optimise inside, never split (the body is the function its rule/mesh sees)
+    "custom_jvp_call": _OPAQUE, "custom_vjp_call": _OPAQUE, "custom_vjp_call_jaxpr": _OPAQUE, "shard_map": _OPAQUE,
+}
 
 
 def get_rule(eqn) -> Rule | None:
-    return _RULES.get(eqn.primitive.name)
-
-
-from kvhoist.rules import call, cond, scan, while_  # noqa: E402,F401  (registration)
+    """The rule for ``eqn``'s primitive, or ``None``."""
+    return RULES.get(eqn.primitive.name)

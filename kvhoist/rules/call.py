@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from kvhoist import compat
 from kvhoist.ir import Block, clone_eqns
-from kvhoist.rules import register
 from kvhoist.rules.base import Split
 from kvhoist.rules.common import invariant_invars, map_subjaxprs
 
@@ -34,7 +33,6 @@ class _Recurse:
         return None
 
 
-@register("jit", "pjit", "closed_call", "remat2")
 class CallRule(_Recurse):
     def split(self, eqn, mask, engine):
 
@@ -57,6 +55,5 @@ class CallRule(_Recurse):
                      nested=ext.kinds)
 
 
-@register("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map")
 class OpaqueBodyRule(_Recurse):
     """Optimise inside; never split (see module docstring)."""

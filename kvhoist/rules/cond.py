@@ -24,12 +24,10 @@ from kvhoist import compat, speculation
 from kvhoist.analysis import cost, motion
 from kvhoist.report import human_bytes
 from kvhoist.ir import Block, aval_bytes, clone_eqns
-from kvhoist.rules import register
 from kvhoist.rules.base import Split
 from kvhoist.rules.common import map_subjaxprs
 
 
-@register("cond")
 class CondRule:
     def optimize(self, eqn, engine):
         return [map_subjaxprs(eqn, engine.optimize_sub)]

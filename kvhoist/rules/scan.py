@@ -27,7 +27,6 @@ from kvhoist.analysis import branches, motion
 from kvhoist.analysis.invariance import carry_closure, outer_invariant_carries, passthrough_carries
 from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, live_eqns, producers, used_vars
 from kvhoist.report import human_bytes
-from kvhoist.rules import register
 from kvhoist.rules.base import LoopInfo, Split
 
 
@@ -53,7 +52,6 @@ def prune_scan(eqn):
     return eqn.replace(invars=[eqn.invars[i] for i in keep], params=new_params)
 
 
-@register("scan")
 class ScanRule:
     def optimize(self, eqn, engine):
         params = eqn.params

@@ -16,7 +16,6 @@ from kvhoist import compat, speculation
 from kvhoist.analysis import motion
 from kvhoist.analysis.invariance import passthrough_carries
 from kvhoist.ir import Block, clone_eqns, used_vars
-from kvhoist.rules import register
 from kvhoist.rules.base import LoopInfo
 from kvhoist.rules.common import map_subjaxprs
 
@@ -39,7 +38,6 @@ def prune_while(eqn):
                        + list(eqn.invars[cn + bn:]), params=new_params)
 
 
-@register("while")
 class WhileRule:
     def optimize(self, eqn, engine):
 
