@@ -57,6 +57,8 @@ class EncDecConfig:
     enc_layers: int = 2
     dec_layers: int = 4
     max_decode_len: int = 32
+    #: Biases on the attention projections (BART / Marian: ``x @ w + b``; T5 has none).
+    proj_bias: bool = False
     pad_id: int = 0
     eos_id: int = 1
 
@@ -74,9 +76,19 @@ def _dense(key, shape):
     return jax.random.normal(key, shape, jnp.float32) * shape[0] ** -0.5
 
 
-def _attn_params(key, d: int) -> dict:
-    kq, kk, kv, ko = jax.random.split(key, 4)
-    return {"q": _dense(kq, (d, d)), "k": _dense(kk, (d, d)), "v": _dense(kv, (d, d)), "o": _dense(ko, (d, d))}
+def _attn_params(key, d: int, bias: bool = False) -> dict:
+    kq, kk, kv, ko, kb = jax.random.split(key, 5)
+    p = {"q": _dense(kq, (d, d)), "k": _dense(kk, (d, d)), "v": _dense(kv, (d, d)), "o": _dense(ko, (d, d))}
+    if bias:
+        p.update({f"b{n}": 0.1 * jax.random.normal(k, (d,), jnp.float32)
+                  for n, k in zip("qkvo", jax.random.split(kb, 4))})
+    return p
+
+
+def _proj(a: dict, name: str, x):
+    """``x @ a[name]`` plus its bias ``a['b' + name]`` when the model has projection biases."""
+    y = x @ a[name]
+    return y + a["b" + name] if "b" + name in a else y
 
 
 def _mlp_params(key, d: int, hidden: int) -> dict:
@@ -101,12 +113,12 @@ def init_params(key, cfg: EncDecConfig, *, scan_layers: bool = False) -> dict:
     encoder = []
     for k in jax.random.split(k_enc, cfg.enc_layers):
         ka, km = jax.random.split(k)
-        encoder.append({"ln1": norm(), "attn": _attn_params(ka, d), "ln2": norm(), "mlp": _mlp_params(km, d, cfg.mlp)})
+        encoder.append({"ln1": norm(), "attn": _attn_params(ka, d, cfg.proj_bias), "ln2": norm(), "mlp": _mlp_params(km, d, cfg.mlp)})
     decoder = []
     for k in jax.random.split(k_dec, cfg.dec_layers):
         ks, kc, km = jax.random.split(k, 3)
-        decoder.append({"ln1": norm(), "self_attn": _attn_params(ks, d), "ln2": norm(),
-                        "cross_attn": _attn_params(kc, d), "ln3": norm(), "mlp": _mlp_params(km, d, cfg.mlp)})
+        decoder.append({"ln1": norm(), "self_attn": _attn_params(ks, d, cfg.proj_bias), "ln2": norm(),
+                        "cross_attn": _attn_params(kc, d, cfg.proj_bias), "ln3": norm(), "mlp": _mlp_params(km, d, cfg.mlp)})
     if scan_layers:
         decoder = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *decoder)
     return {
@@ -183,8 +195,8 @@ def encode(params: dict, src, cfg: EncDecConfig):
             with jax.named_scope(f"layer_{i}"):
                 h = rms_norm(x, p["ln1"])
                 a = p["attn"]
-                q, k, v = (_heads(h @ a[n], cfg.heads) for n in ("q", "k", "v"))
-                x = x + attention(q, k, v).reshape(x.shape) @ a["o"]
+                q, k, v = (_heads(_proj(a, n, h), cfg.heads) for n in ("q", "k", "v"))
+                x = x + _proj(a, "o", attention(q, k, v).reshape(x.shape))
                 x = x + _mlp(p["mlp"], rms_norm(x, p["ln2"]))
         return rms_norm(x, params["enc_norm"])
 
@@ -197,9 +209,9 @@ def encode(params: dict, src, cfg: EncDecConfig):
 def _project_kv(p: dict, enc, heads: int):
     """Cross-attention keys and values of the encoder output: ``[M, S, D] -> 2 x [M, S, H, Dh]``."""
     with jax.named_scope("k_proj"):
-        k = enc @ p["k"]
+        k = _proj(p, "k", enc)
     with jax.named_scope("v_proj"):
-        v = enc @ p["v"]
+        v = _proj(p, "v", enc)
     return _heads(k, heads), _heads(v, heads)
 
 
@@ -214,6 +226,8 @@ def cross_kv(params: dict, enc, cfg: EncDecConfig):
             w = params["decoder"]["cross_attn"]
             k = jnp.einsum("msd,lde->lmse", enc, w["k"])
             v = jnp.einsum("msd,lde->lmse", enc, w["v"])
+            if "bk" in w:
+                k, v = k + w["bk"][:, None, None], v + w["bv"][:, None, None]
             return _heads(k, cfg.heads), _heads(v, cfg.heads)
         return [_project_kv(p["cross_attn"], enc, cfg.heads) for p in params["decoder"]]
 
@@ -236,15 +250,15 @@ def _decoder_layer(p: dict, x, index, self_cache: dict, bias, enc, kv, cfg: EncD
     with jax.named_scope("self_attn"):
         a = p["self_attn"]
         h = rms_norm(x, p["ln1"])
-        q, k, v = (_heads(h @ a[n], cfg.heads) for n in ("q", "k", "v"))
+        q, k, v = (_heads(_proj(a, n, h), cfg.heads) for n in ("q", "k", "v"))
         ck = lax.dynamic_update_slice(self_cache["k"], k, (0, index, 0, 0))
         cv = lax.dynamic_update_slice(self_cache["v"], v, (0, index, 0, 0))
-        x = x + attention(q, ck, cv, bias).reshape(x.shape) @ a["o"]
+        x = x + _proj(a, "o", attention(q, ck, cv, bias).reshape(x.shape))
     with jax.named_scope("cross_attn"):
         a = p["cross_attn"]
-        q = _heads(rms_norm(x, p["ln2"]) @ a["q"], cfg.heads)
+        q = _heads(_proj(a, "q", rms_norm(x, p["ln2"])), cfg.heads)
         k, v = _project_kv(a, enc, cfg.heads) if kv is None else kv
-        x = x + attention(q, k, v).reshape(x.shape) @ a["o"]
+        x = x + _proj(a, "o", attention(q, k, v).reshape(x.shape))
     with jax.named_scope("mlp"):
         x = x + _mlp(p["mlp"], rms_norm(x, p["ln3"]))
     return x, {"k": ck, "v": cv}
@@ -351,26 +365,33 @@ def _top_k_beams(values, scores, k: int):
 
 
 def beam_search(params: dict, src, *, cfg: EncDecConfig, beam_size: int = 4, alpha: float = 0.6,
-                hand_cache: bool = False):
+                hand_cache: bool = False, tiling: str = "broadcast"):
     """Beam search in a ``lax.while_loop``, as Flax's WMT example: ``2k`` candidates per step, EOS candidates move
     to a finished set scored with the length penalty, the rest stay live; early stop when no live beam can beat
     the worst finished one.
 
-    The encoder output is tiled across the beams before the loop (``[B * k, S, D]``); with ``hand_cache`` the cross
-    K/V are computed once from the untiled output instead and every beam reads its sequence's copy.
+    The encoder output is tiled across the beams before the loop (``[B * k, S, D]``), as ``tiling`` says:
+    ``"broadcast"`` (``broadcast_to`` + ``reshape``: Hugging Face's ``_expand_to_num_beams``, Flax's
+    ``flat_batch_beam_expand``) or ``"tile"`` (``expand_dims`` + ``jnp.tile`` + ``reshape``: Flax's examples/wmt
+    ``beam_search``); the values are the same. With ``hand_cache`` the cross K/V are computed once from the
+    untiled output instead and every beam reads its sequence's copy.
 
     Returns:
       ``(seqs [B, k, max_decode_len] int32, scores [B, k])``, best first. Scores are length-penalised
       log-probabilities of finished sequences, or raw log-probabilities of live ones for a row where no beam
       finished.
     """
+    if tiling not in ("broadcast", "tile"):
+        raise ValueError(f"tiling must be 'broadcast' or 'tile', got {tiling!r}")
     b, k, length = src.shape[0], beam_size, cfg.max_decode_len
     enc = encode(params, src, cfg)
     if hand_cache:
         kv, enc = cross_kv(params, enc, cfg), None
     else:
         kv = None
-        enc = jnp.broadcast_to(enc[:, None], (b, k, *enc.shape[1:])).reshape(b * k, *enc.shape[1:])
+        wide = (jnp.broadcast_to(enc[:, None], (b, k, *enc.shape[1:])) if tiling == "broadcast"
+                else jnp.tile(jnp.expand_dims(enc, 1), (1, k) + (1,) * (enc.ndim - 1)))
+        enc = wide.reshape(b * k, *enc.shape[1:])
     cache_axis = 1 if _scanned(params) else 0
     live_logprobs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
     init = dict(
