@@ -38,7 +38,8 @@ MIN_COLUMNS = 45
 
 _SPEC_HELP = ("a wan_ref preset (wan2.1-t2v-14b, wan2.1-t2v-1.3b, wan2.1-i2v-14b, wan2.1-flf2v-14b, "
               "wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-t2v, tiny-i2v, ...; full-size presets are "
-              "traced with abstract shapes, no weights) or package.module:function returning (fun, args, kwargs)")
+              "traced with abstract shapes, no weights), a diffusers Wan checkpoint folder (pipeline root or its "
+              "transformer/: config.json only, nothing loaded) or package.module:function returning (fun, args, kwargs)")
 
 _EXAMPLES = {
     "diff": """examples:
@@ -80,7 +81,7 @@ _NON_NEGATIVE = int_at_least(0, "an integer >= 0")
 def _add_spec_arguments(p: argparse.ArgumentParser, *, target_required: bool = False,
                         target_help: str = "TPU generation for the token re-padding pass (e.g. v5e, v6e)") -> None:
     p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
-    g = p.add_argument_group("sampler options (presets only)")
+    g = p.add_argument_group("sampler options (presets and checkpoint folders)")
     g.add_argument("--loop", choices=("scan", "fori"), default="scan", help="step loop form (default: scan)")
     g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="blocks as one lax.scan (default) or unrolled")
@@ -90,7 +91,8 @@ def _add_spec_arguments(p: argparse.ArgumentParser, *, target_required: bool = F
     g.add_argument("--height", type=_POSITIVE, help="video height in pixels (default: the preset's)")
     g.add_argument("--width", type=_POSITIVE, help="video width in pixels")
     g.add_argument("--frames", type=_POSITIVE, help="video frames, 4k+1 (latent frames = (f-1)//4+1)")
-    g.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
+    g.add_argument("--scheduler", choices=("unipc", "euler"),
+                   help="default: a checkpoint's own scheduler (scheduler/scheduler_config.json), else unipc")
     g.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="parameter/activation dtype (default: bfloat16, float32 for tiny-*)")
     p.add_argument("--target", required=target_required, help=target_help)

@@ -43,7 +43,7 @@ class SamplerOptions:
       cfg: classifier-free guidance (two CFG halves in one batch); default on.
       steps: number of denoising steps.
       height, width, frames: video size in pixels / frames (latents follow the preset's VAE factors).
-      scheduler: ``"unipc"`` or ``"euler"``.
+      scheduler: ``"unipc"`` or ``"euler"``; None: a checkpoint's own scheduler, ``"unipc"`` for presets.
       target: a TPU generation for the layout pass (``kvhoist.targets``), or None.
       dtype: ``"bfloat16"`` or ``"float32"`` for parameters and activations; default bf16 for real
         presets, f32 for ``tiny-*``.
@@ -59,7 +59,7 @@ class SamplerOptions:
     height: int | None = None
     width: int | None = None
     frames: int | None = None
-    scheduler: str = "unipc"
+    scheduler: str | None = None
     target: str | None = None
     dtype: str | None = None
     text_len: int = 512
@@ -83,7 +83,7 @@ class SamplerOptions:
                 raise bad(name, "must be a positive integer, or None for the preset's default")
         if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 1:
             raise bad("text_len", "must be a positive integer (Wan's pipelines use 512)")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise bad("scheduler", f"unknown scheduler; use one of {', '.join(map(repr, SCHEDULERS))}")
         if self.dtype is not None and self.dtype not in ("bfloat16", "bf16", "float32", "f32"):
             raise bad("dtype", "use 'bfloat16' or 'float32', or None for the preset's default")
@@ -244,21 +244,43 @@ def _resolve_target(name: str | None) -> Any:
 
 def preset_program(name: str, opts: SamplerOptions) -> Program:
     """The sampler of preset ``name`` with abstract arguments (see the module docstring)."""
-    import jax.numpy as jnp
-
     from wan_ref.presets import get_preset
-    from wan_ref.sample import LOOPS, sample
-    from wan_ref.schedulers import SCHEDULERS
 
     try:
         p = get_preset(name)
     except ValueError as err:
         raise SpecError(str(err)) from None
+    return sampler_program(p, opts)
+
+
+def checkpoint_program(folder: str, opts: SamplerOptions) -> Program:
+    """The sampler of a diffusers Wan checkpoint folder, from its JSON files only (:mod:`kvhoist.tools.checkpoint`).
+
+    ``--scheduler`` unset takes the pipeline's scheduler; the other options as for presets."""
+    from kvhoist.tools.checkpoint import checkpoint_preset
+
+    p, scheduler = checkpoint_preset(folder)
+    if opts.scheduler is None:
+        opts = dataclasses.replace(opts, scheduler=scheduler)
+    prog = sampler_program(p, opts, checkpoint=True)
+    return prog
+
+
+def sampler_program(p: Any, opts: SamplerOptions, *, checkpoint: bool = False) -> Program:
+    """``wan_ref.sample`` over an abstract model of :class:`wan_ref.presets.Preset` ``p`` (a named preset, or one
+    read from a checkpoint folder: ``checkpoint=True``, always real-size and in bf16 unless ``--dtype``)."""
+    import jax.numpy as jnp
+
+    from wan_ref.sample import LOOPS, sample
+    from wan_ref.schedulers import SCHEDULERS
+
+    name = p.name
+    opts = opts if opts.scheduler is not None else dataclasses.replace(opts, scheduler="unipc")
     if opts.loop not in LOOPS or opts.loop == "python":
         raise SpecError(f"--loop {opts.loop!r}: use scan or fori (a Python loop has no loop in its jaxpr)")
     if opts.scheduler not in SCHEDULERS:
         raise SpecError(f"unknown scheduler {opts.scheduler!r}; known: {', '.join(SCHEDULERS)}")
-    tiny = p.name.startswith("tiny")
+    tiny = p.name.startswith("tiny") and not checkpoint
     dtype = _dtype(opts.dtype or ("float32" if tiny else "bfloat16"))
     steps = opts.steps or p.num_inference_steps
     h, w, f = opts.height or p.height, opts.width or p.width, opts.frames or p.num_frames
@@ -310,7 +332,10 @@ def preset_program(name: str, opts: SamplerOptions) -> Program:
     fun = functools.partial(sample, **static)
     args = (model, latents, text, text if cfg else None)
     tokens = lf * (lh // 2) * (lw // 2)
-    desc = (f"{p.name}: wan_ref.sample, {steps} steps, loop={opts.loop}, "
+    source = (f"diffusers {type(p.config).__name__.replace('Config', '')} checkpoint "
+              f"({p.config.num_layers} layers, dim {p.config.inner_dim}, flow shift {p.flow_shift:g}, {opts.scheduler}"
+              + (f", boundary {p.boundary_ratio:g}" if p.two_experts else "") + "), " if checkpoint else "")
+    desc = (f"{p.name}: {source}wan_ref.sample, {steps} steps, loop={opts.loop}, "
             f"{'scanned' if opts.scan_layers else 'unrolled'} layers, CFG {'on' if cfg else 'off'}, "
             f"{f}x{h}x{w} px -> latents {lf}x{lh}x{lw} ({tokens} tokens), {opts.text_len} text tokens, "
             f"{jnp.dtype(dtype).name}" + (f", target {opts.target}" if opts.target else "")
@@ -374,22 +399,51 @@ def user_program(spec: str, target_name: str | None = None) -> Program:
     return Program(spec, desc, fun, tuple(args), dynamic, target=_resolve_target(target_name))
 
 
+def _dotted(spec: str) -> str:
+    """``pkg/samplers.py:make`` -> ``pkg.samplers:make`` when the file is under the current directory (what the
+    dotted form imports); a file elsewhere is one ``SpecError`` naming the dotted form and where to run it."""
+    import os
+
+    module, _, fn = spec.partition(":")
+    if not (module.endswith(".py") or "/" in module or os.sep in module):
+        return spec
+    path = os.path.normpath(module[:-3] if module.endswith(".py") else module)
+    if not os.path.isfile(path + ".py"):
+        raise SpecError(f"{spec}: no file {path}.py (give package.module:function, importable from the current "
+                        f"directory)")
+    rel = os.path.relpath(os.path.abspath(path), os.getcwd())
+    if rel.startswith(".."):
+        raise SpecError(f"{spec}: {path}.py is outside the current directory; run from its package's folder and "
+                        f"give the dotted form, e.g. cd {os.path.dirname(os.path.abspath(path))} && kvhoist ... "
+                        f"{os.path.basename(path)}:{fn}")
+    dotted = rel.replace(os.sep, ".").replace("/", ".")
+    return f"{dotted}:{fn}"
+
+
 def resolve(spec: str, opts: SamplerOptions | None = None) -> Program:
-    """A :class:`Program` for a SPEC string: a preset name, else ``package.module:function``.
+    """A :class:`Program` for a SPEC string: a preset name, a diffusers checkpoint folder, else
+    ``package.module:function`` (also written as a path under the current directory, ``pkg/samplers.py:make``).
 
     Raises:
-      SpecError: unknown preset (with close matches), unimportable module, bad factory result,
-        unknown target or invalid sampler options.
+      SpecError: unknown preset (with close matches), a folder that is not a Wan checkpoint, unimportable
+        module, bad factory result, unknown target or invalid sampler options.
     """
     from wan_ref.presets import PRESETS
 
+    import os
+
     opts = opts or SamplerOptions()
-    if ":" in spec:
-        return user_program(spec, opts.target)
     if spec in PRESETS:
         return preset_program(spec, opts)
+    if os.path.isdir(spec):
+        return checkpoint_program(spec, opts)
+    if ":" in spec and not os.path.exists(spec):
+        return user_program(_dotted(spec), opts.target)
+    if os.path.exists(spec) or os.sep in spec or "/" in spec:
+        raise SpecError(f"{spec}: " + ("not a folder" if os.path.exists(spec) else "no such folder")
+                        + ": a checkpoint SPEC is a diffusers Wan pipeline folder or its transformer/ subfolder")
     import difflib
 
     close = difflib.get_close_matches(spec, PRESETS, n=4, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(PRESETS))}"
-    raise SpecError(f"unknown preset {spec!r}{hint} (or give package.module:function)")
+    raise SpecError(f"unknown preset {spec!r}{hint} (or give a checkpoint folder, or package.module:function)")
