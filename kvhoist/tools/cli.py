@@ -229,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kvhoist`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     Exit status: 0 on success, 1 when ``demo``'s latents disagree, 2 for a usage error (one line on
-    stderr; parser errors print the subcommand's usage first)."""
+    stderr; parser errors print the subcommand's usage first), 130 on Ctrl-C (one line: as the program,
+    ``argv=None``, see :mod:`kvhoist.tools.interrupt`)."""
+    if argv is None:
+        from kvhoist.tools.interrupt import exit_on_interrupt
+
+        exit_on_interrupt(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
