@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("xla", "splash"), default="xla",
                    help="attention implementation of the preset's model (WanConfig.attention; default xla)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--verbose", action="store_true",
+                   help="show libtpu's own stderr messages (hidden by default: worker-hostname errors on a host "
+                        "that is no TPU VM)")
 
     sub.add_parser("bench", help="benchmarks (kvhoist.bench); `kvhoist bench --help` for its options",
                    add_help=False)

@@ -29,6 +29,8 @@ EXIT_INTERRUPTED = 130
 
 _message = b"kvhoist: interrupted\n"
 _installed = False
+#: where the line goes: the terminal's stderr, also while fd 2 is redirected (``kvhoist.tools.tpu.native_stderr``).
+stderr_fd = 2
 
 
 def _exit_now(*_: object) -> None:
@@ -38,7 +40,7 @@ def _exit_now(*_: object) -> None:
     except Exception:  # noqa: BLE001 - a closed pipe, a stdout lock held by the main thread: exit anyway
         pass
     try:
-        os.write(2, _message)
+        os.write(stderr_fd, _message)
     except OSError:
         pass
     os._exit(EXIT_INTERRUPTED)

@@ -34,7 +34,52 @@ from kvhoist.hlo import TPU_MATMUL_PATTERNS, cost_flops, hlo_op_executions, memo
 from kvhoist.targets import get_target
 from kvhoist.tpu_compile import default_topology, get_topology, make_mesh, raise_compile_error
 
-__all__ = ["CompileResult", "wan_partition_spec", "shard_abstract", "compile_variant", "compile_three_ways"]
+__all__ = ["CompileResult", "wan_partition_spec", "shard_abstract", "compile_variant", "compile_three_ways",
+           "native_stderr"]
+
+
+@contextlib.contextmanager
+def native_stderr(verbose: bool) -> Any:
+    """Hold back what native code (libtpu, XLA) writes to file descriptor 2 unless ``verbose``.
+
+    libtpu logs through absl before its flags are read (``E0000 ... unexpected worker hostname`` on a host
+    that is no TPU VM, ``Failed to find host bounds``): environment variables cannot silence it, so fd 2 is
+    pointed at a temporary file while the block runs. Yields a writable text stream on the real stderr for
+    the command's own lines; Ctrl-C's line goes there too (:data:`kvhoist.tools.interrupt.stderr_fd`). On an
+    exception the held-back text is kept in a file named by one stderr line, so nothing is lost.
+    """
+    import os
+    import sys
+    import tempfile
+
+    from kvhoist.tools import interrupt
+
+    if verbose:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = tempfile.NamedTemporaryFile(prefix="kvhoist-libtpu-", suffix=".log", delete=False)
+    real = os.fdopen(os.dup(saved), "w", buffering=1)
+    os.dup2(held.fileno(), 2)
+    interrupt.stderr_fd = saved
+    failed = False
+    try:
+        yield real
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        interrupt.stderr_fd = 2
+        os.close(saved)
+        real.close()
+        held.close()
+        if failed and os.path.getsize(held.name):
+            print(f"(libtpu's own messages: {held.name})", file=sys.stderr)
+        else:
+            os.unlink(held.name)
 
 _PARAM_RULES: tuple[tuple[re.Pattern, tuple], ...] = tuple((re.compile(p), spec) for p, spec in (
     (r"\['(to_q|to_k|to_v|add_k_proj|add_v_proj)'\]\['kernel'\]", (None, "tensor")),
@@ -200,7 +245,7 @@ def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, 
         :func:`shard_abstract`); None: one chip of the target's default topology.
       mesh_shape: ``(data, tensor)`` for a topology (default ``(2, chips/2)``), see :func:`make_mesh`.
       hand: the hand-cached sampler (same arguments), or None to skip that variant.
-      log: called with a line before each compile.
+      log: called with a line when each variant's compile starts and ends (its time, the time elapsed).
 
     Returns:
       ``{"target", "topology", "chips", "mesh", "variants": {name: CompileResult.to_dict()}}``.
@@ -232,9 +277,13 @@ def compile_three_ways(fun: Callable, args: tuple, kwargs: dict, *, steps: int, 
     out: dict = {"target": get_target(target).name, "topology": topology or default_topology(target),
                  "chips": int(mesh.devices.size), "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
                  "device_kind": getattr(mesh.devices.flat[0], "device_kind", ""), "variants": {}}
-    for name, fn, rep in variants:
+    started = time.perf_counter()
+    for i, (name, fn, rep) in enumerate(variants, 1):
         if log is not None:
-            log(f"compiling {name} for {out['topology']} ({out['chips']} chip(s))")
-        out["variants"][name] = compile_variant(name, fn, placed_args, placed_kwargs, steps=steps,
-                                                report=rep).to_dict()
+            log(f"[{i}/{len(variants)}] compiling {name} for {out['topology']} ({out['chips']} chip(s)) ...")
+        res = compile_variant(name, fn, placed_args, placed_kwargs, steps=steps, report=rep)
+        out["variants"][name] = res.to_dict()
+        if log is not None:
+            log(f"[{i}/{len(variants)}] compiled {name} in {res.compile_seconds:.1f} s ({res.matmuls_inside:,} "
+                f"matmul executions in the step loop; {time.perf_counter() - started:.1f} s elapsed)")
     return out

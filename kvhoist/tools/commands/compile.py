@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from kvhoist.targets import get_target
 
     try:
-        tpu_compile.require_libtpu()
-        target = get_target(args.target).name
+        target = get_target(args.target).name   # first: `--target v99` is unknown with or without libtpu
         tpu_compile.default_topology(target)
+        tpu_compile.require_libtpu()
         if args.topology:
             tpu_compile.check_topology_name(target, args.topology)
         elif args.mesh:
@@ -81,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"{args.spec}: cannot tell its step count (compile needs a preset, or a function whose "
                         f"program has one scan step loop)")
     hand = functools.partial(prog.fun, kv_cache=True) if prog.preset else None
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else None
     try:
-        d = tpu.compile_three_ways(prog.fun, prog.args, prog.kwargs, steps=steps, target=target,
-                                   topology=args.topology, mesh_shape=args.mesh, hand=hand, log=log)
+        with tpu.native_stderr(getattr(args, "verbose", False)) as stderr:
+            log = (lambda s: print(s, file=stderr, flush=True)) if not args.json else None
+            d = tpu.compile_three_ways(prog.fun, prog.args, prog.kwargs, steps=steps, target=target,
+                                       topology=args.topology, mesh_shape=args.mesh, hand=hand, log=log)
     except tpu_compile.DoesNotFit as err:
         where = args.topology or f"one {target} chip"
         print(f"kvhoist compile: {args.spec} does not fit on {where} ({err.variant}): {err.line}", file=sys.stderr)
