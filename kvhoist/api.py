@@ -52,6 +52,7 @@ class KvhoistWarning(UserWarning):
 #: The logger of the whole package; configure it (``logging.basicConfig(level=logging.INFO)``) to see
 #: trace / rewrite / compile timings and what moved.
 logger = logging.getLogger("kvhoist")
+__import__("kvhoist.log").log.configure_from_env()  # KVHOIST_LOG=debug|info: kvhoist's lines only (kvhoist/log.py)
 
 #: Environment variable: a folder to which every traced signature's before/after jaxprs and report go.
 DUMP_ENV = "KVHOIST_DUMP_TO"

@@ -309,6 +309,7 @@ class Report:
         if any(h.flops_saved is None for h in self.hoisted):
             out.append(f"{UNKNOWN_TRIPS}: left a while loop, whose trip count is unknown; its saving is "
                        "FLOPs/iteration for every iteration but one")
+        out += shared_work_lines(self.hoisted)
         return out
 
     def table(self, max_rows: int | None = None) -> str:
@@ -326,6 +327,25 @@ def _per_iteration(total: int | None) -> int | None:
 
 def _plain(total: int | None) -> int | None:
     return None if total is None else int(total)
+
+
+def shared_work_lines(hoisted) -> list[str]:
+    """One line per row that carries upstream work its siblings also read (each equation is counted once, in the
+    first row that reads it): siblings are rows of the same loop, shape, dtype, source and branch (Wan's
+    ``to_k`` and ``to_v``, whose shared upstream work is the text embedder)."""
+    groups: dict = {}
+    for h in hoisted:
+        groups.setdefault((h.loop, tuple(h.shape), h.dtype, h.source, h.branch), []).append(h)
+    out = []
+    for rows in groups.values():
+        low = min(h.flops_per_iteration for h in rows)
+        for h in rows:
+            extra = h.flops_per_iteration - low
+            if len(rows) > 1 and extra > 0.01 * max(low, 1):
+                others = ", ".join(sorted({o.name for o in rows if o is not h}))
+                out.append(f"{h.name}: FLOPs/iteration include {human_flops(extra)} of upstream work that {others} "
+                           f"also read(s) (for Wan: the text embedder), counted once, in this row")
+    return out
 
 
 def _fmt_rows(rows: list) -> str:

@@ -80,6 +80,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the short accelerator check (does XLA hoist on its own?); prints a JSON summary")
 
 
+def warn_if_loaded(data: dict) -> None:
+    """One stderr line, as ``kvhoist demo`` prints, when other work ran (load average above the core count at
+    the start or end) or some CPU ratio is within the noise (its samples' interquartile ranges overlap)."""
+    cores = os.cpu_count() or 1
+    loads = [x[0] for x in (data.get("machine", {}).get("loadavg_start"), data.get("machine", {}).get("loadavg_end"))
+             if x]
+    noisy = sum(any(r.get("ratios_cpu_within_noise", {}).values()) for r in data.get("results", []))
+    if loads and max(loads) > cores:
+        print(f"note: load average {max(loads):.1f} on {cores} cores: other work is running, timings are noisy"
+              + (f"; {noisy} row(s) have ratios within the noise (marked)" if noisy else ""), file=sys.stderr)
+    elif noisy:
+        print(f"note: {noisy} row(s) have CPU ratios within the noise (interquartile ranges overlap; marked)",
+              file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> int:
     """Runs ``kvhoist bench`` with parsed ``args``; returns the exit status."""
     if args.quick:
@@ -112,6 +127,7 @@ def main(args: argparse.Namespace) -> int:
     with Progress("bench", enabled=getattr(args, "progress", None)) as bar:
         data = run_benchmarks(configs, forms, repeats=args.repeats, warmup=args.warmup, overhead=args.overhead,
                               overhead_layers=args.overhead_layers, log=bar.write, progress=bar)
+    warn_if_loaded(data)
     argv = sys.argv[1:]
     as_module = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0]))) == "bench"  # python -m kvhoist.bench
     data["command"] = ("python -m kvhoist.bench " if as_module else "kvhoist ") + " ".join(argv)
@@ -130,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
 
 def run_as_module(argv: Sequence[str] | None = None) -> int:
     """``python -m kvhoist.bench [options]``: the same options as ``kvhoist bench``."""
-    parser = argparse.ArgumentParser(prog="python -m kvhoist.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvhoist.bench", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

@@ -275,7 +275,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.dispatch", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.dispatch", allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["pytree16", "dict555", "nnx555", "wan_step"], choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calls-scale", type=float, default=1.0)

@@ -147,7 +147,7 @@ def run_host_benchmark(config: str = "small", *, repeats: int = 7, path: str | o
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.host", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.host", allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=None)

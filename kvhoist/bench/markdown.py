@@ -19,6 +19,16 @@ def _mib(b: int | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.2f}"
 
 
+#: after a CPU ratio whose two samples' interquartile ranges overlap (:func:`kvhoist.bench.timing.iqr_overlap`).
+NOISE_MARK = "(within noise)"
+
+
+def cpu_ratio(ratios: dict, within_noise: dict, key: str) -> str:
+    """A CPU ratio as the tables print it: the value, marked :data:`NOISE_MARK` when its IQRs overlap."""
+    text = fmt_value(ratios.get(key))
+    return f"{text} {NOISE_MARK}" if within_noise.get(key) and ratios.get(key) is not None else text
+
+
 def render_markdown(data: dict) -> str:
     """The benchmark JSON as a markdown page (docs/benchmarks.md)."""
     m = data["machine"]
@@ -54,8 +64,11 @@ def render_markdown(data: dict) -> str:
 
     def ms(v, key):
         return f"{1e3 * v[key]:.0f}" if key in v else "n/a"
+    noisy_rows = 0
     for r in data["results"]:
         v, rat, pred, rc = r["variants"], r["ratios"], r["predicted"], r["ratios_cpu"]
+        noise = r.get("ratios_cpu_within_noise", {})
+        noisy_rows += any(noise.values())
         eff = None
         if rc["plain_over_hoisted"] is not None and pred["plain_over_hoisted"]:
             eff = rc["plain_over_hoisted"] / pred["plain_over_hoisted"]
@@ -63,13 +76,17 @@ def render_markdown(data: dict) -> str:
                    f"{ms(v['plain'], 'cpu_median_s')} / {ms(v['hand'], 'cpu_median_s')} / "
                    f"{ms(v['hoisted'], 'cpu_median_s')} | {ms(v['plain'], 'median_s')} / "
                    f"{ms(v['hand'], 'median_s')} / {ms(v['hoisted'], 'median_s')} | "
-                   f"{fmt_value(rc['hoisted_over_hand'])} ({fmt_value(rat['hoisted_over_hand'])}) | "
-                   f"{fmt_value(rc['plain_over_hoisted'])} ({fmt_value(rat['plain_over_hoisted'])}) | "
+                   f"{cpu_ratio(rc, noise, 'hoisted_over_hand')} ({fmt_value(rat['hoisted_over_hand'])}) | "
+                   f"{cpu_ratio(rc, noise, 'plain_over_hoisted')} ({fmt_value(rat['plain_over_hoisted'])}) | "
                    f"{fmt_value(pred['plain_over_hoisted'])} | {fmt_value(eff)} | "
-                   f"{fmt_value(pred.get('measured_kv_plain_over_hoisted'))} | {fmt_value(rc['plain_over_hand'])} | "
+                   f"{fmt_value(pred.get('measured_kv_plain_over_hoisted'))} | {cpu_ratio(rc, noise, 'plain_over_hand')} | "
                    f"{fmt_value(pred['plain_over_hand'])} |")
         if "status" in v["hoisted"]:
             out.append(f"| | | | hoisted: {v['hoisted']['status']} | | | | | | | | |")
+    if noisy_rows:
+        out += ["", f"{NOISE_MARK}: the two variants' CPU interquartile ranges overlap, so this ratio is within the "
+                    f"machine's noise ({noisy_rows} of {len(data['results'])} rows): do not read a speed-up or a "
+                    "slow-down into it; run on a quiet machine, with more --repeats."]
     out += ["", "## Memory", "",
             "Cache = bytes held across the step loop: `report.cache_bytes` for hoisted, the `KVCache` pytrees "
             "(one per expert) for hand, nothing for plain. XLA temp = `compiled.memory_analysis()."

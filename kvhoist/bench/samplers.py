@@ -18,9 +18,9 @@ import numpy as np
 
 from kvhoist.bench.forms import (CONFIGS, FORMS, VARIANTS, BenchConfig, Case, Form, build_case, hand_cache_bytes,
                                  split_kwargs, variant_cache_kwargs)
-from kvhoist.bench.markdown import fmt_value
+from kvhoist.bench.markdown import cpu_ratio, fmt_value
 from kvhoist.bench.overhead import pass_overhead
-from kvhoist.bench.timing import machine, peak_rss_mib, time_interleaved, timed, xla_temp_bytes
+from kvhoist.bench.timing import iqr_overlap, machine, peak_rss_mib, time_interleaved, timed, xla_temp_bytes
 
 __all__ = ["bench_form", "check_targets", "run_benchmarks"]
 
@@ -169,6 +169,11 @@ def bench_form(cfg: BenchConfig, form: Form, *, repeats: int, warmup: int = 1) -
     result["ratios_cpu"] = {"hoisted_over_hand": ratio(cpu_med["hoisted"], cpu_med["hand"]),
                             "plain_over_hoisted": ratio(cpu_med["plain"], cpu_med["hoisted"]),
                             "plain_over_hand": ratio(cpu_med["plain"], cpu_med["hand"])}
+    # A CPU ratio whose two samples' interquartile ranges overlap is within the noise: marked, not trusted.
+    pairs = {"hoisted_over_hand": ("hoisted", "hand"), "plain_over_hoisted": ("plain", "hoisted"),
+             "plain_over_hand": ("plain", "hand")}
+    result["ratios_cpu_within_noise"] = {k: iqr_overlap(cpu[a], cpu[b]) for k, (a, b) in pairs.items()
+                                         if cpu.get(a) and cpu.get(b)}
     # The same ratios from the fastest repeat: less sensitive to other processes on a shared machine.
     best = {n: result["variants"][n].get("min_s") for n in VARIANTS}
     result["ratios_min"] = {"hoisted_over_hand": ratio(best["hoisted"], best["hand"]),
@@ -259,9 +264,10 @@ def run_benchmarks(configs: Sequence[str], forms: Sequence[str], *, repeats: int
                 progress.update()
             data["results"].append(r)
             rat, pred = r["ratios"], r["predicted"]
-            rc = r["ratios_cpu"]
-            log(f"[bench]   {time.perf_counter() - t0:.0f} s; CPU time: hoisted/hand {fmt_value(rc['hoisted_over_hand'])}, "
-                f"plain/hoisted {fmt_value(rc['plain_over_hoisted'])} (predicted {fmt_value(pred['plain_over_hoisted'])}); "
+            rc, noise = r["ratios_cpu"], r.get("ratios_cpu_within_noise", {})
+            log(f"[bench]   {time.perf_counter() - t0:.0f} s; CPU time: hoisted/hand "
+                f"{cpu_ratio(rc, noise, 'hoisted_over_hand')}, plain/hoisted {cpu_ratio(rc, noise, 'plain_over_hoisted')} "
+                f"(predicted {fmt_value(pred['plain_over_hoisted'])}); "
                 f"wall: {fmt_value(rat['hoisted_over_hand'])}, {fmt_value(rat['plain_over_hoisted'])}")
     if overhead:
         log("[bench] pass overhead on wan2.1-t2v-14b (abstract shapes) ...")

@@ -203,7 +203,7 @@ def render_markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvhoist.bench.trust", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kvhoist.bench.trust", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=300, help="interleaved repeats per sub-ms form (default 300)")
     p.add_argument("--out", default="docs/trust_bench.json", help="JSON output path")
     p.add_argument("--skip-memory", action="store_true")

@@ -23,6 +23,7 @@ The module imports nothing heavy (no jax) until a command runs, so ``kvhoist --h
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -101,13 +102,15 @@ def _add_spec_arguments(p: argparse.ArgumentParser, *, target_required: bool = F
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvhoist`` (every subcommand)."""
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Loop-invariant hoisting for JAX diffusion samplers: see what moves out of the step "
                     "loop (diff), what it saves (report), how it depends (graph), run it (demo), and "
                     "compile it for a TPU on this host (compile).",
         epilog="examples:\n  kvhoist demo\n  kvhoist diff wan2.1-t2v-14b\n  kvhoist report wan2.2-t2v-a14b\n"
                "  kvhoist graph tiny-t2v --out kv.svg\n  kvhoist <command> --help")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # `--step 5` is not `--steps 5`: no option is abbreviated (every parser, also bench's and python -m's)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("diff", help="before/after jaxprs of a sampler as a diff", formatter_class=fmt,
@@ -192,7 +195,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
         print(f"{PROG} bench: the benchmark module (kvhoist.bench) is not available in this install ({err})",
               file=sys.stderr)
         return EXIT_USAGE
-    parser = argparse.ArgumentParser(prog=f"{PROG} bench", description=(bench.__doc__ or "").strip().split("\n")[0],
+    parser = argparse.ArgumentParser(prog=f"{PROG} bench", allow_abbrev=False, description=(bench.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(parser)
     try:

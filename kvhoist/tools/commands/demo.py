@@ -94,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
         for label, fn in fns.items():  # the first call traces (and rewrites) and compiles
             bar.phase(f"tracing and compiling {label}")
             outs[label] = jax.block_until_ready(fn())
-        bar(0, (1 + args.repeats) * len(fns))
-        bar.phase(f"running {args.repeats} repetitions x {len(fns)} variants, interleaved")
+        bar(0, args.repeats * len(fns))                 # the bar counts timed runs; the warm-ups come first
+        bar.phase(f"running {args.repeats} repetitions x {len(fns)} variants, interleaved (after a warm-up each)")
         cpu: dict[str, list[float]] = {}
-        wall = time_interleaved(fns, repeats=args.repeats, warmup=1, cpu_times=cpu, on_call=lambda _n: bar.update())
+        calls = iter(range(1 << 62))
+        wall = time_interleaved(fns, repeats=args.repeats, warmup=1, cpu_times=cpu,
+                                on_call=lambda _n: next(calls) >= len(fns) and bar.update())
     print(f"demo: random Wan T2V, {cfg.num_layers} scanned layers, D={cfg.inner_dim}, 512 text tokens, "
           f"32 latent tokens, CFG, {args.steps} UniPC steps")
     print(f"timing: as kvhoist bench - the 3 variants interleaved, {args.repeats} timed runs each after a warm-up; "
