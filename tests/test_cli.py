@@ -457,6 +457,8 @@ sys.exit(rc)
     (["--help"], 0), (["diff", "--help"], 0), (["demo", "--help"], 0), ([], 2),
     (["report", "tiny-t2v", "--bogus"], 2), (["demo", "--layers", "0"], 2),
     (["graph", "tiny-t2v", "--out", "/no/such/folder/g.svg"], 2),
+    (["bench", "--help"], 0), (["bench", "--repeats", "0"], 2), (["compile", "--help"], 0),
+    (["graph", "--help"], 0), (["report", "--help"], 0),
 ])
 def test_help_and_usage_errors_do_not_import_jax(argv, rc):
     proc = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *argv], capture_output=True, text=True, timeout=120,

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-
-from kvhoist.bench.timing import tree_bytes
 
 __all__ = ["BenchConfig", "CONFIGS", "Form", "FORMS", "VARIANTS", "Case", "build_case", "split_kwargs",
            "variant_cache_kwargs", "hand_cache_bytes"]
@@ -162,6 +158,9 @@ def _model_class(form: Form):
 
 def build_case(cfg: BenchConfig, form: Form, seed: int = 0) -> Case:
     """Random models and inputs for ``form`` at ``cfg`` (CFG on, UniPC, float32)."""
+    import jax
+    import jax.numpy as jnp
+
     from flax import nnx
 
     wcfg = _wan_config(cfg, form)
@@ -194,6 +193,9 @@ def build_case(cfg: BenchConfig, form: Form, seed: int = 0) -> Case:
 
 def variant_cache_kwargs(case: Case, abstract: bool = False) -> dict:
     """The VACE / Animate keyword inputs of ``compute_kv_cache`` at the CFG batch (abstract: shapes only)."""
+    import jax
+    import jax.numpy as jnp
+
     out = {}
     for name in ("control_hidden_states", "pose_hidden_states", "face_pixel_values"):
         if name in case.kwargs:
@@ -215,6 +217,11 @@ def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
 def hand_cache_bytes(case: Case, form: Form, cfg: BenchConfig) -> int:
     """Bytes of the KVCache pytrees ``sample(kv_cache=True)`` builds (one per expert, CFG batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvhoist.bench.timing import tree_bytes
+
     text_tokens = case.args[2].shape[1]
     ctx = jax.ShapeDtypeStruct((case.context_batch, text_tokens, cfg.text_dim), jnp.float32)
     img = None
