@@ -11,7 +11,9 @@ bound twice in one jaxpr.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import networkx as nx
@@ -48,8 +50,51 @@ class Block:
         return self.to_closed() if compat.is_closed(original) else self.to_open()
 
 
+_NOT_VARS = (compat.Literal, compat.DropVar)
+
+
 def is_var(atom: Atom) -> bool:
-    return not compat.is_literal(atom) and not compat.is_dropvar(atom)
+    return not isinstance(atom, _NOT_VARS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-run memo: the analyses of one equation (may it move? its FLOPs?) are computed once per pass run
+# --------------------------------------------------------------------------------------------------
+
+_MEMO = threading.local()
+
+
+@contextlib.contextmanager
+def analysis_cache() -> Iterator[None]:
+    """Within the block, :func:`memoized` analyses are computed once per object (an equation, a jaxpr).
+
+    LICM asks the same questions about the same equations once per enclosing loop (is this nested scan
+    movable, what does it cost): without the memo a depth-``d`` nest costs ``d`` times more per equation.
+    Jaxpr objects are immutable, so an answer stays valid for the run; the table is dropped at the end so it
+    keeps nothing (nor any closed-over constant) alive.
+    """
+    if getattr(_MEMO, "table", None) is not None:
+        yield
+        return
+    _MEMO.table = {}
+    try:
+        yield
+    finally:
+        _MEMO.table = None
+
+
+def memoized(kind: str, obj: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered for ``obj`` (by identity) while an :func:`analysis_cache` is open."""
+    table = getattr(_MEMO, "table", None)
+    if table is None:
+        return compute()
+    key = (kind, id(obj))
+    hit = table.get(key)
+    if hit is not None and hit[0] is obj:  # the table holds obj, so its id cannot be reused meanwhile
+        return hit[1]
+    value = compute()
+    table[key] = (obj, value)
+    return value
 
 
 def subst_atom(atom: Atom, subst: dict) -> Atom:

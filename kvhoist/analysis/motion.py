@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from kvhoist import compat
+from kvhoist.ir import memoized
 
 # --------------------------------------------------------------------------------------------------
 # The allowlist
@@ -144,16 +145,20 @@ def why_not_movable(eqn) -> str | None:
     if eqn.effects:
         return "has effects"
     name = eqn.primitive.name
-    if name in HIGHER_ORDER:
-        for sub in compat.subjaxprs_of(eqn):
-            for e in compat.split_closed(sub)[4]:
-                reason = why_not_movable(e)
-                if reason is not None:
-                    return f"its body holds {e.primitive.name}: {reason}"
-        return None
+    if name in HIGHER_ORDER:  # once per equation and pass run: LICM asks again at every enclosing loop
+        return memoized("why_not_movable", eqn, lambda: _body_not_movable(eqn))
     if name in PURE_PRIMITIVES:
         return None
     return STAYS.get(name, f"unknown primitive {name!r} (not on kvhoist's allowlist of pure primitives)")
+
+
+def _body_not_movable(eqn) -> str | None:
+    for sub in compat.subjaxprs_of(eqn):
+        for e in compat.split_closed(sub)[4]:
+            reason = why_not_movable(e)
+            if reason is not None:
+                return f"its body holds {e.primitive.name}: {reason}"
+    return None
 
 
 def may_move(eqn) -> bool:
@@ -173,6 +178,12 @@ def _unbounded(eqn) -> str | None:
     reason = NOT_SPECULATABLE.get(eqn.primitive.name)
     if reason is not None:
         return reason
+    if eqn.primitive.name not in HIGHER_ORDER:
+        return None
+    return memoized("unbounded", eqn, lambda: _body_unbounded(eqn))
+
+
+def _body_unbounded(eqn) -> str | None:
     for sub in compat.subjaxprs_of(eqn):
         for e in compat.split_closed(sub)[4]:
             reason = _unbounded(e)
@@ -215,6 +226,17 @@ def surely_run_flops(eqns: Iterable) -> int:
         else:
             total += cost.eqn_flops(e)
     return total
+
+
+def pays(trip_count: int | None, flops_per_iteration: int) -> bool:
+    """Does caching work of ``flops_per_iteration`` out of a loop of ``trip_count`` iterations save anything?
+
+    The one notion of "pays" (flat loops, fission, vmap-fission): the saving is ``(trips - 1) * flops``, which
+    must be positive; a loop that runs once (``scan`` of length 1) saves nothing and would only add the cache.
+    An unknown trip count (``while``) is given the benefit of the doubt: its body runs once per iteration. The
+    bytes are the memory model's business (:func:`inflation_ok`).
+    """
+    return flops_per_iteration > 0 and (trip_count is None or trip_count > 1)
 
 
 def speculation_budget(surely_per_iteration: int | None, trip_count: int | None) -> int:

@@ -38,7 +38,7 @@ from kvhoist import compat, speculation
 from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
-from kvhoist.ir import (Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers,
+from kvhoist.ir import (Block, analysis_cache, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers,
                         prune_call_operands, verify_eqns, verify_jaxpr)
 from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
 from kvhoist.rules.base import Extraction, LoopInfo, Split  # the engine/rule interface (re-exported)
@@ -75,13 +75,14 @@ class Licm:
         from kvhoist import rules  # noqa: F401  (registers the rules)
 
         compat.require_jaxpr(closed, "licm")
-        new = self.optimize_sub(closed)
-        try:
-            verify_jaxpr(new)
-        except Exception as err:  # a bug in a rule that per-loop verification missed; never hand it out
-            raise PassError(f"kvhoist produced an ill-formed jaxpr; please report this: {err}") from err
-        self.report.total_flops_before = cost.jaxpr_flops_run(closed)
-        self.report.total_flops_after = cost.jaxpr_flops_run(new)
+        with analysis_cache():  # each equation's motion and cost questions answered once per run
+            new = self.optimize_sub(closed)
+            try:
+                verify_jaxpr(new)
+            except Exception as err:  # a bug in a rule that per-loop verification missed; never hand it out
+                raise PassError(f"kvhoist produced an ill-formed jaxpr; please report this: {err}") from err
+            self.report.total_flops_before = cost.jaxpr_flops_run(closed)
+            self.report.total_flops_after = cost.jaxpr_flops_run(new)
         return new, self.report
 
     def optimize_block(self, block: Block) -> Block:
@@ -275,6 +276,9 @@ class Licm:
 
         selected = self._select(eqns, invariant_idx, inv_in, units, carry_pairs, block.outvars)
         selected = self._fit_memory(eqns, selected, units, block.outvars, spec)
+        if charge and selected and self.loops and not motion.pays(
+                self.loops[-1].trip_count, sum(cost.eqn_flops(eqns[k]) for k in selected)):
+            selected = set()  # a loop that runs once: caching saves nothing and costs the cache
         if charge and self.max_cache_bytes is not None and selected:
             selected = self._apply_budget(eqns, selected, block.outvars)
         # Undo splits whose invariant part is not moved: the original equation is never worse.
