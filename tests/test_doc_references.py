@@ -11,7 +11,7 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: File names a page may mention that are not files of this repository (a checkpoint's config.json).
-NOT_REPOSITORY_FILES = {"config.json"}
+NOT_REPOSITORY_FILES = {"config.json", "model_index.json", "scheduler_config.json"}  # a checkpoint's files
 #: Pages another change is adding (the reference is checked again once the page exists).
 PENDING: dict = {}
 
