@@ -28,7 +28,7 @@ import json
 import os
 from typing import Any
 
-__all__ = ["is_checkpoint_folder", "checkpoint_preset", "PIPELINE_DEFAULTS"]
+__all__ = ["CheckpointFolderError", "checkpoint_preset", "PIPELINE_DEFAULTS"]
 
 #: ``WanPipeline.__call__``'s defaults (diffusers 0.3x-0.4x), used where the checkpoint says nothing.
 PIPELINE_DEFAULTS = dict(height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0,
@@ -39,10 +39,13 @@ _SCHEDULERS = {"UniPCMultistepScheduler": ("unipc", "flow_shift"),
                "FlowMatchEulerDiscreteScheduler": ("euler", "shift")}
 
 
-def _error(message: str) -> Exception:
-    from kvhoist.tools.specs import SpecError
+class CheckpointFolderError(ValueError):
+    """A folder that is no Wan checkpoint, or a file in it that cannot be read; the message is one line
+    (the CLI prints it as a usage error: ``kvhoist.tools.specs.SpecError``)."""
 
-    return SpecError(message)
+
+def _error(message: str) -> Exception:
+    return CheckpointFolderError(message)
 
 
 def _read(path: str) -> dict:
@@ -57,11 +60,6 @@ def _read(path: str) -> dict:
     if not isinstance(data, dict):
         raise _error(f"{path}: expected a JSON object, got a {type(data).__name__}")
     return data
-
-
-def is_checkpoint_folder(spec: str) -> bool:
-    """Whether ``spec`` names a folder (a SPEC that is a directory is read as a checkpoint)."""
-    return os.path.isdir(spec)
 
 
 def _class_name(config: dict) -> str:
@@ -111,7 +109,7 @@ def checkpoint_preset(folder: str) -> Any:
       (``"unipc"`` / ``"euler"``) of the pipeline's scheduler.
 
     Raises:
-      SpecError: one line: not a Wan pipeline or transformer folder (a VAE, a text encoder, ...), or a
+      CheckpointFolderError: one line: not a Wan pipeline or transformer folder (a VAE, a text encoder, ...), or a
         file that cannot be read.
     """
     from wan_ref.presets import Preset

@@ -257,13 +257,15 @@ def checkpoint_program(folder: str, opts: SamplerOptions) -> Program:
     """The sampler of a diffusers Wan checkpoint folder, from its JSON files only (:mod:`kvhoist.tools.checkpoint`).
 
     ``--scheduler`` unset takes the pipeline's scheduler; the other options as for presets."""
-    from kvhoist.tools.checkpoint import checkpoint_preset
+    from kvhoist.tools.checkpoint import CheckpointFolderError, checkpoint_preset
 
-    p, scheduler = checkpoint_preset(folder)
+    try:
+        p, scheduler = checkpoint_preset(folder)
+    except CheckpointFolderError as err:
+        raise SpecError(str(err)) from None
     if opts.scheduler is None:
         opts = dataclasses.replace(opts, scheduler=scheduler)
-    prog = sampler_program(p, opts, checkpoint=True)
-    return prog
+    return sampler_program(p, opts, checkpoint=True)
 
 
 def sampler_program(p: Any, opts: SamplerOptions, *, checkpoint: bool = False) -> Program:
