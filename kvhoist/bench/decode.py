@@ -118,13 +118,13 @@ def decode_loop_matmuls(hlo: str) -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _decoder(cfg: E.EncDecConfig, beams: int, hand_cache: bool) -> Callable:
+def _decoder(cfg: E.EncDecConfig, beams: int, hand_cache: bool, tiling: str = "broadcast") -> Callable:
     if beams == 1:
         def decode(params, src):
             return E.greedy_decode(params, src, cfg=cfg, hand_cache=hand_cache)
     else:
         def decode(params, src):
-            return E.beam_search(params, src, cfg=cfg, beam_size=beams, hand_cache=hand_cache)
+            return E.beam_search(params, src, cfg=cfg, beam_size=beams, hand_cache=hand_cache, tiling=tiling)
     return decode
 
 
@@ -149,12 +149,12 @@ def compiler_options(xla_licm: str) -> dict | None:
 
 
 def bench_row(cfg: E.EncDecConfig, params: dict, form: str, enc_len: int, beams: int, *, repeats: int,
-              log: Callable[[str], None], xla_licm: str = "on") -> dict:
+              log: Callable[[str], None], xla_licm: str = "on", tiling: str = "broadcast") -> dict:
     """Compile the three variants once each (XLA's while-loop LICM on or off), check their outputs, time them
     interleaved."""
     src = jax.random.randint(jax.random.key(enc_len), (BATCH, enc_len), 2, cfg.vocab)
     args = (params, src)
-    decode, decode_hand = _decoder(cfg, beams, False), _decoder(cfg, beams, True)
+    decode, decode_hand = _decoder(cfg, beams, False, tiling), _decoder(cfg, beams, True, tiling)
     hoisted = kvhoist.hoist_invariants(decode)
     t0 = time.perf_counter()
     opts = compiler_options(xla_licm)
@@ -175,7 +175,7 @@ def bench_row(cfg: E.EncDecConfig, params: dict, form: str, enc_len: int, beams:
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     row = {
         "form": form, "enc_len": enc_len, "beams": beams, "decoder": "greedy" if beams == 1 else "beam search",
-        "xla_licm": xla_licm,
+        "xla_licm": xla_licm, "tiling": tiling, "proj_bias": cfg.proj_bias,
         "cpu": {k: _stats(v) for k, v in cpu.items()}, "wall": {k: _stats(v) for k, v in wall.items()},
         "plain_over_hoisted_cpu": med_cpu["plain"] / med_cpu["hoisted"],
         "hoisted_over_hand_cpu": med_cpu["hoisted"] / med_cpu["hand"],
@@ -200,20 +200,24 @@ def bench_row(cfg: E.EncDecConfig, params: dict, form: str, enc_len: int, beams:
 
 
 def run(*, quick: bool = False, repeats: int = 5, enc_lens: Sequence[int] | None = None, note: str = "",
-        xla_licm: Sequence[str] = ("on", "off"),
+        xla_licm: Sequence[str] = ("on", "off"), beams: Sequence[int] = BEAMS, forms: Sequence[str] = FORMS,
+        tiling: str = "broadcast", proj_bias: bool = False,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    cfg = QUICK_CONFIG if quick else CONFIG
+    """Every (layer form, encoder length, beam count, XLA LICM setting) row; ``tiling`` and ``proj_bias`` select
+    the beam expansion (``"broadcast"`` or Flax's ``"tile"``) and BART-style projection biases."""
+    cfg = dataclasses.replace(QUICK_CONFIG if quick else CONFIG, proj_bias=proj_bias)
     enc_lens = tuple(enc_lens or ((16, 32) if quick else ENC_LENS))
     t0 = time.perf_counter()
     data: dict = {"machine": machine(), "config": dataclasses.asdict(cfg), "batch": BATCH, "repeats": repeats,
-                  "warmup": 1, "note": note, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
-    for form in FORMS:
+                  "warmup": 1, "note": note, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
+                  "tiling": tiling}
+    for form in forms:
         params = E.init_params(jax.random.key(0), cfg, scan_layers=form == "scan")
         for enc_len in enc_lens:
-            for beams in BEAMS:
+            for k in beams:
                 for licm in xla_licm:
-                    data["rows"].append(bench_row(cfg, params, form, enc_len, beams, repeats=repeats, log=log,
-                                                  xla_licm=licm))
+                    data["rows"].append(bench_row(cfg, params, form, enc_len, k, repeats=repeats, log=log,
+                                                  xla_licm=licm, tiling=tiling))
     data["total_s"] = time.perf_counter() - t0
     data["machine"]["loadavg_end"] = list(os.getloadavg())
     return data
@@ -236,7 +240,8 @@ def render_markdown(data: dict) -> str:
             f"interleaved. Machine: {data['machine']['cpu_count']} CPUs, jax {data['machine']['jax']}, load "
             f"average {data['machine']['loadavg_start'][0]:.1f} at start, "
             f"{data['machine'].get('loadavg_end', [float('nan')])[0]:.1f} at end; total {data['total_s']:.0f} s; "
-            f"started {data['started']}." + (f" {data['note']}" if data.get("note") else ""))
+            f"started {data['started']}. Beam expansion: {data.get('tiling', 'broadcast')}; projection biases: "
+            f"{'yes' if cfg.get('proj_bias') else 'no'}." + (f" {data['note']}" if data.get("note") else ""))
     rows = ["| layers | enc len | beams | XLA LICM | CPU ms plain | CPU ms hoisted | CPU ms hand | plain/hoisted | hoisted/hand "
             "| cache MiB hoisted K/V (all) | cache MiB hand | loop dots plain / hoisted / hand | XLA hoisted K/V itself "
             "| hoisted == plain |",
@@ -269,9 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(e.g. the kvhoist commit measured)")
     parser.add_argument("--xla-licm", nargs="+", choices=("on", "off"), default=["on", "off"],
                         help="XLA's while-loop LICM pass on, off or both (default: both)")
+    parser.add_argument("--beams", type=int, nargs="+", default=list(BEAMS), help="beam counts (1 = greedy)")
+    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="decoder layer forms")
+    parser.add_argument("--tiling", choices=("broadcast", "tile"), default="broadcast",
+                        help="beam expansion of the encoder output: broadcast_to+reshape or Flax's jnp.tile")
+    parser.add_argument("--proj-bias", action="store_true", help="attention projections with biases (BART)")
     args = parser.parse_args(argv)
     data = run(quick=args.quick, repeats=args.repeats, enc_lens=args.enc_lens, note=args.note,
-               xla_licm=tuple(args.xla_licm))
+               xla_licm=tuple(args.xla_licm), beams=tuple(args.beams), forms=tuple(args.forms),
+               tiling=args.tiling, proj_bias=args.proj_bias)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=1)
     print(render_markdown(data))
