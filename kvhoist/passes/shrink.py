@@ -10,6 +10,10 @@ Three rewrites make that cache no larger than a hand-written one, without changi
   reshapes and transposes that keep it, reductions over other axes) commutes with the tiling, so it is
   recomputed on the small value; the loop receives the small result and re-expands it with the same
   cheap shape ops inside its body (XLA fuses them into their consumers).
+* **Reading the untiled cache.** Re-tiling the small value every iteration is a copy jit does not make,
+  so the body's consumers read it instead (:func:`read_untiled`): a ``dot_general`` batching over the
+  tiled axis batches over the small value with the copy axis free (:func:`batched_dot`), other work gets
+  small twins. Where a consumer needs the whole tiled value, that operand keeps the tiled cache.
 * **Common values.** Identical hoisted equations (same primitive, parameters and inputs) are computed
   once, and a value passed to the loop twice is passed once.
 * **Views.** When the loop receives both a value and a transpose or reshape of it, only the value is
