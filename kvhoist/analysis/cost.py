@@ -252,12 +252,12 @@ ELEMENT_WEIGHTS = {
 
 
 def _build_rules() -> dict:
-    from kvhoist.analysis import motion
+    from kvhoist.analysis import primitives
 
     rules: dict = {}
-    for name in motion.ELEMENTWISE:
+    for name in primitives.ELEMENTWISE:
         rules[name] = _per_output(ELEMENT_WEIGHTS.get(name, 1))
-    for name in motion.SHAPE | SHAPE_ONLY:
+    for name in primitives.SHAPE | SHAPE_ONLY:
         rules[name] = _free
     rules.update({
         "integer_pow": _integer_pow,
