@@ -265,7 +265,8 @@ def render_markdown(data: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvhoist.bench.decode", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvhoist.bench.decode", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", default="docs/decode_bench.json", help="JSON output (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--enc-lens", type=int, nargs="*", default=None)
