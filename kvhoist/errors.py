@@ -13,6 +13,10 @@ class TraceError(KvhoistError):
     """The function could not be traced to a jaxpr."""
 
 
+class KvhoistWarning(UserWarning):
+    """The pipeline could not optimise a program; it runs unoptimised (as under ``jax.jit``)."""
+
+
 class PassError(RuntimeError):
     """A rewrite produced an ill-formed jaxpr (a kvhoist bug): never returned to the user."""
 

@@ -73,7 +73,8 @@ import numpy as np
 
 from kvhoist import compat
 from kvhoist.analysis import cost
-from kvhoist.api import (DUMP_ENV, LOG_INPUTS, KvhoistError, _check_jit_options, _normalize_argnames,
+from kvhoist.errors import KvhoistError
+from kvhoist.tracing import (DUMP_ENV, LOG_INPUTS, _check_jit_options, _normalize_argnames,
                          _normalize_argnums, count_equations, dump_signature, function_name, log_report, logger,
                          signature_text, trace_to_jaxpr)
 from kvhoist.ir import Block, used_vars

@@ -33,7 +33,6 @@ TOOLING = TOOL_PACKAGES + ("wan_ref",)
 #: test fails on any circle not listed here, and on a listed circle that no longer exists (delete its
 #: line when you break it).
 KNOWN_CIRCLES: tuple[frozenset[str], ...] = (
-    frozenset({"kvhoist.api", "kvhoist.host"}),                       # host takes options/errors from api
 )
 
 

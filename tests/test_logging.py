@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import kvhoist
+from kvhoist import tracing
 from kvhoist.api import DUMP_ENV
 
 
@@ -196,10 +197,8 @@ def test_equation_count_includes_loop_bodies(caplog):
 def test_dump_skips_names_left_by_an_earlier_process(tmp_path, monkeypatch):
     import itertools
 
-    import kvhoist.api as api
-
     monkeypatch.setenv(DUMP_ENV, str(tmp_path))
-    monkeypatch.setattr(api, "_dump_counter", itertools.count(1))
+    monkeypatch.setattr(tracing, "_dump_counter", itertools.count(1))
     stale = tmp_path / f"kvhoist-{os.getpid()}-0001-sampler.report.json"
     stale.write_text("{}")                           # same pid, same counter: a previous run's file
     kvhoist.hoist_invariants(sampler)(W, X, C4)
