@@ -82,7 +82,8 @@ def callees(line: str) -> list[str]:
     return out
 
 
-def hlo_loop_op_counts(hlo: str, patterns: dict[str, str], *, trip_count: int | None = None) -> dict[str, int]:
+def hlo_loop_op_counts(hlo: str, patterns: dict[str, str], *, trip_count: int | None = None,
+                       data_dependent_only: bool = False) -> dict[str, int]:
     """Counts of instructions matching ``patterns`` inside the outermost while loops of an HLO module.
 
     The outermost loops are the ``while`` instructions reachable from ENTRY without passing through
@@ -96,6 +97,8 @@ def hlo_loop_op_counts(hlo: str, patterns: dict[str, str], *, trip_count: int | 
       patterns: ``{label: regex}`` matched against each instruction line (metadata stripped), e.g.
         ``{"all-reduce": r"\\sall-reduce(-start)?\\("}``.
       trip_count: select the outermost loops with this known trip count.
+      data_dependent_only: count only the outermost loops XLA gave no trip count (a decoding loop that stops on
+        a data-dependent condition; layer scans and fission scans in front of it are not counted).
 
     Returns:
       ``{label: count}``, plus ``"loops"``: how many loops were counted, and ``"bytes"``:
@@ -137,6 +140,8 @@ def hlo_loop_op_counts(hlo: str, patterns: dict[str, str], *, trip_count: int | 
 
     if entry is not None:
         outer_loops(entry)
+    if data_dependent_only:
+        bodies = [(b, n) for b, n in bodies if n is None]
     if trip_count is not None and any(n is not None for _, n in bodies):
         bodies = [(b, n) for b, n in bodies if n == trip_count]
     result = dict.fromkeys(regs, 0)

@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ import numpy as np
 import kvhoist
 from kvhoist import contract
 from kvhoist.bench.timing import machine, time_interleaved
-from kvhoist.hlo import KNOWN_TRIP_COUNT, MATMUL_PATTERNS, WHILE_BODY, callees, hlo_computations, result_bytes
+from kvhoist.hlo import MATMUL_PATTERNS, hlo_loop_op_counts
 from kvhoist.tools.examples import encdec as E
 
 __all__ = ["CONFIG", "run", "render_markdown", "decode_loop_matmuls", "main"]
@@ -73,44 +72,9 @@ def decode_loop_matmuls(hlo: str) -> dict:
     Returns:
       ``{"dots": count, "bytes": bytes of their results (per iteration), "loops": loops counted}``.
     """
-    comps, entry = hlo_computations(hlo)
-    regs = [re.compile(p) for p in MATMUL_PATTERNS.values()]
-
-    @functools.lru_cache(maxsize=None)
-    def count(comp: str) -> tuple[int, int]:
-        n = nbytes = 0
-        for line in comps.get(comp, ()):
-            for r in regs:
-                m = r.search(line)
-                if m:
-                    n += 1
-                    nbytes += result_bytes(line[:m.start()])
-            for callee in callees(line):
-                if callee in comps and callee != comp:
-                    c = count(callee)
-                    n, nbytes = n + c[0], nbytes + c[1]
-        return n, nbytes
-
-    bodies: list[str] = []
-    seen: set[str] = set()
-
-    def outer(comp: str) -> None:
-        if comp in seen:
-            return
-        seen.add(comp)
-        for line in comps.get(comp, ()):
-            m = WHILE_BODY.search(line)
-            if m:
-                if not KNOWN_TRIP_COUNT.search(line):
-                    bodies.append(m.group(1))
-                continue
-            for callee in callees(line):
-                outer(callee)
-
-    if entry is not None:
-        outer(entry)
-    counts = [count(b) for b in bodies]
-    return {"dots": sum(c[0] for c in counts), "bytes": sum(c[1] for c in counts), "loops": len(bodies)}
+    counts = hlo_loop_op_counts(hlo, MATMUL_PATTERNS, data_dependent_only=True)
+    return {"dots": sum(counts[k] for k in MATMUL_PATTERNS), "bytes": sum(counts["bytes"].values()),
+            "loops": counts["loops"]}
 
 
 # ------------------------------------------------------------------------------------------------------
