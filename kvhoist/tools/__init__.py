@@ -6,7 +6,9 @@ The tools may import the compiler (``kvhoist``'s other modules); the compiler ne
 * :mod:`kvhoist.tools.cli`: ``kvhoist`` / ``python -m kvhoist`` (the parser; one module per command in
   :mod:`kvhoist.tools.commands`);
 * :mod:`kvhoist.tools.specs`: SPEC resolution (a wan_ref preset or ``module:function``);
-* :mod:`kvhoist.tools.diff`, :mod:`kvhoist.tools.graph`: the before/after diff and the dependence graph;
+* :mod:`kvhoist.tools.diff`, :mod:`kvhoist.tools.graph`: the before/after diff and the dependence graph
+  (:mod:`kvhoist.tools.jaxpr_lines` renders and marks the lines, :mod:`kvhoist.tools.diff_summary` counts,
+  :mod:`kvhoist.tools.diff_html` writes the page);
 * :mod:`kvhoist.tools.tpu`: ``kvhoist compile``'s driver (plain / hand cache / hoisted for a TPU topology);
 * :mod:`kvhoist.tools.progress`: the progress line of long commands;
 * :mod:`kvhoist.tools.examples`: example programs beyond Wan (an encoder-decoder).

@@ -1,6 +1,6 @@
 """The dependence graph of what was hoisted, as Graphviz DOT (and SVG where ``dot`` is installed).
 
-Nodes are the equations that arrived in front of a loop (found as in :func:`kvhoist.tools.diff.moved_marks`),
+Nodes are the equations that arrived in front of a loop (found as in :func:`kvhoist.tools.jaxpr_lines.moved_marks`),
 the program inputs they read (weights, text embeddings) and the loop that consumes their results.
 A loop created by fission (a scan of only hoisted work) is one node. Matmuls are highlighted. A value
 that only one branch of a ``cond`` reads (Wan 2.2's two experts) is labelled with that branch, in the words
@@ -21,18 +21,18 @@ from typing import Any, Sequence
 import networkx as nx
 
 from kvhoist import compat, speculation
-from kvhoist.tools.diff import LOOPS, _short_type, _walk_eqn, moved_marks
 from kvhoist.ir import dependence_graph, is_var
+from kvhoist.tools.jaxpr_lines import LOOPS, moved_marks, short_type, walk_eqn
 
 
 def _hoisted_like(e: Any, marks: dict) -> bool:
     if id(e) in marks:
         return True
     if e.primitive is speculation.speculate_p:  # speculated work: one wrapped equation
-        return any(id(x) in marks for x in _walk_eqn(e))
+        return any(id(x) in marks for x in walk_eqn(e))
     if e.primitive.name not in LOOPS:
         return False
-    inner = [x for x in _walk_eqn(e) if x is not e]
+    inner = [x for x in walk_eqn(e) if x is not e]
     dots = [x for x in inner if x.primitive.name == "dot_general"]
     return bool(dots) and all(id(x) in marks for x in dots)
 
@@ -42,12 +42,12 @@ def _label(e: Any, hoisted: bool = True) -> str:
     name = e.primitive.name
     if name == "scan":
         name = f"scan(length={e.params['length']})"
-    outs = ", ".join(_short_type(v.aval) for v in e.outvars[:2]) + (" …" if len(e.outvars) > 2 else "")
+    outs = ", ".join(short_type(v.aval) for v in e.outvars[:2]) + (" …" if len(e.outvars) > 2 else "")
     scope = compat.name_stack(e)
     if e.primitive.name in LOOPS and not hoisted:
         scope = "reads the hoisted values"
     elif e.primitive.name in LOOPS:  # a fissioned scan: name the projections it computes
-        dots = sorted({compat.name_stack(x) for x in _walk_eqn(e) if x.primitive.name == "dot_general"})
+        dots = sorted({compat.name_stack(x) for x in walk_eqn(e) if x.primitive.name == "dot_general"})
         if dots:
             scope = "computes " + ", ".join(dots[:4]) + (" …" if len(dots) > 4 else "")
     return "\\n".join(x for x in (name, scope, outs, compat.source_line(e)) if x)
@@ -189,7 +189,7 @@ def hoisted_graph(before: Any, after: Any, *, input_names: Sequence[str | None] 
         node = {i: f"L{lvl}e{i}" for i in range(len(eqns))}
         for i in chosen:
             e = eqns[i]
-            heavy = any(x.primitive.name in ("dot_general", "conv_general_dilated") for x in _walk_eqn(e))
+            heavy = any(x.primitive.name in ("dot_general", "conv_general_dilated") for x in walk_eqn(e))
             reading = set().union(*(branches_reading(j, v, readers) for v in e.outvars if is_var(v)))
             branch = next(iter(reading)) if len(reading) == 1 else ""
             label = _label(e) + (f"\\n{branch}" if branch else "")
@@ -198,7 +198,7 @@ def hoisted_graph(before: Any, after: Any, *, input_names: Sequence[str | None] 
                 if is_var(a) and a in level_inputs:
                     vid = f"L{lvl}v{id(a)}"
                     name = names.get(id(a), "input")
-                    g.add_node(vid, label=f"{name}\\n{_short_type(a.aval)}", kind="input", name=name)
+                    g.add_node(vid, label=f"{name}\\n{short_type(a.aval)}", kind="input", name=name)
                     g.add_edge(vid, node[i])
         for i in chosen:
             for j in dg.successors(i):
