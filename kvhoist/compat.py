@@ -9,8 +9,8 @@ between the versions we support (jax 0.10 on Python 3.11, jax 0.12 on Python 3.1
 * jax 0.12 replaced scan's ``num_consts`` / ``num_carry`` params by ``ft_in`` / ``ft_out`` flat trees;
   :func:`scan_arity` and :func:`scan_params` read and write both forms.
 * ``jit`` (formerly ``pjit``), ``remat2`` and ``shard_map`` primitives are looked up by name.
-* Resizing avals, building literals and evaluating a primitive eagerly (the layout pass) go through
-  :func:`resize_aval`, :func:`literal`, :func:`rebuild_like`, :func:`eval_primitive`.
+* Resizing avals, building literals and rebuilding jaxprs go through :func:`resize_aval`, :func:`literal`,
+  :func:`rebuild_like`.
 
 Nothing outside this module imports ``jax._src``.
 """
@@ -290,12 +290,6 @@ def rebuild_like(original: Any, constvars: Sequence[Var], consts: Sequence[Any],
         return make_open(invars, outvars, eqns)
     return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), _jaxpr_effects(invars, eqns),
                  _debug_info(len(invars), len(outvars)))
-
-
-def eval_primitive(primitive: Any, args: Sequence[Any], params: dict) -> Any:
-    """Evaluate one primitive eagerly on concrete (numpy) values, even if called under a trace."""
-    with jax.ensure_compile_time_eval():
-        return primitive.bind(*args, **params)
 
 
 # --- jit integration ------------------------------------------------------------------------------

@@ -185,6 +185,45 @@ def test_concatenate_zeros_form_and_scan_cond_jit_bodies():
         assert rel_err(run(new, *args, flag)[0], f(*args, flag)) <= 1e-5
 
 
+_COMPILES = [0]
+
+
+def _count_compile(event: str, _duration: float, **_kw) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def _compiles(fn, *args):
+    """``(fn(*args), XLA compiles it launched)``; caches cleared first (earlier eager ops would hide some)."""
+    jax.clear_caches()
+    _COMPILES[0] = 0
+    out = jax.block_until_ready(fn(*args))
+    return out, _COMPILES[0]
+
+
+def test_layout_pass_launches_no_xla_compile():
+    """The masking proof folds constants with numpy (a scalar `where` picking the fill here), never eager jax."""
+    def f(q, img, wk, wv):
+        p = pad_tokens(img, 384)
+        k, v = p @ wk, p @ wv
+        fill = jnp.where(q.shape[0] > 4, -jnp.inf, -1e30)   # a scalar select_n the analysis folds
+        logits = jnp.where(jnp.arange(384) < 257, q @ k.T, fill)
+        return jax.nn.softmax(logits, axis=-1) @ v
+
+    args = randn(1, (8, 16), (257, 16), (16, 16), (16, 16))
+    closed = jax.make_jaxpr(f)(*args)
+    (new, report), n = _compiles(lambda c: kvhoist.optimize(c, target="v6e"), closed)
+    assert n == 0, f"the layout pass launched {n} XLA compile(s)"
+    assert 264 in shapes_in(new) and 384 not in shapes_in(new), report.table()  # the fill proven -inf
+    want, n_jit = _compiles(jax.jit(f), *args)
+    got, n_hoisted = _compiles(kvhoist.hoist_invariants(f, target="v6e"), *args)
+    assert n_hoisted == n_jit == 1
+    assert rel_err(got, want) <= 1e-5
+
+
 def test_cpu_target_does_nothing_unless_asked():
     f = lambda q, img: masked_attention(q, pad_tokens(img, 384), pad_tokens(img, 384), 257)
     args = (jnp.ones((4, 8)), jnp.ones((257, 8)))
@@ -280,6 +319,18 @@ def test_wan_sampler_hoisted_for_v6e(preset_name):
     assert text_kv and all(h.shape[-3] == 512 for h in text_kv)  # text is not padded in-program
     before, _after = hoisted.jaxprs(*args)
     assert rel_err(hoisted(*args), run(before, *args)[0]) <= 1e-5
+
+
+def test_wan_sampler_layout_and_licm_launch_no_xla_compile():
+    from wan_ref.sample import sample
+
+    model, cfg, d = _wan("tiny-i2v")
+    args = (model, d["latents"], d["pe"], d["npe"], d["image"], d["condition"])
+    closed = jax.make_jaxpr(lambda m, lat, pe, npe, img, c: sample(
+        m, lat, pe, npe, num_inference_steps=2, image_embeds=img, condition=c, loop="scan"))(*args)
+    (new, report), n = _compiles(lambda c: kvhoist.optimize(c, target="v6e"), closed)
+    assert n == 0, f"the rewrite launched {n} XLA compile(s)"
+    assert CHEAPEST["tiny-i2v"] in shapes_in(new) and report.hoisted, report.table()
 
 
 def test_pipeline_order_layout_then_licm_equals_licm_then_layout():

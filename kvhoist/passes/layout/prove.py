@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvhoist import compat
+from kvhoist.analysis.branches import NUMPY_RULES
 from kvhoist.analysis.dims import (ATTENTION, CALLS, ELEMENTWISE, REDUCTIONS, SAME_SHAPE_AXIS_OPS, DimAnalysis,
                                    first_order_edges, is_var, sub_jaxprs, sub_key)
 
@@ -86,16 +87,19 @@ def join(a, b):
     return ("unknown", "a loop carries the padding index")
 
 
-#: numpy versions of the elementwise primitives the analysis evaluates most (IEEE semantics as XLA's,
-#: except max/min, which propagate nan in both).
-_NUMPY = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "neg": np.negative,
-    "exp": np.exp, "exp2": np.exp2, "max": np.maximum, "min": np.minimum, "abs": np.abs,
-    "stop_gradient": lambda x: x, "copy": lambda x: x, "copy_p": lambda x: x,
-    "convert_element_type": lambda x: x,  # the result is cast to the output dtype
-    "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "eq": np.equal,
-    "ne": np.not_equal, "and": np.bitwise_and, "or": np.bitwise_or, "not": np.invert,
+#: Folding is numpy, never XLA (eager jax would compile one program per primitive and shape): the rules are
+#: :data:`kvhoist.analysis.branches.NUMPY_RULES` (XLA's semantics, exact operations only) plus the ones
+#: below, which the analysis needs for *categories* of values (0, +-inf, nan, finite): ``exp`` may differ
+#: from XLA's in the last bit of a finite result, never in its category. A primitive with no rule is not
+#: folded: its result is some value the same at every padded position, nothing more is claimed.
+_CATEGORY_RULES = {
+    "exp": lambda x, **_: np.exp(x), "exp2": lambda x, **_: np.exp2(x),
+    "stop_gradient": lambda x, **_: x,
 }
+
+
+def _numpy_rule(name: str):
+    return NUMPY_RULES.get(name) or _CATEGORY_RULES.get(name)
 
 
 def _np_dtype(aval):
@@ -274,15 +278,14 @@ class ValueAnalysis:
         return None
 
     def eval_on(self, e, values):
+        """``e`` on numpy ``values`` (any common shape: the analysis evaluates sampled operands as vectors),
+        as its output dtype. Raises when ``e`` is not folded (no rule, or a case its rule does not model)."""
+        rule = _numpy_rule(e.primitive.name)
+        if rule is None or len(e.outvars) != 1:
+            raise ValueError(f"`{e.primitive.name}` is not folded")
         args = [np.asarray(v, _np_dtype(a.aval)) for v, a in zip(values, e.invars)]
-        out_dtype = _np_dtype(e.outvars[0].aval)
-        fn = _NUMPY.get(e.primitive.name)
-        if e.primitive.name == "div" and not _is_float(out_dtype):
-            fn = None  # integer division rounds toward zero in lax
         with np.errstate(all="ignore"):
-            if fn is not None:  # numpy for the common cases: no XLA compile per equation
-                return np.asarray(fn(*args)).astype(out_dtype)
-            return np.asarray(compat.eval_primitive(e.primitive, args, e.params))
+            return np.asarray(rule(*args, **e.params)).astype(_np_dtype(e.outvars[0].aval))
 
     def elementwise(self, e, ins, in_t, out_t):
         name = e.primitive.name
@@ -350,7 +353,10 @@ class ValueAnalysis:
                 return None
         # One vectorised evaluation over the cross product of the pools (eager dispatch is slow).
         grids = np.meshgrid(*[np.asarray(pl, np.float64) for pl in pools], indexing="ij")
-        got = self.eval_on(e, [g.reshape(-1) for g in grids]).reshape(-1)
+        try:
+            got = self.eval_on(e, [g.reshape(-1) for g in grids]).reshape(-1)
+        except Exception:  # not folded: no categories known
+            return None
         cats = set()
         for x in got:
             c = _category(x)
@@ -365,7 +371,10 @@ class ValueAnalysis:
             return ("unknown", "the position index is used arithmetically")
         positions = np.arange(self.n, max(self.old_len, self.new_len))
         vals = [positions if p[0] == "iota" else np.full_like(positions, p[1]) for p in ins]
-        got = self.eval_on(e, vals)
+        try:
+            got = self.eval_on(e, vals)
+        except Exception:
+            return ("unknown", f"`{name}` of the position index is not folded")
         if got.size and np.all(got == got[0]):
             return ("const", bool(got[0]))
         return ("unknown", "a mask that is not constant over the padded positions (it is not `iota < n`)")
