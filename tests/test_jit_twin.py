@@ -13,9 +13,6 @@ import copy
 import gc
 import inspect
 import json
-import os
-import subprocess
-import sys
 import weakref
 
 import jax
@@ -25,19 +22,10 @@ import pytest
 
 import kvhoist
 import kvhoist.api as api
+from kvhoist.contract import assert_close
+from mesh_util import make_mesh, run_json_child
 
 DEVICES = 8
-
-
-def assert_close(got, want):
-    """The numerical contract: kvhoist.contract when it exists, else the interim bound of the brief."""
-    try:
-        from kvhoist.contract import assert_close as contract_close
-    except ImportError:
-        want = np.asarray(want)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * float(np.abs(want).max()))
-    else:
-        contract_close(got, want)
 
 
 def loop(w, x):
@@ -75,14 +63,14 @@ def _compare(name: str, make, args) -> dict:
 
 
 def run_sharding_checks() -> dict:
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     assert jax.device_count() >= DEVICES, jax.devices()
     w = jnp.arange(16.0).reshape(4, 4) / 16
     x0 = jnp.arange(64.0).reshape(16, 4) / 64
     cases = []
     for axis in ("Explicit", "Auto"):
-        mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(AxisType, axis),))
+        mesh = make_mesh({"x": DEVICES}, axis)
         with jax.set_mesh(mesh):
             x = jax.device_put(x0, NamedSharding(mesh, P("x")))
             case = _compare(f"{axis}: fori_loop over a sharded carry", lambda wrap: wrap(loop), (w, x))
@@ -93,7 +81,7 @@ def run_sharding_checks() -> dict:
                 case["hoisted"] = len(hf.report(w, x).hoisted)
             cases.append(case)
             # 2-D Explicit mesh: a layer scan whose stacked weights are sharded on "x" of a (2, 4) mesh.
-        mesh2 = jax.make_mesh((2, 4), ("data", "model"), axis_types=(getattr(AxisType, axis),) * 2)
+        mesh2 = make_mesh({"data": 2, "model": 4}, axis)
         with jax.set_mesh(mesh2):
             ws = jax.device_put(jnp.stack([w, w * 0.5]), NamedSharding(mesh2, P()))
             xs = jax.device_put(x0[:8], NamedSharding(mesh2, P("data")))
@@ -106,7 +94,7 @@ def run_sharding_checks() -> dict:
             cases.append(_compare(f"{axis} 2x4: layer scan in a step scan", lambda wrap: wrap(layers), (ws, xs)))
     # Manual axes: a hoisted function inside shard_map, with a psum in its loop (issue 18 item 5).
     for axis in ("Explicit", "Auto"):
-        mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(AxisType, axis),))
+        mesh = make_mesh({"x": DEVICES}, axis)
         with jax.set_mesh(mesh):
             x = jax.device_put(x0, NamedSharding(mesh, P("x"))) if axis == "Explicit" else x0
 
@@ -123,16 +111,7 @@ def run_sharding_checks() -> dict:
 def sharding_facts() -> dict:
     if jax.device_count() >= DEVICES:
         return run_sharding_checks()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=root)
-    if proc.returncode != 0:
-        pytest.fail(f"sharding child process failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, devices=DEVICES, timeout=600)
 
 
 def test_shardings_and_manual_axes_as_under_jit(sharding_facts):

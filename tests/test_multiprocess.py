@@ -33,6 +33,9 @@ import time
 
 import pytest
 
+from kvhoist.contract import assert_close
+from mesh_util import ROOT, cpu_devices_env, make_mesh
+
 PROCESSES = 2
 LOCAL_DEVICES = 4
 MESH = {"data": 2, "model": 4}
@@ -104,8 +107,7 @@ def run_process(process_id: int, port: int) -> dict:
                                initialization_timeout=60)
     import functools
 
-    import numpy as np
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import kvhoist
     from test_multidevice import _step_loop_operand_shapes
@@ -115,7 +117,7 @@ def run_process(process_id: int, port: int) -> dict:
     t0 = time.perf_counter()
     facts: dict = {"process": jax.process_index(), "processes": jax.process_count(),
                    "devices": jax.device_count(), "local_devices": jax.local_device_count()}
-    mesh = jax.make_mesh(tuple(MESH.values()), tuple(MESH), axis_types=(AxisType.Auto,) * len(MESH))
+    mesh = make_mesh(MESH, "Auto")
     inputs = tiny_inputs("tiny-t2v", batch=MESH["data"], text_len=TEXT_TOKENS)
     model, noise, pe, npe = inputs.args
     facts["model_sharded_params"] = _shard_model(model, mesh)
@@ -160,15 +162,9 @@ def facts(tmp_path_factory) -> list[dict]:
     pytest.importorskip("flax")
     port = _free_port()
     out = tmp_path_factory.mktemp("multiprocess")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
-                                 if not f.startswith("--xla_force_host_platform_device_count")]
-                                + [f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
+    env = cpu_devices_env(LOCAL_DEVICES)
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(out / f"{i}.json")],
-                              env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(PROCESSES)]
     deadline = time.monotonic() + TIMEOUT
     logs = []
@@ -188,18 +184,6 @@ def facts(tmp_path_factory) -> list[dict]:
         if p.returncode != 0:
             pytest.fail(f"process {i} failed (rc {p.returncode}):\n{err[-6000:]}")
     return [json.loads((out / f"{i}.json").read_text()) for i in range(PROCESSES)]
-
-
-def assert_close(got, want):
-    import numpy as np
-
-    try:
-        from kvhoist.contract import assert_close as contract_close
-    except ImportError:
-        want = np.asarray(want)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * float(np.abs(want).max()))
-    else:
-        contract_close(got, want)
 
 
 def test_two_processes_eight_devices(facts):
