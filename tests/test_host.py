@@ -19,6 +19,8 @@ from flax import nnx
 
 import kvhoist
 from kvhoist import compat
+import kvhoist.host_args
+import kvhoist.host_fast
 from kvhoist.host import HostHoistedFunction, StaleHandleError
 from wan_ref import WanModel, get_preset
 from wan_ref.sample import one_step, sample
@@ -543,8 +545,9 @@ def test_cache_hit_work_does_not_grow_with_the_number_of_leaves(monkeypatch):
         entry.direct = run
         profiles[n] = _hit_profile(f, args)
         flattens = []
-        flatten = kvhoist.host._tree_flatten
-        monkeypatch.setattr(kvhoist.host, "_tree_flatten", lambda t: flattens.append(1) or flatten(t))
+        flatten = kvhoist.host_args.tree_flatten
+        for module in (kvhoist.host, kvhoist.host_fast):
+            monkeypatch.setattr(module, "tree_flatten", lambda t: flattens.append(1) or flatten(t))
         f(*args)
         monkeypatch.undo()
         assert len(flattens) == 2  # the invariant arguments, then the varying ones
@@ -576,7 +579,7 @@ def test_direct_path_falls_back_to_jit_semantics(monkeypatch):
     entry.program.step_call = lambda *a: jit_calls.append(1) or step_call(*a)
     f(params, ctx, x)
     assert not jit_calls
-    monkeypatch.setattr(kvhoist.host, "_special_checks_on", lambda: True)
+    monkeypatch.setattr(kvhoist.host_fast, "special_checks_on", lambda: True)
     f(params, ctx, x)
     assert jit_calls == [1]
     monkeypatch.undo()
