@@ -25,6 +25,9 @@ outside the branch gets a zero cotangent, and ``0 * inf = NaN`` in the transpose
 The body of ``attach`` is held in a :class:`Body` (a hashable holder, not a jaxpr param), so analyses
 that walk sub-jaxprs (FLOP counts, the motion model, the verifier) see an identity, as XLA does.
 
+Passes that change what a region receives (the smallest cache, :mod:`kvhoist.passes.shrink`) go through
+:func:`is_attach`, :func:`attach_body` and :func:`rebuild_attach`, never the primitive's params.
+
 Example:
     >>> eqns = [wrap(e) for e in hoisted]                       # in front of the region
     >>> c_in, att = attach_eqn(hoisted, used_invars, crossing)   # at the top of the region
@@ -110,6 +113,68 @@ def attach_eqn(moved: Sequence, inputs: Sequence, outputs: Sequence) -> tuple[li
     eqn = compat.new_jaxpr_eqn([*new_inputs, *inputs], list(outputs), attach_p, {"body": Body(body)},
                                compat.join_effects([]))
     return new_inputs, eqn
+
+
+def is_attach(eqn: Any) -> bool:
+    """Whether ``eqn`` is a ``kvhoist_attach`` (built by :func:`attach_eqn`)."""
+    return eqn.primitive is attach_p
+
+
+def attach_body(eqn: Any) -> Any:
+    """The moved work a ``kvhoist_attach`` recomputes for transformations, as a closed jaxpr.
+
+    It reads the region's inputs (``eqn.invars[n:]``) and returns one value per attached value
+    (``eqn.invars[:n]``, ``n = len(eqn.outvars)``), of the same type.
+
+    Raises:
+      ValueError: ``eqn`` is not a ``kvhoist_attach``.
+    """
+    _require_attach(eqn)
+    return eqn.params["body"].jaxpr
+
+
+def rebuild_attach(eqn: Any, values: Sequence, outputs: Sequence, body: Any) -> Any:
+    """``eqn`` (a ``kvhoist_attach``) attaching ``values`` as ``outputs``, recomputing ``body`` for
+    transformations; the region's inputs it reads stay those of ``eqn``.
+
+    For a pass that changes what the region receives (the smallest cache passes a smaller value in place
+    of a tiled one): the primal still forwards ``values``, and the JVP / checkify / vmap of the region
+    still see the moved work, now ``body``.
+
+    Args:
+      eqn: the ``kvhoist_attach`` equation to rebuild.
+      values: the new attached values (one per output).
+      outputs: the variables they define in the region.
+      body: a closed jaxpr of the region's inputs returning one value per attached value, each of its type
+        (from :func:`attach_body`, changed).
+    Returns:
+      The new equation (same source info and region inputs).
+    Raises:
+      ValueError: ``eqn`` is not an attach, or ``values`` / ``outputs`` / ``body`` do not match.
+
+    Example:
+        >>> body = attach_body(eqn)                       # edit its outputs, e.g. take a slice of each
+        >>> new = rebuild_attach(eqn, small_values, small_outputs, new_body)
+    """
+    _require_attach(eqn)
+    inputs = list(eqn.invars[len(eqn.outvars):])
+    want = [_type(v.aval) for v in values]
+    got = [_type(a) for a in compat.out_avals(body)]
+    if len(values) != len(outputs) or want != got:
+        raise ValueError(f"rebuild_attach: {len(values)} value(s), {len(outputs)} output(s) and a body returning "
+                         f"{len(got)} must match one for one in type ({want} vs {got})")
+    if len(compat.split_closed(body)[2]) != len(inputs):
+        raise ValueError(f"rebuild_attach: the body must read the region's {len(inputs)} input(s)")
+    return eqn.replace(invars=[*values, *inputs], outvars=list(outputs), params={**eqn.params, "body": Body(body)})
+
+
+def _type(aval: Any) -> tuple:
+    return tuple(getattr(aval, "shape", ())), str(getattr(aval, "dtype", aval))
+
+
+def _require_attach(eqn: Any) -> None:
+    if not is_attach(eqn):
+        raise ValueError(f"expected a kvhoist_attach equation, got `{eqn.primitive.name}`")
 
 
 def primal(j: Any) -> Any:

@@ -216,3 +216,29 @@ def test_motion_model_classifies_the_primitives():
     cond = next(e for e in compat.split_closed(loop.params["jaxpr"])[4] if e.primitive.name == "cond")
     assert motion.may_move(cond) and not motion.speculatable(cond)
     assert "stay in the region" in motion.why_not_speculatable(cond)
+
+
+def test_rebuild_attach_changes_the_work_transformations_see():
+    """speculation's public attach API (what passes/shrink uses): the primal forwards the attached value, the
+    JVP is the (rebuilt) body's; a non-attach or a mismatched body is one clear error."""
+    w = jnp.array([1.0, 4.0])
+    _cv, _c, (w_var,), (s_var,), moved = compat.split_closed(jax.make_jaxpr(jnp.sqrt)(w))
+    (s_in,), att = speculation.attach_eqn(moved, [w_var], [s_var])
+    assert speculation.is_attach(att) and not any(speculation.is_attach(e) for e in moved)
+
+    def jvp_of(eqn):
+        fun = compat.jaxpr_as_fun(compat.make_closed([], [], list(eqn.invars), list(eqn.outvars), [eqn]))
+        s = jnp.array([7.0, 8.0])
+        (out,), (t,) = jax.jvp(lambda w: fun(s, w), (w,), (jnp.ones_like(w),))
+        np.testing.assert_array_equal(out, s)   # identity in the primal
+        return t
+
+    np.testing.assert_allclose(jvp_of(att), 0.5 / jnp.sqrt(w), rtol=1e-6)
+    same = speculation.rebuild_attach(att, [s_in], [s_var], speculation.attach_body(att))
+    np.testing.assert_allclose(jvp_of(same), 0.5 / jnp.sqrt(w), rtol=1e-6)
+    tripled = speculation.rebuild_attach(att, [s_in], [s_var], jax.make_jaxpr(lambda w: jnp.sqrt(w) * 3.0)(w))
+    np.testing.assert_allclose(jvp_of(tripled), 1.5 / jnp.sqrt(w), rtol=1e-6)
+    with pytest.raises(ValueError, match="expected a kvhoist_attach"):
+        speculation.attach_body(moved[0])
+    with pytest.raises(ValueError, match="match one for one"):
+        speculation.rebuild_attach(att, [s_in], [s_var], jax.make_jaxpr(lambda w: w[:1])(w))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvhoist import compat
+from kvhoist import compat, speculation
 from kvhoist.analysis import motion
 from kvhoist.ir import is_var, live_eqns
 from kvhoist.passes.shrink.tiling import (Tiling, expansion_eqns, free_dims, shape_of, split_axis, traced_eqns,
@@ -95,10 +95,7 @@ def _attach_small(e, sh: "Shrinker") -> list:
     values as before and then takes their first copy, so the JVP it computes is the small value's. The full
     outputs are re-expanded after it (and consumers rewritten by :func:`read_untiled` read the small ones).
     """
-    from kvhoist import speculation
-
-    body = e.params["body"]
-    cv, c, b_in, b_out, b_eqns = compat.split_closed(body.jaxpr)
+    cv, c, b_in, b_out, b_eqns = compat.split_closed(speculation.attach_body(e))
     n = len(b_out)
     ts = [sh.tiled.get(a) if is_var(a) else None for a in e.invars[:n]]
     if not any(ts):
@@ -117,8 +114,8 @@ def _attach_small(e, sh: "Shrinker") -> list:
         outs[i] = small_out
     if not after:
         return []
-    new_body = speculation.Body(compat.make_closed(cv, c, b_in, b_out, b_eqns))
-    return [e.replace(invars=ins, outvars=outs, params={**e.params, "body": new_body})] + after
+    new_body = compat.make_closed(cv, c, b_in, b_out, b_eqns)
+    return [speculation.rebuild_attach(e, ins[:n], outs, new_body)] + after
 
 
 def _scan_small(e, sh: "Shrinker") -> list:
@@ -167,8 +164,8 @@ def read_untiled(eqns: Sequence, tiled: dict, expanded: dict) -> list:
     sh.expanded = expanded
     out: list = []
     for e in eqns:
-        if e.primitive.name in ("kvhoist_attach", "scan"):
-            new = (_attach_small if e.primitive.name == "kvhoist_attach" else _scan_small)(e, sh)
+        if speculation.is_attach(e) or e.primitive.name == "scan":
+            new = (_attach_small if speculation.is_attach(e) else _scan_small)(e, sh)
             if new:
                 out.extend(new)
                 continue
