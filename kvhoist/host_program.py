@@ -58,6 +58,10 @@ class Program:
     direct: Any = None
     head_specs: tuple = ()
     var_specs: tuple = ()
+    # Varying leaves that were Python scalars (``guidance_scale=5.0``) when the direct run was built:
+    # their positions, and per position the last scalar object seen with its device array (or None).
+    var_scalars: tuple = ()
+    scalar_memo: list = dataclasses.field(default_factory=list)
 
 
 def _step_call(name: str, step: Any, out_tree: Any, var_tree: Any, var_signature: tuple,

@@ -637,3 +637,111 @@ def test_program_wide_jit_options_reach_the_host_programs():
         jax.jit(_f, compiler_options={"no_such_xla_option": True})(W, CTX, X)
     with pytest.raises(type(jit_err.value)):
         kvhoist.hoist_invariants(_f, invariant_argnums=(0, 1), compiler_options={"no_such_xla_option": True})(W, CTX, X)
+
+
+class _TinyDiT(nnx.Module):
+    """A maxdiffusion-style denoiser in miniature: the context's K/V projections are the invariant work."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.proj_in = nnx.Linear(4, 16, rngs=rngs)
+        self.time = nnx.Linear(1, 16, rngs=rngs)
+        self.to_k = nnx.Linear(8, 16, rngs=rngs)
+        self.to_v = nnx.Linear(8, 16, rngs=rngs)
+        self.proj_out = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x, t, context):
+        h = self.proj_in(x) + self.time(t[:, None, None])
+        k, v = self.to_k(context), self.to_v(context)
+        att = jax.nn.softmax(h @ k.transpose(0, 2, 1) / 4.0, axis=-1)
+        return self.proj_out(h + att @ v)
+
+
+def _cfg_step(model, latents, t, *, context, negative_context, guidance_scale, sched_state):
+    """An NNX model, CFG by keyword and a scheduler state: the shape of maxdiffusion's Wan step."""
+    noise = model(jnp.concatenate([latents, latents]), jnp.broadcast_to(t, (2,)),
+                  jnp.concatenate([context, negative_context]))
+    cond, uncond = jnp.split(noise, 2)
+    i, sigmas = sched_state["step"], sched_state["sigmas"]
+    latents = latents + (sigmas[i + 1] - sigmas[i]) * (uncond + guidance_scale * (cond - uncond))
+    return latents, {"sigmas": sigmas, "step": i + 1}
+
+
+def _cfg_args(seed: int = 0):
+    model = _TinyDiT(nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    latents = jnp.asarray(rng.standard_normal((1, 6, 4)).astype(np.float32))
+    ctx, neg = (jnp.asarray(rng.standard_normal((1, 5, 8)).astype(np.float32)) for _ in range(2))
+    state = {"sigmas": jnp.linspace(1.0, 0.0, 6), "step": jnp.asarray(0, jnp.int32)}
+    return model, latents, {"context": ctx, "negative_context": neg, "sched_state": state}
+
+
+def test_nnx_step_with_keyword_arguments_equals_jit_and_sees_mutations():
+    """Issue 20 item 13's step (NNX model, CFG and scheduler state by keyword): hoisted equals jit over a
+    sampling loop, its hits run the compiled step directly (the Python float ``guidance_scale`` included),
+    and a mutated NNX parameter, a replaced one and a new guidance scale are all seen on the next call."""
+    from kvhoist.contract import assert_close
+
+    model, latents, kw = _cfg_args()
+    f = kvhoist.hoist_invariants(_cfg_step, invariant_argnames=("model", "context", "negative_context"))
+    ref = jax.jit(_cfg_step)
+
+    def loop(fn, model, latents, state, g, n=4):
+        for t in (0.9, 0.7, 0.5, 0.3)[:n]:
+            latents, state = fn(model, latents, jnp.float32(t), context=kw["context"],
+                                negative_context=kw["negative_context"], guidance_scale=g, sched_state=state)
+        return latents, state
+
+    state = kw["sched_state"]
+    assert_close(loop(f, model, latents, state, 5.0), loop(ref, model, latents, state, 5.0))
+    assert f.prologue_runs == 1 and f.cache_info().hits == 3
+    assert len(f.report(model, latents, jnp.float32(0.9), guidance_scale=5.0, **kw).hoisted) >= 2  # K and V
+    (entry,) = [e for cands in f._fast.values() for e in cands]
+    assert entry.direct is not None and entry.program.var_scalars  # the float went the direct way
+    # A new guidance scale (another float object): never the converted 5.0.
+    assert_close(loop(f, model, latents, state, 3.0, 1), loop(ref, model, latents, state, 3.0, 1))
+    assert_close(loop(f, model, latents, state, 3.0, 2), loop(ref, model, latents, state, 3.0, 2))
+    # A parameter the prologue reads, mutated in place (NNX Variables are mutable): the K/V are recomputed.
+    # The old array stays alive (``old_k``), so only the identity compare of a hit can tell.
+    old_k = model.to_k.kernel[...]
+    model.to_k.kernel[...] = old_k * 2.0
+    assert_close(loop(f, model, latents, state, 5.0), loop(ref, model, latents, state, 5.0))
+    assert f.prologue_runs == 2
+    # A parameter the step reads itself, replaced by another array.
+    old_b = model.proj_out.bias[...]
+    model.proj_out.bias[...] = old_b + 1.0
+    got, want = loop(f, model, latents, state, 5.0, 1), loop(ref, model, latents, state, 5.0, 1)
+    assert_close(got, want)
+    assert float(jnp.abs(got[0] - loop(f, _cfg_args()[0], latents, state, 5.0, 1)[0]).max()) > 0.1
+    assert old_k is not None and old_b is not None
+
+
+def test_python_scalar_varying_leaves_run_directly_as_jit_converts_them():
+    """A Python scalar varying argument reaches the compiled step as the array jit makes of it (bitwise
+    the jit path's result), converted once per scalar object; one that changes every call runs through
+    jit (never a stale conversion); an int too large for int32 gets jit's own error."""
+    def step(w, ctx, x, scale, n):
+        return x * scale + n + jnp.tanh(ctx @ w).sum()
+
+    w, ctx, x = jnp.ones((3, 3)), jnp.ones((2, 3)), jnp.arange(3.0)
+    f = kvhoist.hoist_invariants(step, invariant_argnums=(0, 1))
+    scale, n = 0.1, 7
+    f(w, ctx, x, scale, n)
+    f(w, ctx, x, scale, n)  # the first hit builds the direct run
+    (entry,) = [e for cands in f._fast.values() for e in cands]
+    prog = entry.program
+    assert entry.direct is not None and prog.var_scalars == (1, 2)
+    jit_calls = []
+    step_call = prog.step_call
+    prog.step_call = lambda *a: jit_calls.append(1) or step_call(*a)
+    direct = f(w, ctx, x, scale, n)
+    assert not jit_calls
+    via_jit = step_call(entry.values, prog.take_step_inv([w, ctx]), x, scale, n)
+    np.testing.assert_array_equal(np.asarray(direct), np.asarray(via_jit))
+    np.testing.assert_array_equal(np.asarray(direct), np.asarray(jax.jit(step)(w, ctx, x, scale, n)))
+    for k in range(4):  # a new float object each call: jit runs it, with its value
+        s = 0.25 * (k + 2)
+        np.testing.assert_allclose(f(w, ctx, x, s, n), step(w, ctx, x, s, n), rtol=1e-6)
+    assert len(jit_calls) == 4
+    np.testing.assert_allclose(f(w, ctx, x, -0.0, 3), step(w, ctx, x, -0.0, 3), rtol=1e-6)
+    with pytest.raises(OverflowError):
+        f(w, ctx, x, scale, 2**40)

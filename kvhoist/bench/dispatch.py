@@ -27,7 +27,12 @@ Argument sets (workloads):
   state)`` on that model, with the arguments of a real ``sample(..., loop="python")`` step (tiny
   shapes, CFG): ``jax.jit(one_step, static_argnames=("plan",))`` vs the two kvhoist forms (host-loop
   with ``invariant_argnames=("expert", "shared")``, as in docs/host_loop.md). Its compute is included,
-  so host-loop mode also gains what it hoists (the text embedding and cross-attention K/V).
+  so host-loop mode also gains what it hoists (the text embedding and cross-attention K/V);
+* ``nnx_kwargs``: a maxdiffusion-style Wan step (:func:`wan_cfg_step`): ``step(model, latents, t, *,
+  context=..., negative_context=..., guidance_scale=5.0, sched_state=...)``, the NNX model (tiny-t2v,
+  42 leaves) passed as an argument, CFG and the scheduler state by keyword; host-loop mode with
+  ``invariant_argnames=("model", "context", "negative_context")`` (issue 20, item 13); ``nnx_kwargs177``
+  the same with 6 unscanned layers (177 model leaves).
 
 Per repeat and variant, ``calls`` calls run back to back (outputs are not chained: dispatch is
 asynchronous, so this is dispatch throughput) and the last output is waited for; the per-call time is
@@ -46,10 +51,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
+import functools
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -57,6 +61,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kvhoist.bench.timing import machine, per_call_times
 
 __all__ = ["WORKLOADS", "VARIANTS", "run_dispatch_benchmark", "markdown_table"]
 
@@ -79,7 +85,7 @@ class Workload:
     name: str
     description: str
     calls: int                                          # calls per timed batch
-    setup: Callable[[], tuple[dict[str, Callable], tuple]]
+    setup: Callable[[], tuple]                          # -> (variants, args) or (variants, args, kwargs)
 
 
 def _pytree(n: int) -> dict:
@@ -140,6 +146,49 @@ def _wan_step_setup() -> tuple[dict, tuple]:
     return variants, seen[0]
 
 
+def wan_cfg_step(model: Any, latents: jax.Array, t: jax.Array, *, context: jax.Array,
+                 negative_context: jax.Array, guidance_scale: float, sched_state: dict) -> tuple:
+    """A maxdiffusion-style Wan denoising step: the NNX model passed as an argument, classifier-free
+    guidance by keyword, a flow-matching Euler update driven by a scheduler state (sigmas, step index).
+
+    Returns ``(latents, sched_state)`` after one step. ``model``, ``context`` and ``negative_context`` are
+    the same on every call of a sampling loop (host-loop mode caches the cross-attention K/V of both
+    contexts); ``latents``, ``t``, ``guidance_scale`` and ``sched_state`` vary.
+    """
+    x = jnp.concatenate([latents, latents])
+    noise = model(x, jnp.broadcast_to(t, (2,)), jnp.concatenate([context, negative_context]))
+    cond, uncond = jnp.split(noise, 2)
+    pred = uncond + guidance_scale * (cond - uncond)
+    i = sched_state["step"]
+    sigmas = sched_state["sigmas"]
+    latents = latents + (sigmas[i + 1] - sigmas[i]) * pred
+    return latents, {"sigmas": sigmas, "step": i + 1}
+
+
+def _nnx_kwargs_setup(layers: int = 2, scan_layers: bool = True) -> tuple[dict, tuple, dict]:
+    """:func:`wan_cfg_step` on the tiny-t2v WanModel (2 scanned layers: 42 leaves; 6 unscanned: 177),
+    8 latent tokens."""
+    from flax import nnx
+
+    import kvhoist
+    from wan_ref import WanModel, get_preset
+
+    config = dataclasses.replace(get_preset("tiny-t2v").config, num_layers=layers, scan_layers=scan_layers)
+    model = WanModel(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.standard_normal((1, 4, 2, 4, 4)).astype(np.float32))
+    context, negative = (jnp.asarray(rng.standard_normal((1, 8, model.config.text_dim)).astype(np.float32))
+                         for _ in range(2))
+    sched = {"sigmas": jnp.linspace(1.0, 0.0, 11), "step": jnp.asarray(3, jnp.int32)}
+    variants = {
+        "jit": jax.jit(wan_cfg_step),
+        "hoisted": kvhoist.hoist_invariants(wan_cfg_step),
+        "host": kvhoist.hoist_invariants(wan_cfg_step, invariant_argnames=("model", "context", "negative_context")),
+    }
+    kwargs = {"context": context, "negative_context": negative, "guidance_scale": 5.0, "sched_state": sched}
+    return variants, (model, latents, jnp.asarray(0.7, jnp.float32)), kwargs
+
+
 WORKLOADS: dict[str, Workload] = {
     "pytree16": Workload("pytree16", "dict of 16 arrays (8x8 f32); step reads each leaf x-dependently", 400,
                          _step_setup(lambda: _pytree(16))),
@@ -149,16 +198,14 @@ WORKLOADS: dict[str, Workload] = {
                        "each leaf x-dependently", 40, _step_setup(_wan_model)),
     "wan_step": Workload("wan_step", "wan_ref.sample.one_step (CFG, 8 latent tokens) on that 555-leaf model: "
                          "a real step, its compute included", 20, _wan_step_setup),
+    "nnx_kwargs": Workload("nnx_kwargs", "maxdiffusion-style step(model, latents, t, *, context=..., "
+                           "negative_context=..., guidance_scale=5.0, sched_state=...) on the tiny-t2v WanModel "
+                           "(NNX, 42 leaves): CFG and scheduler state by keyword, its compute included", 100,
+                           _nnx_kwargs_setup),
+    "nnx_kwargs177": Workload("nnx_kwargs177", "the same step on tiny-t2v with 6 unscanned layers (184 leaves in "
+                              "all): what grows with the model's leaf count", 50,
+                              functools.partial(_nnx_kwargs_setup, 6, False)),
 }
-
-
-def _machine() -> dict:
-    dev = jax.devices()[0]
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-    }
 
 
 def _load() -> list | None:
@@ -171,7 +218,7 @@ def _summary(values: list[float]) -> dict:
             "q1": q[0], "q3": q[2]}
 
 
-def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "dict555", "nnx555", "wan_step"), *, repeats: int = 15,
+def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "dict555", "nnx555", "wan_step", "nnx_kwargs", "nnx_kwargs177"), *, repeats: int = 15,
                            calls_scale: float = 1.0, path: str | os.PathLike | None = None) -> dict:
     """Times per-call dispatch of ``jax.jit`` / ``hoist_invariants`` / host-loop mode.
 
@@ -191,20 +238,21 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "dict555", 
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown dispatch workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
-    result: dict = {"machine": _machine(), "load_average": {"start": _load()}, "repeats": repeats,
+    result: dict = {"machine": machine(), "load_average": {"start": _load()}, "repeats": repeats,
                     "variants": {"jit": "jax.jit(step)", "hoisted": "kvhoist.hoist_invariants(step)",
                                  "host": "kvhoist.hoist_invariants(step, invariant_argnums=(0, 1))"},
                     "workloads": {}}
     t_start = time.perf_counter()
     for wname in workloads:
         w = WORKLOADS[wname]
-        fns, args = w.setup()
-        ref = jax.tree_util.tree_leaves(fns["jit"](*args))
+        fns, args, *rest = w.setup()
+        kwargs = rest[0] if rest else {}
+        ref = jax.tree_util.tree_leaves(fns["jit"](*args, **kwargs))
         failed = {}
         for name, fn in list(fns.items()):  # warm-up: compile, fill the host cache, check the numbers
             try:
                 for _ in range(3):
-                    out = fn(*args)
+                    out = fn(*args, **kwargs)
             except Exception as err:  # e.g. a kvhoist form that cannot run this step yet: report it
                 failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 del fns[name]
@@ -213,24 +261,11 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "dict555", 
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
                                            err_msg=f"{wname}/{name} differs from jax.jit")
         calls = max(1, int(w.calls * calls_scale))
-        cpu: dict = {k: [] for k in fns}
-        thread: dict = {k: [] for k in fns}
-        wall: dict = {k: [] for k in fns}
         names = list(fns)
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                fn = fns[name]
-                gc.collect()  # start every batch from the same collector state (NNX flattening allocates)
-                c0, h0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
-                for _ in range(calls):
-                    out = fn(*args)
-                h1 = time.thread_time()
-                jax.block_until_ready(out)
-                t1, c1 = time.perf_counter(), time.process_time()
-                cpu[name].append((c1 - c0) / calls * 1e6)
-                thread[name].append((h1 - h0) / calls * 1e6)
-                wall[name].append((t1 - t0) / calls * 1e6)
-        entry = {"description": w.description, "leaves": len(jax.tree_util.tree_leaves(args)),
+        series = per_call_times({k: functools.partial(fns[k], *args, **kwargs) for k in names}, repeats=repeats,
+                                calls=calls)
+        cpu, thread, wall = series["cpu"], series["thread"], series["wall"]
+        entry = {"description": w.description, "leaves": len(jax.tree_util.tree_leaves((args, kwargs))),
                  "calls": calls, "cpu_us": {k: _summary(v) for k, v in cpu.items()},
                  "thread_us": {k: _summary(v) for k, v in thread.items()},
                  "wall_us": {k: _summary(v) for k, v in wall.items()},
@@ -238,7 +273,6 @@ def run_dispatch_benchmark(workloads: tuple[str, ...] = ("pytree16", "dict555", 
         host = fns["host"]
         if hasattr(host, "cache_info"):
             entry["host_cache_info"] = host.cache_info()._asdict()
-        series = {"cpu": cpu, "thread": thread, "wall": wall}
         # Paired: variant minus jit within each repeat (the two batches ran back to back), which
         # cancels most of the load drift of a shared machine; median and IQR over repeats.
         entry["overhead_us"] = {
@@ -276,7 +310,7 @@ def markdown_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvhoist.bench.dispatch", allow_abbrev=False, description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", nargs="+", default=["pytree16", "dict555", "nnx555", "wan_step"], choices=sorted(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=["pytree16", "dict555", "nnx555", "wan_step", "nnx_kwargs", "nnx_kwargs177"], choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calls-scale", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="write the JSON result here")

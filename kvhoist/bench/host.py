@@ -1,8 +1,8 @@
 """Benchmark of host-loop hoisting: wan_ref's Python-loop sampler, plain vs automatic vs hand-written.
 
 Three variants of ``wan_ref.sample.sample(..., loop="python")`` run in ONE process, interleaved (the
-order rotates every repeat), after one warm-up call each (compilation); the median wall time of the
-repeats is reported:
+order rotates every repeat, :func:`kvhoist.bench.timing.per_call_times`), after one warm-up call each
+(compilation); the median wall time (and process CPU time) of the repeats is reported:
 
 * ``plain``: the default jitted step — recomputes the text embedding and every layer's cross-attention
   K/V in every call;
@@ -26,13 +26,13 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kvhoist.bench.timing import machine, per_call_times
 
 __all__ = ["CONFIGS", "run_host_benchmark"]
 
@@ -62,16 +62,6 @@ CONFIGS: dict[str, HostBenchConfig] = {
 }
 
 
-def _machine() -> dict:
-    dev = jax.devices()[0]
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def run_host_benchmark(config: str = "small", *, repeats: int = 7, path: str | os.PathLike | None = None,
                        steps: int | None = None, seed: int = 0) -> dict:
     """Times plain / automatic / hand-written K/V caching of wan_ref's Python-loop sampler.
@@ -83,7 +73,8 @@ def run_host_benchmark(config: str = "small", *, repeats: int = 7, path: str | o
       steps: overrides the config's number of denoising steps.
       seed: for the random weights and inputs.
     Returns:
-      A JSON-ready dict: ``config``, ``machine``, ``seconds`` (median per variant), ``all_seconds``,
+      A JSON-ready dict: ``config``, ``machine``, ``seconds`` (median wall time per variant), ``all_seconds``,
+      ``cpu_seconds`` (median process CPU time per variant),
       ``ratios`` (``plain/auto``, ``plain/hand``, ``auto/hand``), ``max_rel_diff`` of each variant's
       latents vs ``plain``, ``prologue_runs_per_sample``, ``cache_bytes`` and ``targets``.
     """
@@ -115,24 +106,20 @@ def run_host_benchmark(config: str = "small", *, repeats: int = 7, path: str | o
     }
     outputs = {k: np.asarray(jax.block_until_ready(f())) for k, f in variants.items()}  # warm-up: compile
     runs_before = step.prologue_runs
-    names = list(variants)
-    times: dict = {k: [] for k in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            t0 = time.perf_counter()
-            jax.block_until_ready(variants[k]())
-            times[k].append(time.perf_counter() - t0)
+    series = per_call_times(variants, repeats=repeats, collect=False)
+    times = {k: [us * 1e-6 for us in v] for k, v in series["wall"].items()}
+    cpu = {k: [us * 1e-6 for us in v] for k, v in series["cpu"].items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = outputs["plain"].astype(np.float64)
     rel = {k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in outputs.items()}
     info = step.cache_info()
     result = {
         "config": dataclasses.asdict(c) | {"steps": n_steps, "latent_tokens": int(np.prod(c.latent_shape[2:]) // 4)},
-        "machine": _machine(),
+        "machine": machine(),
         "repeats": repeats,
         "seconds": med,
         "all_seconds": times,
+        "cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
         "ratios": {"plain/auto": med["plain"] / med["auto"], "plain/hand": med["plain"] / med["hand"],
                    "auto/hand": med["auto"] / med["hand"]},
         "max_rel_diff_vs_plain": rel,

@@ -3,6 +3,7 @@ peak RSS, XLA's temporaries, the machine a run happened on."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-__all__ = ["time_interleaved", "timed", "tree_bytes", "peak_rss_mib", "xla_temp_bytes", "machine", "quartiles",
+__all__ = ["time_interleaved", "per_call_times", "timed", "tree_bytes", "peak_rss_mib", "xla_temp_bytes", "machine", "quartiles",
            "iqr_overlap"]
 
 
@@ -68,6 +69,43 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup:
             if on_call is not None:
                 on_call(n)
     return times
+
+
+def per_call_times(fns: dict[str, Callable[[], Any]], *, repeats: int, calls: int = 1,
+                   collect: bool = True) -> dict[str, dict[str, list[float]]]:
+    """Per-call times of each ``fns[name]()``: batches of ``calls`` calls, interleaved, order rotated per repeat.
+
+    The calls of a batch run back to back (not chained, not waited for one by one: with ``calls > 1`` this
+    is dispatch throughput) and the batch's last output is waited for; a batch's time / ``calls`` is one
+    sample. Three clocks per sample: process CPU time (all threads: steadier than wall time on a machine
+    shared with other jobs), the calling thread's CPU time (the Python and C++ dispatch work alone: XLA
+    runs the step on other threads) and wall time. ``collect``: ``gc.collect()`` before every batch (each
+    starts from the same collector state). Run warm-up calls first (compilation is not excluded here).
+
+    Returns:
+      ``{"cpu" | "thread" | "wall": {name: [microseconds per call, one per repeat]}}``.
+
+    Example:
+      >>> t = per_call_times({"jit": lambda: f(x), "host": lambda: g(x)}, repeats=15, calls=100)
+      >>> statistics.median(t["cpu"]["host"]) - statistics.median(t["cpu"]["jit"])
+    """
+    names = list(fns)
+    out: dict[str, dict[str, list[float]]] = {m: {n: [] for n in names} for m in ("cpu", "thread", "wall")}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            if collect:
+                gc.collect()
+            c0, h0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+            for _ in range(calls):
+                last = fn()
+            h1 = time.thread_time()
+            jax.block_until_ready(last)
+            t1, c1 = time.perf_counter(), time.process_time()
+            out["cpu"][name].append((c1 - c0) / calls * 1e6)
+            out["thread"][name].append((h1 - h0) / calls * 1e6)
+            out["wall"][name].append((t1 - t0) / calls * 1e6)
+    return out
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
