@@ -16,8 +16,6 @@ import dataclasses
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import networkx as nx
-
 from kvhoist import compat
 
 Atom = Any
@@ -144,10 +142,16 @@ def verify_eqns(eqns: Sequence, bound: Iterable, outvars: Sequence = ()) -> None
     """
     scope = set(bound)
     _verify_scope(eqns, scope, outvars, "")
-    free = sorted({a for e in eqns for a in e.invars if is_var(a)} - {v for e in eqns for v in e.outvars},
+    # JAX types each equation from its inputs' types; an equation whose params and input / output types are
+    # those of one already checked in this run (a hoisted equation cloned one loop further out) is not re-typed.
+    fresh = [e for e in eqns if not _typed_before(e)]
+    if not fresh:
+        return
+    free = sorted({a for e in fresh for a in e.invars if is_var(a)} - {v for e in fresh for v in e.outvars},
                   key=id)
-    defined = [v for e in eqns for v in e.outvars if is_var(v)]
-    compat.check(compat.make_open(list(free), defined, list(eqns)))
+    defined = [v for e in fresh for v in e.outvars if is_var(v)]
+    compat.check(compat.make_open(list(free), defined, list(fresh)))
+    _remember_typed(fresh)
 
 
 def verify_jaxpr(j: Any) -> None:
@@ -157,14 +161,41 @@ def verify_jaxpr(j: Any) -> None:
     compat.check(j)
 
 
+def _type_key(e: Any) -> tuple:
+    return (id(e.params), e.primitive, tuple(getattr(a, "aval", None) for a in e.invars),
+            tuple(v.aval for v in e.outvars), e.effects)
+
+
+def _typed_before(e: Any) -> bool:
+    table = getattr(_MEMO, "table", None)
+    if table is None:
+        return False
+    try:
+        hit = table.get(("typed", _type_key(e)))
+    except TypeError:  # an unhashable aval or effect: check it
+        return False
+    return hit is not None and hit is e.params
+
+
+def _remember_typed(eqns: Sequence) -> None:
+    table = getattr(_MEMO, "table", None)
+    if table is None:
+        return
+    for e in eqns:
+        try:
+            table[("typed", _type_key(e))] = e.params  # holds params, so its id is not reused meanwhile
+        except TypeError:
+            pass
+
+
 def _verify_scope(eqns: Sequence, scope: set, outvars: Sequence, where: str) -> None:
     for e in eqns:
         for a in e.invars:
             if is_var(a) and a not in scope:
                 raise VerifyError(f"{e.primitive.name}{where} reads {a} ({a.aval}), which is not in scope")
         for sub in compat.subjaxprs_of(e):
-            constvars, _c, invars, souts, seqns = compat.split_closed(sub)
-            _verify_scope(seqns, set(constvars) | set(invars), souts, f" in {e.primitive.name}{where}")
+            # A sub-jaxpr is its own scope: checked once per run, however many loops it is rebuilt into.
+            memoized("scoped", sub, lambda sub=sub, e=e: _verify_sub(sub, f" in {e.primitive.name}{where}"))
         for v in e.outvars:
             if is_var(v):
                 if v in scope:
@@ -173,6 +204,12 @@ def _verify_scope(eqns: Sequence, scope: set, outvars: Sequence, where: str) -> 
     for a in outvars:
         if is_var(a) and a not in scope:
             raise VerifyError(f"output {a}{where} is not defined")
+
+
+def _verify_sub(sub: Any, where: str) -> bool:
+    constvars, _c, invars, souts, seqns = compat.split_closed(sub)
+    _verify_scope(seqns, set(constvars) | set(invars), souts, where)
+    return True
 
 
 def live_indices(eqns: Sequence, roots: Iterable, keep: Callable[[Any], bool] | None = None) -> set:
@@ -238,8 +275,13 @@ def producers(eqns: Sequence) -> dict:
     return prod
 
 
-def dependence_graph(eqns: Sequence) -> nx.DiGraph:
-    """Directed graph over equation indices: an edge ``i -> j`` when ``j`` reads an output of ``i``."""
+def dependence_graph(eqns: Sequence) -> "networkx.DiGraph":
+    """Directed graph over equation indices: an edge ``i -> j`` when ``j`` reads an output of ``i``.
+
+    For the graph tool (:mod:`kvhoist.tools.graph`); networkx is imported here, not when the compiler loads.
+    """
+    import networkx as nx
+
     g = nx.DiGraph()
     g.add_nodes_from(range(len(eqns)))
     prod = producers(eqns)

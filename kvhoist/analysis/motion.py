@@ -122,17 +122,26 @@ def surely_run_flops(eqns: Iterable) -> int:
     total = 0
     for e in eqns:
         name = e.primitive.name
-        if name == "cond":
-            total += min((surely_run_flops(compat.split_closed(b)[4]) for b in e.params["branches"]), default=0)
-        elif name == "while":
-            total += surely_run_flops(compat.split_closed(e.params["cond_jaxpr"])[4])
-        elif name == "scan":
-            total += int(e.params["length"]) * surely_run_flops(compat.split_closed(e.params["jaxpr"])[4])
-        elif compat.subjaxprs_of(e) and name in HIGHER_ORDER:
-            total += sum(surely_run_flops(compat.split_closed(s)[4]) for s in compat.subjaxprs_of(e)[:1])
+        if name in HIGHER_ORDER:  # once per equation and pass run (each enclosing loop asks again)
+            total += memoized("surely_run_flops", e, lambda e=e: _surely_run_flops_of(e))
         else:
             total += cost.eqn_flops(e)
     return total
+
+
+def _surely_run_flops_of(e) -> int:
+    from kvhoist.analysis import cost
+
+    name = e.primitive.name
+    if name == "cond":
+        return min((surely_run_flops(compat.split_closed(b)[4]) for b in e.params["branches"]), default=0)
+    if name == "while":
+        return surely_run_flops(compat.split_closed(e.params["cond_jaxpr"])[4])
+    if name == "scan":
+        return int(e.params["length"]) * surely_run_flops(compat.split_closed(e.params["jaxpr"])[4])
+    if compat.subjaxprs_of(e):
+        return sum(surely_run_flops(compat.split_closed(s)[4]) for s in compat.subjaxprs_of(e)[:1])
+    return cost.eqn_flops(e)
 
 
 def pays(trip_count: int | None, flops_per_iteration: int) -> bool:
@@ -181,10 +190,12 @@ def source_bytes(var, eqns: Sequence, prod: dict, *, speculative: bool, aval_byt
     return sum(aval_bytes(v.aval) for v in _sources(var, eqns, prod, is_source))
 
 
-def reads_inputs(var, eqns: Sequence, prod: dict) -> bool:
+def reads_inputs(var, eqns: Sequence, prod: dict, constants: frozenset = frozenset()) -> bool:
     """Does ``var`` depend on any block input? A value computed from literals alone (an ``iota``-derived
-    table, a mask ``iota < n``) is a constant: XLA folds it at compile time, so caching it only costs bytes."""
-    return any(v not in prod for v in _sources(var, eqns, prod, lambda e: False))
+    table, a mask ``iota < n``) is a constant: XLA folds it at compile time, so caching it only costs bytes.
+    ``constants``: block inputs that are constants themselves (a nested loop's counter: a carry that starts
+    at a literal and is updated from literals and such carries alone)."""
+    return any(v not in prod and v not in constants for v in _sources(var, eqns, prod, lambda e: False))
 
 
 def _sources(var, eqns: Sequence, prod: dict, is_source) -> list:

@@ -32,13 +32,11 @@ import contextlib
 import dataclasses
 from typing import Any, Iterable, Sequence
 
-import networkx as nx
-
 from kvhoist import compat, speculation
 from kvhoist.analysis import branches, cost, motion
 from kvhoist.errors import PassError, strict
 from kvhoist.analysis.invariance import atom_invariant
-from kvhoist.ir import (Block, analysis_cache, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers,
+from kvhoist.ir import (Block, analysis_cache, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, memoized, producers,
                         prune_call_operands, verify_eqns, verify_jaxpr)
 from kvhoist.report import HoistedValue, Note, Report, Skipped, human_bytes, human_flops
 from kvhoist.rules.base import Extraction, LoopInfo, Split  # the engine/rule interface (re-exported)
@@ -69,6 +67,11 @@ class Licm:
         self.speculating = False
         self._stayed: set = set()
         self._emitted: list = []       # stack: the equations emitted so far in each block being optimised
+        # Splits that found nothing, by (equation, invariance mask, speculating, loop budget): a nested scan is
+        # offered to its rule once per enclosing loop; the answer is the same, so the pass stays linear in depth.
+        self._no_split: dict = {}
+        #: Structural counters (rule.split calls, memo hits): what tests and the pass-time benchmark read.
+        self.counts: collections.Counter = collections.Counter()
 
     # -- entry points ------------------------------------------------------------------------
     def run(self, closed: Any) -> tuple[Any, Report]:
@@ -261,7 +264,7 @@ class Licm:
             mask = [atom_invariant(a, inv) for a in e.invars]
             split = None
             if rule is not None and any(mask) and any(is_var(a) for a, m in zip(e.invars, mask) if m):
-                split = rule.split(e, mask, self)
+                split = self._split(rule, e, mask, spec)
             if split is None:
                 eqns.append(e)
                 continue
@@ -320,6 +323,27 @@ class Licm:
         if charge and not ext.empty:
             self._record(ext)
         return ext
+
+    def _split(self, rule, e, mask: list, spec: bool):
+        """``rule.split(e, mask, self)``, remembering a ``None`` answer.
+
+        A split's answer depends on the equation, which of its inputs are invariant and whether the work would be
+        speculated; a ``cond`` inside also on the enclosing loop's speculation budget (its trip count and surely-run
+        FLOPs). Nothing else (no budget: a split is never charged). So "nothing to split" is remembered under that
+        key: a depth-``d`` nest asks about its innermost scan ``d`` times and pays for one.
+        """
+        loop = self.loops[-1] if self.loops else None
+        budget = (loop.trip_count, loop.surely_flops) if loop is not None and _holds_cond(e) else None
+        key = (id(e), tuple(mask), spec, budget)
+        hit = self._no_split.get(key)
+        if hit is not None and hit is e:  # the table holds e, so its id cannot be reused meanwhile
+            self.counts["split_memo_hits"] += 1
+            return None
+        self.counts["splits"] += 1
+        split = rule.split(e, mask, self)
+        if split is None:
+            self._no_split[key] = e
+        return split
 
     def _select(self, eqns, invariant_idx, inv_in, units, carry_pairs, block_outvars) -> set:
         prod = producers(eqns)
@@ -444,22 +468,30 @@ class Licm:
     def _apply_budget(self, eqns, selected: set, block_outvars) -> set:
         """Keep the groups of hoisted work with the most FLOPs per cached byte within the budget."""
         idx = sorted(selected)
-        g = nx.Graph()
-        g.add_nodes_from(idx)
         prod = producers([eqns[k] for k in idx])
         pos = {i: k for i, k in enumerate(idx)}
+        root = {k: k for k in idx}     # union-find over the selected equations: a group is a connected component
+
+        def find(k):
+            while root[k] != k:
+                root[k] = root[root[k]]
+                k = root[k]
+            return k
+
         for k in idx:
             for a in eqns[k].invars:
                 if is_var(a) and a in prod:
-                    g.add_edge(pos[prod[a]], k)
+                    root[find(pos[prod[a]])] = find(k)
+        components: dict = {}
+        for k in idx:
+            components.setdefault(find(k), []).append(k)
         needed = set()
         for i, e in enumerate(eqns):
             if i not in selected:
                 needed.update(a for a in e.invars if is_var(a))
         needed.update(a for a in block_outvars if is_var(a))
         groups = []
-        for comp in nx.connected_components(g):
-            comp = sorted(comp)
+        for comp in components.values():
             cross = [v for k in comp for v in eqns[k].outvars if is_var(v) and v in needed]
             nbytes = sum(aval_bytes(v.aval) for v in cross if v not in self._charged)
             flops = sum(cost.eqn_flops(eqns[k]) for k in comp)
@@ -559,6 +591,14 @@ def _rematerialize_constants(hoisted: list, residual: list, outvars: Sequence) -
         return residual
     copies, sub = clone_eqns([hoisted[k] for k in sorted(chosen)], {})
     return copies + [e.replace(invars=[sub.get(a, a) if is_var(a) else a for a in e.invars]) for e in residual]
+
+
+def _holds_cond(eqn) -> bool:
+    """Does ``eqn`` hold a ``cond`` anywhere in its sub-jaxprs (memoised per run)?"""
+    def compute() -> bool:
+        return any(e.primitive.name == "cond" or _holds_cond(e)
+                   for sub in compat.subjaxprs_of(eqn) for e in compat.split_closed(sub)[4])
+    return memoized("holds_cond", eqn, compute)
 
 
 def _is_expansion(eqn) -> bool:

@@ -25,7 +25,7 @@ import dataclasses
 from kvhoist import compat
 from kvhoist.analysis import branches, motion
 from kvhoist.analysis.invariance import carry_closure, outer_invariant_carries, passthrough_carries
-from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, live_eqns, producers, used_vars
+from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers, used_vars
 from kvhoist.report import human_bytes
 from kvhoist.rules.base import LoopInfo, Split
 
@@ -120,6 +120,10 @@ class ScanRule:
         if ext.empty:
             return None
         ext = _views_stay(ext, carry_out)
+        ext = _counters_stay(ext, [(carry_b[k], carry_out[k]) for k in inv_carries],
+                             {carry_b[k] for k in inv_carries if not is_var(eqn.invars[nc + k])})
+        if ext.empty or not ext.crossing:
+            return None
         pairs = [(carry_b[k], carry_out[k]) for k in inv_carries]
         read = carry_closure({a for e in ext.hoisted for a in e.invars if is_var(a)}, pairs)
         a_carries = [k for k in inv_carries if carry_b[k] in read]
@@ -211,6 +215,33 @@ def _views_stay(ext, carry_out):
     hoisted = live_eqns(ext.hoisted, keep + [v for v in carry_out if is_var(v)])
     return dataclasses.replace(ext, hoisted=hoisted, residual=residual, crossing=keep,
                                via={v: ext.via[v] for v in keep if v in ext.via})
+
+
+def _counters_stay(ext, pairs: list, literal_carries: set):
+    """``ext`` without stacking constants of the nest: values computed from literals and ``literal_carries``
+    alone (the loop counter of a ``fori_loop``, ``i + 1`` from ``i = 0``: an iota). Stacking one saves an
+    integer add per iteration and costs a buffer and a separate scan; ``scan_B`` computes it as before
+    (:func:`kvhoist.analysis.motion.reads_inputs`: a constant is never cached)."""
+    if not literal_carries:
+        return ext
+    prod = producers(ext.hoisted)
+    consts = frozenset(literal_carries)
+    stay = [v for v in ext.crossing if not motion.reads_inputs(v, ext.hoisted, prod, consts)]
+    if not stay:
+        return ext
+    keep = [v for v in ext.crossing if all(v is not s for s in stay)]
+    chain = [ext.hoisted[k] for k in sorted(live_indices(ext.hoisted, stay))]
+    # What still moves: the work behind the other values, and the carries it reads (updated in scan_A too).
+    roots: list = list(keep)
+    while True:
+        live = live_eqns(ext.hoisted, roots)
+        read = carry_closure({a for e in live for a in e.invars if is_var(a)}, pairs)
+        more = [cout for cin, cout in pairs if cin in read and is_var(cout) and all(cout is not r for r in roots)]
+        if not more:
+            break
+        roots.extend(more)
+    return dataclasses.replace(ext, hoisted=live if keep else [], residual=chain + list(ext.residual),
+                               crossing=keep, via={v: ext.via[v] for v in keep if v in ext.via})
 
 
 def _vmapped(a_body: Block, n_consts: int, operands: list, length: int):
