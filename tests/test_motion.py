@@ -213,3 +213,36 @@ def test_speculated_work_is_bounded_by_what_the_loop_surely_runs():
     assert any("not speculated" in s.reason for s in report.skipped), report.skipped
     assert float(hf(*args)) == 4.0   # returns at once, like jit (the 10**9-step loop is never run)
     assert motion.speculation_budget(10, 4) == 40 and motion.speculation_budget(None, 4) == 0
+
+
+# -- one notion of "pays" (issue 20 item 6) ----------------------------------------------------------------------
+
+
+def test_pays_is_one_predicate_for_trips_and_transient_memory():
+    assert motion.pays(5, 100) and motion.pays(None, 100)
+    assert not motion.pays(1, 100) and not motion.pays(5, 0)
+    # vmap-fission: computing the cache may not hold more at once than the cache itself
+    assert motion.pays(5, 100, peak_bytes=4096, cache_bytes=4096)
+    reason = motion.why_not_pays(5, 100, peak_bytes=4097, cache_bytes=4096)
+    assert reason is not None and "4097" in reason and "4096" in reason
+
+
+@pytest.mark.parametrize("fission", ["scan", "vmap"])
+def test_fission_out_of_a_loop_that_runs_once_does_not_pay(fission):
+    """A step loop of length 1 around a layer scan: fissioning would stack every layer's K and save nothing."""
+    wk = np.random.default_rng(0).standard_normal((3, 8, 8)).astype(np.float32)
+    ctx = np.ones((4, 8), np.float32)
+    x = np.ones((2, 8), np.float32)
+
+    def f(wk, ctx, x):
+        def step(h, t):
+            def layer(h, w):
+                k = ctx @ w
+                return jnp.tanh(h + t * (h @ k.T).sum(-1, keepdims=True)), None
+            return lax.scan(layer, h, wk)[0], None
+        return lax.scan(step, x, jnp.arange(1.0))[0]
+
+    closed = jax.make_jaxpr(f)(wk, ctx, x)
+    new, report = kvhoist.licm(closed, fission=fission)
+    assert not report.hoisted and not any(n.kind == "fission" for n in report.notes), report.notes
+    assert str(new) == str(closed)

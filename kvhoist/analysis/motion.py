@@ -144,15 +144,35 @@ def _surely_run_flops_of(e) -> int:
     return cost.eqn_flops(e)
 
 
-def pays(trip_count: int | None, flops_per_iteration: int) -> bool:
-    """Does caching work of ``flops_per_iteration`` out of a loop of ``trip_count`` iterations save anything?
+def why_not_pays(trip_count: int | None, flops_per_iteration: int, *, peak_bytes: int = 0,
+                 cache_bytes: int | None = None) -> str | None:
+    """``None`` if caching work of ``flops_per_iteration`` out of a loop of ``trip_count`` iterations pays, else why.
 
-    The one notion of "pays" (flat loops, fission, vmap-fission): the saving is ``(trips - 1) * flops``, which
-    must be positive; a loop that runs once (``scan`` of length 1) saves nothing and would only add the cache.
-    An unknown trip count (``while``) is given the benefit of the doubt: its body runs once per iteration. The
-    bytes are the memory model's business (:func:`inflation_ok`).
+    The one notion of "pays", for flat loops, fission and vmap-fission alike:
+
+    * the saving ``(trips - 1) * flops`` must be positive: a loop that runs once (``scan`` of length 1) saves
+      nothing and would only add the cache. An unknown trip count (``while``) is given the benefit of the doubt:
+      its body runs once per iteration;
+    * computing the cache may not take more memory than the cache itself: ``peak_bytes``, the widest value alive
+      while it is computed besides the cache (vmap-fission computes every iteration's intermediates at once: an
+      MLP's hidden layer for all L layers), must be at most ``cache_bytes``. Flat loops and scan-form fission
+      compute one iteration's work at a time, which the loop held anyway (``peak_bytes`` 0).
+
+    The cached values' own bytes are the memory model's business (:func:`inflation_ok`).
     """
-    return flops_per_iteration > 0 and (trip_count is None or trip_count > 1)
+    if flops_per_iteration <= 0:
+        return "saves no FLOPs"
+    if trip_count is not None and trip_count <= 1:
+        return f"the loop runs {trip_count} time(s): caching saves nothing"
+    if cache_bytes is not None and peak_bytes > cache_bytes:
+        return f"computing it would hold {peak_bytes} bytes at once, more than the {cache_bytes} bytes cached"
+    return None
+
+
+def pays(trip_count: int | None, flops_per_iteration: int, *, peak_bytes: int = 0,
+         cache_bytes: int | None = None) -> bool:
+    """Does caching pay? (:func:`why_not_pays` is ``None``.)"""
+    return why_not_pays(trip_count, flops_per_iteration, peak_bytes=peak_bytes, cache_bytes=cache_bytes) is None
 
 
 def speculation_budget(surely_per_iteration: int | None, trip_count: int | None) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvhoist import compat
-from kvhoist.analysis import branches, motion
+from kvhoist.analysis import branches, cost, motion
 from kvhoist.analysis.invariance import carry_closure, outer_invariant_carries, passthrough_carries
 from kvhoist.ir import Block, aval_bytes, clone_eqns, is_var, live_eqns, live_indices, producers, used_vars
 from kvhoist.report import human_bytes
@@ -147,12 +147,16 @@ class ScanRule:
             if pre is not None:
                 widest = _widest_intermediate(pre[0], pre[1])
                 cache = sum(aval_bytes(v.aval) for v in pre[1])
-                if widest > cache:
-                    # Every layer's intermediate at once (an MLP's hidden layer for all L layers) would
-                    # outgrow the cache it computes; the scan form holds one layer's at a time.
-                    fallback = (f"; fission='vmap' fell back to a scan: vectorised over all {length} "
-                                f"iterations, an intermediate would take {human_bytes(widest)}, more than the "
-                                f"{human_bytes(cache)} cached")
+                loop = engine.loops[-1] if engine.loops else None
+                flops = sum(cost.eqn_flops(e) for e in pre[0])
+                reason = motion.why_not_pays(loop.trip_count if loop else None, flops, peak_bytes=widest,
+                                             cache_bytes=cache)
+                if reason is not None:
+                    # The motion model's "pays" (one predicate for every form): e.g. every layer's intermediate
+                    # at once would outgrow the cache it computes; the scan form holds one layer's at a time.
+                    fallback = (f"; fission='vmap' fell back to a scan: vectorised over all {length} iterations, "
+                                + (f"an intermediate would take {human_bytes(widest)}, more than the "
+                                   f"{human_bytes(cache)} cached" if widest > cache else reason))
                     pre = None
                 else:
                     pre, stacked = pre
