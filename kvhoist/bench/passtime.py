@@ -5,6 +5,8 @@ one number:
 
 * ``nested(depth)``: ``depth`` nested ``fori_loop``s (2 trips each); every level computes invariant work
   (``sin(w * (d + 1)) @ w``) and holds the next level, so what is hoisted rises through every level above it;
+* ``counter(depth)``: the same nest whose invariant work reads each level's own counter (``sin(w * i) @ w``):
+  every level is fissioned into a table over its counter (one more scan per level), which rises to the top;
 * ``layers(n)``: a 4-step ``fori_loop`` around ``n`` layers written out in Python (not a layer ``scan``, whose
   program does not grow with its length), each projecting the invariant context with its own weight.
 
@@ -50,7 +52,7 @@ import numpy as np  # noqa: E402
 
 import kvhoist  # noqa: E402
 
-__all__ = ["nested", "layers", "pass_time", "first_call", "run", "render_markdown", "main"]
+__all__ = ["nested", "counter", "layers", "pass_time", "first_call", "run", "render_markdown", "main"]
 
 DEPTHS = (10, 20, 40, 80)
 LAYERS = (10, 50, 100, 200)
@@ -66,6 +68,23 @@ def nested(depth: int) -> tuple[Callable, tuple]:
 
             def body(i, x):
                 k = jnp.sin(w * (d + 1.0)) @ w
+                return level(d + 1, x + k[0] * 0.1)
+            return jax.lax.fori_loop(0, 2, body, x)
+        return level(0, x)
+    rng = np.random.default_rng(0)
+    return f, (jnp.asarray(rng.standard_normal((D, D)), jnp.float32), jnp.ones((D,), jnp.float32))
+
+
+def counter(depth: int) -> tuple[Callable, tuple]:
+    """As :func:`nested`, but each level's invariant work reads its own loop counter (``sin(w * i) @ w``): it is
+    invariant in every loop further out only as a table over the counter, so each level is fissioned."""
+    def f(w, x):
+        def level(d, x):
+            if d == depth:
+                return jnp.tanh(x @ w)
+
+            def body(i, x):
+                k = jnp.sin(w * i.astype(jnp.float32)) @ w
                 return level(d + 1, x + k[0] * 0.1)
             return jax.lax.fori_loop(0, 2, body, x)
         return level(0, x)
@@ -165,7 +184,8 @@ def run(*, depths=DEPTHS, layer_counts=LAYERS, repeats: int = 3, pass_repeats: i
     """Every measurement; ``{"machine", "kvhoist", "rows": [...], "fuzzer": {...}}``."""
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))  # jax's lowering of an 80-deep nest recurses deeply
     rows = []
-    for family, sizes, make in (("nested", depths, nested), ("layers", layer_counts, layers)):
+    for family, sizes, make in (("nested", depths, nested), ("counter", depths, counter),
+                                ("layers", layer_counts, layers)):
         for n in sizes:
             row = {"program": family, "size": n, "pass": pass_time(lambda: make(n), pass_repeats),
                    "first_call": first_call(lambda: make(n), repeats)}

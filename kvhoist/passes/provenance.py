@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from kvhoist import compat, speculation
 from kvhoist.analysis import cost
-from kvhoist.ir import aval_bytes, is_var, producers
+from kvhoist.ir import aval_bytes, is_var, memoized, producers
 from kvhoist.report import HoistedValue
 from kvhoist.rules.base import Extraction, LoopInfo
 
@@ -141,21 +141,17 @@ def _scan_output_part(eqn, outs, claimed: set | None = None, key: Any = None):
     idx = [i for i, o in enumerate(eqn.outvars) if any(o is v for v in outs)]
     if not idx:
         return None
-    _cv, _c, _iv, outvars, body = compat.split_closed(eqn.params["jaxpr"])
-    bprod = producers(body)
+    jaxpr = eqn.params["jaxpr"]
     length = int(eqn.params["length"])
     flops, total, prims, best, best_f = 0, 0, {}, None, -1
     seen: set = set()
     for i in idx:
-        target = outvars[i]
-        if not is_var(target) or target not in bprod:
-            continue
-        for k in ancestors(body, bprod, bprod[target]):
+        # A fissioned scan is cloned into every loop it rises out of, its body shared: its work per output is
+        # walked once per run, not once per enclosing loop.
+        for k, e, f in memoized(f"scan_output_work_{i}", jaxpr, lambda i=i: _output_work(jaxpr, i)):
             if k in seen:
                 continue
             seen.add(k)
-            e = body[k]
-            f = cost.eqn_flops(e)
             total += f
             if f > best_f:
                 best, best_f = e, f
@@ -167,6 +163,16 @@ def _scan_output_part(eqn, outs, claimed: set | None = None, key: Any = None):
             for name, n in cost.primitive_counts(e).items():
                 prims[name] = prims.get(name, 0) + n * length
     return flops * length, prims, best, total * length
+
+
+def _output_work(jaxpr: Any, i: int) -> tuple:
+    """``((index, eqn, FLOPs), ...)`` of the body equations behind output ``i`` of a scan body ``jaxpr``."""
+    _cv, _c, _iv, outvars, body = compat.split_closed(jaxpr)
+    bprod = producers(body)
+    target = outvars[i]
+    if not is_var(target) or target not in bprod:
+        return ()
+    return tuple((k, body[k], cost.eqn_flops(body[k])) for k in ancestors(body, bprod, bprod[target]))
 
 
 def _nearest_work(hoisted, prod, v):
