@@ -177,7 +177,7 @@ def make_mesh(topo: Any, chips: int | None = None, shape: tuple[int, int] | None
     """A ``jax.sharding.Mesh`` over a topology's devices.
 
     ``chips=1``: the first chip, axis ``("x",)`` (everything replicated on it). Otherwise (default: all
-    chips) a 2D ``("data", "tensor")`` mesh with ``Auto`` axes, the layout of ``tests/test_multidevice.py``:
+    chips) a 2D ``("data", "tensor")`` mesh with ``Auto`` axes, the layout of ``tests/compiler/test_multidevice.py``:
     ``shape`` ``(data, tensor)`` (their product must be the chip count), default ``(2, n/2)`` (``(1, n)``
     for an odd count).
     """

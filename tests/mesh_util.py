@@ -2,8 +2,8 @@
 
 A test that needs N devices on a CPU host runs itself (or a copy per JAX process) as a child with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``: the flag must be set before jax starts, so the
-parent, which pytest has already given one device, cannot. tests/test_jit_twin.py and
-tests/test_multiprocess.py use these.
+parent, which pytest has already given one device, cannot. tests/compiler/test_jit_twin.py and
+tests/compiler/test_multiprocess.py use these.
 
 Example:
     >>> facts = run_json_child(__file__, devices=8, timeout=600)   # the child prints one JSON line last

@@ -18,7 +18,7 @@ with the spread (min–max):
   (``.lower(*args).compile()``) — under ``jax.jit`` and under ``hoist_invariants``, a fresh function each time (no
   cache shared), the two interleaved with the order rotated; and their ratio (the goal: at most 1.5);
 * **fuzzer**: the same first-call ratio on programs drawn (deterministically) from the differential fuzzer's
-  generator (``tests/test_differential.py``, one program per function), when that file and hypothesis are there.
+  generator (``tests/compiler/test_differential.py``, one program per function), when that file and hypothesis are there.
 
 The file imports only ``jax``, ``numpy`` and ``kvhoist``'s public API, so it runs against an older checkout when run
 as a file with that checkout first on ``PYTHONPATH``; ``--before`` then adds that run's figures as columns.
@@ -157,7 +157,8 @@ def _fuzzer_programs(count: int) -> list:
     tests = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tests")
     if not os.path.isdir(tests):
         return []
-    sys.path.insert(0, tests)
+    paths = [tests, os.path.join(tests, "compiler")]  # the shared helpers, then the fuzzer's own module
+    sys.path[:0] = paths
     try:
         from hypothesis import HealthCheck, given, settings
 
@@ -165,7 +166,8 @@ def _fuzzer_programs(count: int) -> list:
     except Exception:
         return []
     finally:
-        sys.path.remove(tests)
+        for path in paths:
+            sys.path.remove(path)
     drawn: list = []
 
     @settings(max_examples=count, derandomize=True, database=None, deadline=None,

@@ -412,7 +412,7 @@ PROBES: tuple[tuple[int, str, Callable[[bool], dict]], ...] = (
 #: Items measured by other benchmarks: where their figures are.
 ELSEWHERE = {
     3: ("XLA compiles launched by the rewrite", "docs/benchmarks.md, pass-time section (and "
-        "tests/test_foreign_programs.py::test_rewrite_adds_no_xla_compile)"),
+        "tests/compiler/test_foreign_programs.py::test_rewrite_adds_no_xla_compile)"),
     9: ("trace + rewrite time vs program size", "docs/benchmarks.md, pass-time section"),
     13: ("host-loop overhead, NNX step with kwargs", "docs/benchmarks.md, ## Per-call dispatch"),
 }

@@ -5,7 +5,7 @@ is :mod:`kvhoist.tpu_compile`; reading the optimized HLO is :mod:`kvhoist.hlo`. 
 only the command (and its tests and docs) needs:
 
 * :func:`wan_partition_spec` / :func:`shard_abstract`: Megatron-style sharding of a Wan model's
-  parameters (as ``tests/test_multidevice.py`` tests on 8 CPU devices) on abstract arguments;
+  parameters (as ``tests/compiler/test_multidevice.py`` tests on 8 CPU devices) on abstract arguments;
 * :func:`compile_variant`: lower + compile one variant and return a :class:`CompileResult` with the
   matmul executions inside / outside the step loop (:func:`kvhoist.hlo.hlo_op_executions`, weighted
   by loop trip counts, every ``cond`` branch counted), memory and compile time;
@@ -97,7 +97,7 @@ def wan_partition_spec(path: str, ndim: int, axis: str = "tensor") -> Any:
 
     The output dim of q/k/v (self- and cross-attention, I2V's add_k/add_v), the input dim of ``to_out``,
     the q/k RMSNorm weights, the FFN's inner dim go on ``axis``; everything else is replicated; stacked
-    (``scan_layers``) parameters get a leading None. The rules of ``tests/test_multidevice.py``.
+    (``scan_layers``) parameters get a leading None. The rules of ``tests/compiler/test_multidevice.py``.
     """
     from jax.sharding import PartitionSpec as P
 

@@ -1,7 +1,7 @@
 """`hoist_invariants` behaves exactly like `jax.jit` of the undecorated function around the rewrite.
 
 Issue 18 items 4-9 and issue 20 item 8: shardings and varying manual axes in the re-trace (Explicit, Auto and
-Manual mesh axes on 8 CPU devices, in a child process like tests/test_multidevice.py), `jax.disable_jit()`,
+Manual mesh axes on 8 CPU devices, in a child process like tests/compiler/test_multidevice.py), `jax.disable_jit()`,
 jit's own exception types and messages, one trace per function (not per decoration) without keeping the
 function alive, every `jax.jit` keyword, `copy` / `deepcopy`, donation in host-loop mode, and recorded jaxprs
 bounded and freed by `clear_cache()` / `jax.clear_caches()`.

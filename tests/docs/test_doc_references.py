@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: File names a page may mention that are not files of this repository (a checkpoint's config.json).
 NOT_REPOSITORY_FILES = {"config.json", "model_index.json", "scheduler_config.json"}  # a checkpoint's files

@@ -4,7 +4,7 @@ Unmarked tests (always run, no libtpu needed, seconds): the CLI's argument valid
 error, the one-line out-of-memory message, the trip-count-weighted HLO counter on CPU HLO.
 
 Tests marked `tpu` need libtpu (`pip install -e '.[tpu]'`) and skip with the reason without it. Run them as
-CI does: `JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python -m pytest -q -m tpu tests/test_tpu.py`.
+CI does: `JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python -m pytest -q -m tpu tests/tools/test_tpu.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from kvhoist import tpu_compile
 from kvhoist.tools import cli, tpu
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # tests/: the shared helper modules
 LIBTPU = tpu_compile.libtpu_version()
 needs_libtpu = pytest.mark.skipif(LIBTPU is None, reason=f"libtpu is not installed: pip install -e '.[tpu]' "
                                                           f"(jax[tpu]=={tpu_compile.JAX_TPU_PIN})")

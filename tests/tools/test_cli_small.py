@@ -13,7 +13,7 @@ import pytest
 
 from kvhoist.tools import cli
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -40,7 +40,7 @@ def _rel(a, b) -> float:
 CASES = [
     (1, 8, 2, 64, 257, 64, None, None, None),
     (2, 130, 2, 32, 300, 16, 100, 128, 128),
-]  # (wan_ref's image branch, d=12, S=384, kv_valid=257, runs in tests/test_splash.py)
+]  # (wan_ref's image branch, d=12, S=384, kv_valid=257, runs in tests/compiler/test_splash.py)
 
 
 @pytest.mark.parametrize("b,n,h,d,s,dv,kv_valid,bq,bkv", CASES)

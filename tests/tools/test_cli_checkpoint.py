@@ -18,7 +18,7 @@ import pytest
 
 from kvhoist.tools import cli
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # tests/: the shared helper modules
 ROOT = HERE.parent
 FLOW_SHIFT = 7.0        # not any default: seen in the output only if read from scheduler_config.json
 

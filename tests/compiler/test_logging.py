@@ -89,10 +89,10 @@ def test_lower_does_not_leave_a_compile_line_waiting(caplog):
 
 
 def test_silent_by_default():
-    code = ("import jax.numpy as jnp, kvhoist, tests.test_logging as t; "
+    code = ("import jax.numpy as jnp, kvhoist, tests.compiler.test_logging as t; "
             "kvhoist.hoist_invariants(t.sampler)(t.W, t.X, t.C4); print('done')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=pathlib.Path(__file__).parent.parent,
+                          cwd=pathlib.Path(__file__).resolve().parents[2],
                           env={**os.environ, "JAX_PLATFORMS": "cpu", DUMP_ENV: ""})
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
     assert "kvhoist" not in proc.stderr and "traced" not in proc.stderr

@@ -21,7 +21,8 @@ from wan_ref import get_preset, load_diffusers, save_diffusers
 from wan_ref.animate import AnimateCache, WanAnimateModel
 from wan_ref.sample import sample
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test_vace
 from conftest import make_diffusers_transformer  # noqa: E402
 from test_vace import heavy_ops, step_loop_body  # noqa: E402
 

@@ -16,7 +16,7 @@ import pytest
 
 from kvhoist.tools import cli
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOISE = ("unexpected worker hostname", "E0000", "Source Location Trace")
 
 

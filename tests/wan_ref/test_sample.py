@@ -333,7 +333,7 @@ def test_errors_name_the_fix():
 
 # ------------------------------------------------------------------------ parity with diffusers
 
-_TESTS_DIR = str(Path(__file__).resolve().parent)
+_TESTS_DIR = str(Path(__file__).resolve().parents[1])
 
 
 def _diffusers_transformer(preset_config, path, seed):

@@ -14,7 +14,7 @@ What is checked, for the layer-scan and the unrolled model:
 * the step loop gains no collectives: all-reduce / all-gather / collective-permute / all-to-all /
   reduce-scatter counted inside the step-loop while body, hoisted <= plain for every kind.
 
-Run alone:  python -m pytest tests/test_multidevice.py -q
+Run alone:  python -m pytest tests/compiler/test_multidevice.py -q
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def facts() -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                           timeout=900, cwd=root)

@@ -21,7 +21,7 @@ from wan_ref import get_preset, load_diffusers, save_diffusers
 from wan_ref.sample import sample
 from wan_ref.vace import VACECache, WanVACEConfig, WanVACEModel
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 from conftest import make_diffusers_transformer  # noqa: E402
 
 FP32_TOL = 1e-4

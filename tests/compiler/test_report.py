@@ -99,7 +99,7 @@ def test_table_html_and_diff_summary_share_one_column_set(while_program):
 def test_columns_documented_once_in_user_guide():
     import pathlib
 
-    guide = (pathlib.Path(__file__).parent.parent / "docs" / "user_guide.md").read_text()
+    guide = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "user_guide.md").read_text()
     section = guide.split("### Report columns")[1].split("\n#")[0]
     documented = [line.split("|")[1].strip().strip("`") for line in section.splitlines()
                   if line.startswith("| `")]

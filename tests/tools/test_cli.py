@@ -15,7 +15,7 @@ import pytest
 from kvhoist.tools import cli, options
 from kvhoist.tools.commands import common, demo
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # tests/: the shared helper modules
 USER = "cli_user_module:make_sampler"
 
 

@@ -177,7 +177,7 @@ def test_report_lists_cross_kv(decoder, beams, scan):
     assert names == expected, [h.name for h in cross]
     assert len(cross) == len(expected)
     # One layer's K (or V) of one sequence; the cache holds it once per beam today, once per sequence once
-    # issue 12's "cache the smallest value" lands (tests/test_encdec_cache.py asks for that): accept both here.
+    # issue 12's "cache the smallest value" lands (tests/compiler/test_encdec_cache.py asks for that): accept both here.
     one = SRC_LEN * CFG.d_model * 4 * (CFG.dec_layers if scan else 1)
     copies = {BATCH, BATCH * (beams if decoder == "beam" else 1)}
     for h in cross:

@@ -1,6 +1,6 @@
 """kvhoist across processes: 2 JAX processes x 4 CPU devices on localhost (multi-controller, like hosts of a pod).
 
-The test starts two copies of this file (``python tests/test_multiprocess.py <process_id> <port> <out.json>``)
+The test starts two copies of this file (``python tests/compiler/test_multiprocess.py <process_id> <port> <out.json>``)
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``; each calls ``jax.distributed.initialize`` on a
 free localhost port with gloo CPU collectives, so ``jax.devices()`` lists 8 devices of which 4 are its own.
 Each process then, on a ``("data", "model") = (2, 4)`` mesh (``"data"`` spans the two processes, ``"model"``
