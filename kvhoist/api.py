@@ -38,8 +38,8 @@ import jax
 from kvhoist import compat
 from kvhoist.errors import KvhoistError, KvhoistWarning, TraceError, strict
 from kvhoist.report import Note, Report
-from kvhoist.tracing import (DUMP_ENV, JIT_OPTIONS, LOG_INPUTS, _check_jit_options, _normalize_argnames,  # noqa: F401
-                             _normalize_argnums, count_equations, dump_signature, function_name, log_report, logger,
+from kvhoist.tracing import (DUMP_ENV, JIT_OPTIONS, LOG_INPUTS, check_jit_options, normalize_argnames,  # noqa: F401
+                             normalize_argnums, count_equations, dump_signature, function_name, log_report, logger,
                              signature_text, trace_to_jaxpr)
 
 __all__ = ["hoist_invariants", "HoistedFunction", "KvhoistError", "TraceError", "KvhoistWarning"]
@@ -393,7 +393,7 @@ class HoistedFunction:
         if not callable(fun):
             raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
         _check_options(max_cache_bytes, fission)
-        _check_jit_options(jit_options)
+        check_jit_options(jit_options)
         self._given = dict(target=target, max_cache_bytes=max_cache_bytes, fission=fission, **jit_options)
         self.fun = fun
         self.max_cache_bytes = max_cache_bytes
@@ -404,8 +404,8 @@ class HoistedFunction:
 
             self.target = get_target(target)  # an unknown name fails now, listing the known ones
         self.__name__ = function_name(fun)
-        nums = _normalize_argnums(jit_options.get("static_argnums"))
-        names = _normalize_argnames(jit_options.get("static_argnames"))
+        nums = normalize_argnums(jit_options.get("static_argnums"))
+        names = normalize_argnames(jit_options.get("static_argnames"))
         self.static_argnums, self.static_argnames = _resolve_static(fun, nums, names, self.__name__)
         options = dict(jit_options)
         options["static_argnums"] = self.static_argnums or None
@@ -595,7 +595,7 @@ def hoist_invariants(fun: Callable | None = None, *, target: Any = None, max_cac
       >>> print(sample.report(model, latents, context, steps=30).table())
     """
     _check_options(max_cache_bytes, fission)
-    _check_jit_options(jit_options)
+    check_jit_options(jit_options)
 
     def wrap(f):
         if invariant_argnums is not None or invariant_argnames is not None:

@@ -73,7 +73,7 @@ from kvhoist.host_cache import Cached, PrologueCache, entry_key, set_fast_key
 from kvhoist.host_fast import MISSING, fast_key, serve
 from kvhoist.host_program import Program, build_program, run_step
 from kvhoist.report import Report
-from kvhoist.tracing import _check_jit_options, _normalize_argnames, _normalize_argnums, function_name
+from kvhoist.tracing import check_jit_options, normalize_argnames, normalize_argnums, function_name
 
 __all__ = ["HostHoistedFunction", "PreparedStep", "CacheInfo", "StaleHandleError"]
 
@@ -128,7 +128,7 @@ class HostHoistedFunction:
             raise TypeError(f"hoist_invariants expects a callable, got {type(fun).__name__}: {fun!r}")
         if not isinstance(max_cache_entries, int) or max_cache_entries < 1:
             raise ValueError(f"max_cache_entries must be a positive int, got {max_cache_entries!r}")
-        _check_jit_options(jit_options)
+        check_jit_options(jit_options)
         placed = sorted(k for k in ("in_shardings", "out_shardings") if k in jit_options)
         if placed:
             raise KvhoistError(f"hoist_invariants: {placed[0]} is not supported with host-loop hoisting "
@@ -148,11 +148,11 @@ class HostHoistedFunction:
             self.target = get_target(target)
         functools.update_wrapper(self, fun)
         self.__name__ = function_name(fun)
-        self._args = ArgBinder(fun, self.__name__, _normalize_argnums(invariant_argnums),
-                               _normalize_argnames(invariant_argnames), _normalize_argnums(static_argnums),
-                               _normalize_argnames(static_argnames),
-                               _normalize_argnums(donate_argnums, "donate_argnums"),
-                               _normalize_argnames(donate_argnames, "donate_argnames"))
+        self._args = ArgBinder(fun, self.__name__, normalize_argnums(invariant_argnums),
+                               normalize_argnames(invariant_argnames), normalize_argnums(static_argnums),
+                               normalize_argnames(static_argnames),
+                               normalize_argnums(donate_argnums, "donate_argnums"),
+                               normalize_argnames(donate_argnames, "donate_argnames"))
         a = self._args
         self.invariant_argnums, self.invariant_argnames = a.invariant_argnums, a.invariant_argnames
         self.static_argnums, self.static_argnames = a.static_argnums, a.static_argnames

@@ -290,7 +290,7 @@ class Report:
         """The hoisted values as a text table (columns: :data:`COLUMNS`), then where the columns are explained."""
         if not self.hoisted:
             return "nothing was hoisted"
-        out = [_fmt_rows(self.rows(max_rows))]
+        out = [format_rows(self.rows(max_rows))]
         if max_rows is not None and len(self.hoisted) > max_rows:
             out.append(f"... {len(self.hoisted) - max_rows} more")
         out.append(f"(columns: {COLUMNS_DOC})")
@@ -348,7 +348,15 @@ def shared_work_lines(hoisted) -> list[str]:
     return out
 
 
-def _fmt_rows(rows: list) -> str:
+def format_rows(rows: list) -> str:
+    """A plain-text table: ``rows[0]`` is the header, underlined; columns left-aligned to their widest cell.
+
+    Args:
+      rows: equal-length rows of cells (anything ``str()`` accepts).
+
+    Returns:
+      The table's lines joined with newlines, trailing spaces stripped.
+    """
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):

@@ -127,7 +127,16 @@ def dump_signature(name: str, signature: str, before: Any, after: Any, report: R
     return prefix
 
 
-def _normalize_argnums(static_argnums, what: str = "static_argnums") -> tuple[int, ...]:
+def normalize_argnums(static_argnums, what: str = "static_argnums") -> tuple[int, ...]:
+    """``jax.jit``'s int-or-sequence argnums option as a tuple (``None`` -> ``()``).
+
+    Args:
+      static_argnums: the user's value (``None``, an int, or a sequence of ints; bools are refused).
+      what: the option's name, for the error.
+
+    Returns:
+      The positions as a tuple; one ``TypeError`` naming ``what`` for anything else.
+    """
     if static_argnums is None:
         return ()
     if isinstance(static_argnums, int) and not isinstance(static_argnums, bool):
@@ -141,7 +150,16 @@ def _normalize_argnums(static_argnums, what: str = "static_argnums") -> tuple[in
     return nums
 
 
-def _normalize_argnames(static_argnames, what: str = "static_argnames") -> tuple[str, ...]:
+def normalize_argnames(static_argnames, what: str = "static_argnames") -> tuple[str, ...]:
+    """``jax.jit``'s str-or-sequence argnames option as a tuple (``None`` -> ``()``).
+
+    Args:
+      static_argnames: the user's value (``None``, a str, or a sequence of str).
+      what: the option's name, for the error.
+
+    Returns:
+      The names as a tuple; one ``TypeError`` naming ``what`` for anything else.
+    """
     if static_argnames is None:
         return ()
     if isinstance(static_argnames, str):
@@ -192,7 +210,13 @@ JIT_OPTIONS: tuple[str, ...] = tuple(
     n for n, p in inspect.signature(jax.jit).parameters.items() if p.kind == inspect.Parameter.KEYWORD_ONLY)
 
 
-def _check_jit_options(options: dict, who: str = "hoist_invariants") -> None:
+def check_jit_options(options: dict, who: str = "hoist_invariants") -> None:
+    """Refuse a keyword that neither kvhoist nor the installed ``jax.jit`` knows, with jit's ``TypeError`` form.
+
+    Args:
+      options: the keyword arguments meant for ``jax.jit``.
+      who: the public function's name, for the message.
+    """
     unknown = sorted(set(options) - set(JIT_OPTIONS))
     if unknown:
         raise TypeError(f"{who}() got an unexpected keyword argument {unknown[0]!r} (kvhoist's options: target, "

@@ -124,6 +124,56 @@ def test_the_compiler_files_are_what_the_map_says():
     assert {"kvhoist.tools.cli", "kvhoist.tools.specs", "kvhoist.bench.samplers"} <= tools
 
 
+#: Issue 19: a module owns one concern; past this many lines it is split by concern.
+MAX_MODULE_LINES = 700
+
+
+def test_no_module_over_the_size_limit():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for p in sorted(PKG.rglob("*.py")) + sorted((ROOT / "wan_ref").rglob("*.py"))}
+    big = {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not big, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {big}"
+
+
+def _private_imports(path: pathlib.Path) -> list[str]:
+    """``from kvhoist.x import _name`` statements of ``path``: a private name crossing modules."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            if base.startswith("kvhoist"):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}: {base}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_crosses_kvhoist_modules():
+    """What one module uses of another is that module's public (documented) interface."""
+    bad = [line for p in _all_files() for line in _private_imports(p)]
+    assert not bad, "private names imported across modules:\n" + "\n".join(bad)
+
+
+def test_the_private_import_check_sees_relative_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "kvhoist" / "passes"
+    pkg.mkdir(parents=True)
+    (pkg / "a.py").write_text("def f():\n    from .b import _hidden, shown\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _private_imports(pkg / "a.py") == ["kvhoist/passes/a.py:2: kvhoist.passes.b._hidden"]
+
+
+def test_tests_mirror_the_package():
+    """tests/ holds the shared helpers and this file; every test module sits in the folder of what it tests."""
+    here = ROOT / "tests"
+    assert sorted(p.name for p in here.glob("test_*.py")) == ["test_imports.py"]
+    assert {p.parent.name for p in here.glob("*/test_*.py")} == {"compiler", "tools", "wan_ref", "docs"}
+
+
 def test_no_new_import_circles():
     found = import_circles()
     g = import_graph()

@@ -9,7 +9,9 @@
 * :mod:`kvhoist.bench.host`: a Python loop around a jitted step (``python -m kvhoist.bench.host``);
 * :mod:`kvhoist.bench.trust`: what ``hoist_invariants`` costs where it cannot help (``python -m kvhoist.bench.trust``).
 * :mod:`kvhoist.bench.probes`: issue 20's probes as small programs, jit vs hoisted, before and after
-  (``python -m kvhoist.bench.probes``; docs/benchmarks.md).
+  (``python -m kvhoist.bench.probes``; docs/benchmarks.md);
+* :mod:`kvhoist.bench.passtime`: the pass's time vs program size and the first call, jit vs hoisted
+  (``python -m kvhoist.bench.passtime``; docs/benchmarks.md).
 
 Shared: :mod:`kvhoist.bench.forms` (configs, sampler forms, the random case), :mod:`kvhoist.bench.timing`
 (interleaved runs, process CPU time), :mod:`kvhoist.bench.markdown` (the page); counting ops in compiled HLO is

@@ -18,7 +18,7 @@ import difflib
 from typing import Any, Sequence
 
 from kvhoist.analysis import cost
-from kvhoist.report import COLUMN_NAMES, COLUMNS_DOC, Report, _fmt_rows, hoisted_rows, human_bytes, human_flops
+from kvhoist.report import COLUMN_NAMES, COLUMNS_DOC, Report, format_rows, hoisted_rows, human_bytes, human_flops
 from kvhoist.tools import diff_html
 from kvhoist.tools.diff_summary import count_eqns, dots_per_step, flops_per_step, group_hoisted, step_loop
 from kvhoist.tools.jaxpr_lines import Line, Renderer, moved_marks
@@ -93,7 +93,7 @@ class JaxprDiff:
             out.append("hoisted:")
             groups = group_hoisted(self.report.hoisted)
             rows = [COLUMN_NAMES] + hoisted_rows(groups[:max_values], self.report.total_flops_before)
-            out += ["  " + line for line in _fmt_rows(rows).splitlines()]
+            out += ["  " + line for line in format_rows(rows).splitlines()]
             if len(groups) > max_values:
                 out.append(f"  ... {len(groups) - max_values} more (kvhoist report lists all)")
             out.append(f"  (columns: {COLUMNS_DOC})")
