@@ -93,6 +93,51 @@ def test_nested_loops_results_and_hoisting():
     assert not any(n.kind == "fission" for n in report.notes)
 
 
+def _written_out_layers(n: int):
+    """A 3-step loop around ``n`` layers written out in Python, each projecting the invariant context."""
+    def f(ws, ctx, x):
+        def step(i, h):
+            for l in range(n):
+                h = jnp.tanh(h + (h @ (ctx @ ws[l]).T).sum(-1) * 0.01)
+            return h
+        return jax.lax.fori_loop(0, 3, step, x)
+    return f
+
+
+def test_common_values_compared_within_buckets(monkeypatch):
+    # The smallest-cache pass computes identical hoisted equations once. It compared every hoisted equation with
+    # every one kept (quadratic in the work hoisted out of one loop: 40 layers, 12k comparisons; cubic in a nest);
+    # only equations of the same primitive, operands and hashable parameters are compared now.
+    from kvhoist.passes.shrink import operands
+
+    calls = []
+    original = operands._same_eqn
+    monkeypatch.setattr(operands, "_same_eqn", lambda a, b: calls.append(1) or original(a, b))
+    n = 40
+    ws, ctx = rand(n, 4, 4, seed=3) * 0.1, rand(3, 4, seed=4)
+    closed = jax.make_jaxpr(_written_out_layers(n))(ws, ctx, X)
+    licm(closed)
+    assert len(calls) <= n, len(calls)
+    calls.clear()
+    licm(jax.make_jaxpr(nested(16))(W, X))
+    assert len(calls) <= 16, len(calls)
+
+
+def test_common_values_still_deduplicated():
+    # Bucketing keeps the dedupe: the same projection written twice is hoisted (and cached) once.
+    def f(w, ctx, x):
+        def step(i, h):
+            a = jnp.tanh(ctx @ w)
+            b = jnp.tanh(ctx @ w)
+            return jnp.tanh(h @ a + (h * h) @ b)
+        return jax.lax.fori_loop(0, 3, step, x)
+
+    ctx = rand(4, 4, seed=5)
+    _, after, _ = licm_and_compare(f, W, ctx, X)
+    top = [e for e in compat.split_closed(after)[4] if e.primitive.name == "dot_general"]
+    assert len(top) == 1, [e.primitive.name for e in compat.split_closed(after)[4]]
+
+
 def test_compiler_does_not_import_networkx():
     code = ("import sys, jax, kvhoist; from kvhoist.passes import licm; import kvhoist.api, kvhoist.rules; "
             "print('networkx' in sys.modules)")

@@ -39,6 +39,39 @@ def _eq(x, y) -> bool:
         return False
 
 
+def _literal_key(x) -> tuple:
+    """A hashable key of a literal operand: its shape, dtype and (for a scalar) its value."""
+    value = getattr(x, "val", None)
+    try:
+        scalar = value.item() if getattr(value, "ndim", 0) == 0 and hasattr(value, "item") else value
+        hash(scalar)
+    except Exception:  # an array literal (or an unhashable value): the bucket compares it
+        scalar = None
+    return (getattr(x.aval, "shape", None), str(getattr(x.aval, "dtype", None)), scalar)
+
+
+def _params_key(params) -> tuple:
+    """The hashable parameters (``start_indices`` of one of many slices of the same array); the others are
+    compared within the bucket. Python's hash contract (equal values hash equal) keeps equal equations in one
+    bucket."""
+    out = []
+    for k in sorted(params):
+        try:
+            hash(params[k])
+        except Exception:
+            continue
+        out.append((k, params[k]))
+    return tuple(out)
+
+
+def _bucket_key(e) -> tuple:
+    """Equations that :func:`_same_eqn` may call equal share this key (primitive, operands, hashable
+    parameters); only the equations of one bucket are compared, so the common-values dedupe is linear in the
+    work hoisted."""
+    return (e.primitive, tuple(("v", id(a)) if is_var(a) else ("l",) + _literal_key(a) for a in e.invars),
+            _params_key(e.params))
+
+
 def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: int,
                          body_key: str, body_offset: int) -> tuple[list, Any, dict]:
     """Shrink the ``count`` loop operands from position ``first`` (the values hoisted out of it).
@@ -63,11 +96,19 @@ def shrink_loop_operands(parent: Sequence, pre: list, loop, first: int, count: i
         new_pre.append(e)
     new_pre = sh.lifted + new_pre
     # Common values: identical hoisted equations computed once.
+    # Compared only within a bucket of the same primitive and operands (linear, not quadratic, in the
+    # work hoisted out of one loop; a nest hoists through every level).
     subst: dict = {}
     kept: list = []
+    buckets: dict = {}
     for e in new_pre:
         e = e.replace(invars=[subst.get(a, a) if is_var(a) else a for a in e.invars]) if subst else e
-        twin = next((k for k in kept if _same_eqn(k, e)), None) if not compat.subjaxprs_of(e) else None
+        twin = None
+        if not compat.subjaxprs_of(e):
+            bucket = buckets.setdefault(_bucket_key(e), [])
+            twin = next((k for k in bucket if _same_eqn(k, e)), None)
+            if twin is None:
+                bucket.append(e)
         if twin is not None:
             subst.update(zip(e.outvars, twin.outvars))
             continue
