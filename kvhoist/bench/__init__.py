@@ -11,7 +11,9 @@
 * :mod:`kvhoist.bench.probes`: issue 20's probes as small programs, jit vs hoisted, before and after
   (``python -m kvhoist.bench.probes``; docs/benchmarks.md);
 * :mod:`kvhoist.bench.passtime`: the pass's time vs program size and the first call, jit vs hoisted
-  (``python -m kvhoist.bench.passtime``; docs/benchmarks.md).
+  (``python -m kvhoist.bench.passtime``; docs/benchmarks.md);
+* :mod:`kvhoist.bench.hf_generate`: Hugging Face's Flax ``generate()`` (BART, T5, Marian), jit vs hoisted
+  (``python -m kvhoist.bench.hf_generate``; needs transformers<=4.57.6; docs/benchmarks.md).
 
 Shared: :mod:`kvhoist.bench.forms` (configs, sampler forms, the random case), :mod:`kvhoist.bench.timing`
 (interleaved runs, process CPU time), :mod:`kvhoist.bench.markdown` (the page); counting ops in compiled HLO is
