@@ -287,10 +287,26 @@ def run(cases: Sequence[str] = tuple(CASES), *, repeats: int = 7, first_call_rep
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}: choose from {sorted(CASES)}")
     rows = [bench_case(CASES[c], repeats=repeats, first_call_repeats=first_call_repeats, log=log) for c in cases]
-    return {"machine": machine(), "transformers": tf.__version__, "flax": flax.__version__,
+    return {"machine": machine(), "kvhoist_commit": _commit(), "transformers": tf.__version__, "flax": flax.__version__,
             "repeats": repeats, "first_call_repeats": first_call_repeats, "rows": rows,
             "total_s": time.perf_counter() - t0,
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.perf_counter() - t0)))}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (``+dirty`` if kvhoist/ has uncommitted changes), or None outside a git checkout."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kvhoist"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _ms(s: dict) -> str:
