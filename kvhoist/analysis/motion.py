@@ -145,7 +145,7 @@ def _surely_run_flops_of(e) -> int:
 
 
 def why_not_pays(trip_count: int | None, flops_per_iteration: int, *, peak_bytes: int = 0,
-                 cache_bytes: int | None = None) -> str | None:
+                 cache_bytes: int | None = None, loop_free: bool = False) -> str | None:
     """``None`` if caching work of ``flops_per_iteration`` out of a loop of ``trip_count`` iterations pays, else why.
 
     The one notion of "pays", for flat loops, fission and vmap-fission alike:
@@ -156,7 +156,10 @@ def why_not_pays(trip_count: int | None, flops_per_iteration: int, *, peak_bytes
     * computing the cache may not take more memory than the cache itself: ``peak_bytes``, the widest value alive
       while it is computed besides the cache (vmap-fission computes every iteration's intermediates at once: an
       MLP's hidden layer for all L layers), must be at most ``cache_bytes``. Flat loops and scan-form fission
-      compute one iteration's work at a time, which the loop held anyway (``peak_bytes`` 0).
+      compute one iteration's work at a time, which the loop held anyway (``peak_bytes`` 0). ``loop_free``:
+      the vectorised form is the one that adds no loop (work reading only invariants and the loop's counters,
+      whose scan form is a whole extra loop XLA compiles for one small table): like a cached value
+      (:func:`inflation_ok`), it may then also hold up to :data:`SMALL_BYTES`.
 
     The cached values' own bytes are the memory model's business (:func:`inflation_ok`).
     """
@@ -164,15 +167,16 @@ def why_not_pays(trip_count: int | None, flops_per_iteration: int, *, peak_bytes
         return "saves no FLOPs"
     if trip_count is not None and trip_count <= 1:
         return f"the loop runs {trip_count} time(s): caching saves nothing"
-    if cache_bytes is not None and peak_bytes > cache_bytes:
+    if cache_bytes is not None and peak_bytes > (max(cache_bytes, SMALL_BYTES) if loop_free else cache_bytes):
         return f"computing it would hold {peak_bytes} bytes at once, more than the {cache_bytes} bytes cached"
     return None
 
 
 def pays(trip_count: int | None, flops_per_iteration: int, *, peak_bytes: int = 0,
-         cache_bytes: int | None = None) -> bool:
+         cache_bytes: int | None = None, loop_free: bool = False) -> bool:
     """Does caching pay? (:func:`why_not_pays` is ``None``.)"""
-    return why_not_pays(trip_count, flops_per_iteration, peak_bytes=peak_bytes, cache_bytes=cache_bytes) is None
+    return why_not_pays(trip_count, flops_per_iteration, peak_bytes=peak_bytes, cache_bytes=cache_bytes,
+                        loop_free=loop_free) is None
 
 
 def speculation_budget(surely_per_iteration: int | None, trip_count: int | None) -> int:

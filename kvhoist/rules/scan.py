@@ -142,21 +142,27 @@ class ScanRule:
         a_operands = ([eqn.invars[k] for k in a_consts] + [eqn.invars[nc + k] for k in a_carries]
                       + [eqn.invars[nc + nk + k] for k in a_xs])
         pre, fallback = None, ""
-        if engine.fission == "vmap" and not a_carries:
-            pre = _vmapped(a_body, len(a_consts), a_operands, length)
+        counters = _inductions(ext.hoisted, [(carry_b[k], carry_out[k], eqn.invars[nc + k]) for k in a_carries])
+        # Counter-only work (consts and induction variables, no xs) needs no loop at all: computed for every
+        # iteration at once over the counters' values (start + step * iota), one extra loop fewer per level.
+        vectorise = (engine.fission == "vmap" and not a_carries) or (counters is not None and a_carries and not a_xs)
+        if vectorise:
+            pre = _vmapped(a_body, len(a_consts), a_operands, length, counters=counters if a_carries else None,
+                           reverse=bool(params["reverse"]))
             if pre is not None:
                 widest = _widest_intermediate(pre[0], pre[1])
                 cache = sum(aval_bytes(v.aval) for v in pre[1])
                 loop = engine.loops[-1] if engine.loops else None
                 flops = sum(cost.eqn_flops(e) for e in pre[0])
                 reason = motion.why_not_pays(loop.trip_count if loop else None, flops, peak_bytes=widest,
-                                             cache_bytes=cache)
+                                             cache_bytes=cache, loop_free=bool(a_carries))
                 if reason is not None:
                     # The motion model's "pays" (one predicate for every form): e.g. every layer's intermediate
                     # at once would outgrow the cache it computes; the scan form holds one layer's at a time.
-                    fallback = (f"; fission='vmap' fell back to a scan: vectorised over all {length} iterations, "
+                    form = "fission='vmap'" if engine.fission == "vmap" else "vectorising its counters"
+                    fallback = (f"; {form} fell back to a scan: vectorised over all {length} iterations, "
                                 + (f"an intermediate would take {human_bytes(widest)}, more than the "
-                                   f"{human_bytes(cache)} cached" if widest > cache else reason))
+                                   f"{human_bytes(cache)} cached" if "more than" in reason else reason))
                     pre = None
                 else:
                     pre, stacked = pre
@@ -248,15 +254,66 @@ def _counters_stay(ext, pairs: list, literal_carries: set):
                                crossing=keep, via={v: ext.via[v] for v in keep if v in ext.via})
 
 
-def _vmapped(a_body: Block, n_consts: int, operands: list, length: int):
+def _inductions(eqns: list, carries: list):
+    """``[(start, step)]`` per carry if every carry is an integer scalar induction variable, else ``None``.
+
+    ``carries``: ``(body input, body output, initial operand)``. An induction variable starts at a literal and
+    is updated by adding a literal (``i + 1`` of a ``fori_loop``), so at iteration ``j`` it is ``start + j *
+    step`` (integer arithmetic wraps identically either way).
+    """
+    prod = producers(eqns)
+    out = []
+    for cin, cout, init in carries:
+        aval = cin.aval
+        if (is_var(init) or getattr(aval, "shape", None) != () or getattr(aval, "dtype", None) is None
+                or aval.dtype.kind not in "iu" or cout not in prod):
+            return None
+        e = eqns[prod[cout]]
+        if e.primitive.name != "add" or len(e.invars) != 2:
+            return None
+        a, b = e.invars
+        step = b if a is cin else a if b is cin else None
+        if step is None or is_var(step) or getattr(step.aval, "shape", None) != ():
+            return None
+        out.append((int(init.val), int(step.val)))
+    return out
+
+
+def _vmapped(a_body: Block, n_consts: int, operands: list, length: int, *, counters: list | None = None,
+             reverse: bool = False):
     """The invariant slice as one vectorised computation over the scanned axis, or ``None``.
 
     Traces ``jax.vmap`` of the slice (consts unbatched, xs batched on axis 0) and inlines it. The
     ys of a scan are stacked on axis 0 in xs order whatever the scan direction, so the result is
-    the same stacked array.
+    the same stacked array. ``counters``: the slice's carries (after its consts) are induction variables
+    ``(start, step)`` (:func:`_inductions`), batched as ``start + step * iota`` (iteration order reversed
+    for a reverse scan: ys position ``p`` is iteration ``length - 1 - p``); their final values are dropped.
     """
     import jax
 
+    if counters:
+        n_c = len(counters)
+        inner = Block(a_body.invars, a_body.outvars[n_c:], a_body.eqns).to_closed()
+        dtypes = [v.aval.dtype for v in a_body.invars[n_consts:n_consts + n_c]]
+        body_fun = compat.jaxpr_as_fun(inner)
+
+        def fun(*args):
+            consts, xs = args[:n_consts], args[n_consts + n_c:]
+            idx = []
+            for (start, step), dt in zip(counters, dtypes):
+                it = jax.lax.iota(dt, length)
+                if reverse:
+                    it = (length - 1) - it
+                it = it * step if step != 1 else it
+                idx.append((it + start if start else it).astype(dt))
+            return jax.vmap(body_fun, in_axes=[None] * n_consts + [0] * (n_c + len(xs)), out_axes=0,
+                            axis_size=length)(*consts, *idx, *xs)
+        avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in operands]
+        try:
+            vm = jax.make_jaxpr(fun)(*avals)
+        except Exception:
+            return None
+        return _inlined(vm, operands)
     closed = a_body.to_closed()
     in_axes = [None] * n_consts + [0] * (len(a_body.invars) - n_consts)
     if n_consts == len(a_body.invars):
@@ -267,6 +324,11 @@ def _vmapped(a_body: Block, n_consts: int, operands: list, length: int):
                                      axis_size=length))(*avals)
     except Exception:
         return None
+    return _inlined(vm, operands)
+
+
+def _inlined(vm, operands: list):
+    """``vm``'s equations with its inputs renamed to ``operands``; ``(eqns, outputs)`` or ``None``."""
     constvars, consts, invars, outvars, eqns = compat.split_closed(vm)
     if constvars or consts:
         return None

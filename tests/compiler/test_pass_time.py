@@ -15,7 +15,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kvhoist import compat, licm
+import kvhoist
+from kvhoist import compat, contract, licm
 from kvhoist.rules import RULES
 from licm_util import licm_and_compare, rand
 
@@ -136,6 +137,54 @@ def test_common_values_still_deduplicated():
     _, after, _ = licm_and_compare(f, W, ctx, X)
     top = [e for e in compat.split_closed(after)[4] if e.primitive.name == "dot_general"]
     assert len(top) == 1, [e.primitive.name for e in compat.split_closed(after)[4]]
+
+
+def counter_nest(depth: int, trips: int = 2):
+    """As :func:`nested`, but level ``d``'s invariant work reads its own counter: ``sin(w * i) @ w``."""
+    def f(w, x):
+        def level(d, x):
+            if d == depth:
+                return jnp.tanh(x @ w)
+
+            def body(i, x):
+                k = jnp.sin(w * i.astype(jnp.float32)) @ w
+                return level(d + 1, x + k[0] * 0.1)
+            return jax.lax.fori_loop(0, trips, body, x)
+        return level(0, x)
+    return f
+
+
+def test_counter_only_work_adds_no_loop():
+    # Each level's work reads only invariants and its own fori counter (an induction variable: i + 1 from 0), so
+    # its table over the counter is computed for all trips at once (start + step * iota, vectorised), not by a
+    # separate scan per level: the hoisted program holds jit's loops and no more (XLA compiling one extra loop per
+    # level cost more than the pass itself).
+    f = counter_nest(4)
+    _before, after, report = licm_and_compare(f, W, X)
+    top = [e.primitive.name for e in compat.split_closed(after)[4]]
+    assert top.count("scan") == 1, top
+    assert "iota" in top and "dot_general" in top, top   # the tables, computed in front of the loops
+    assert not any("fell back" in n.message for n in report.notes), report.notes
+    contract.assert_close(kvhoist.hoist_invariants(f)(W, X), jax.jit(f)(W, X))
+
+
+def test_counter_start_step_and_reverse():
+    # A scan's own counter carry from 3 by 2, scanned in reverse: the table at ys position p is iteration
+    # length - 1 - p's counter.
+    def f(w, x):
+        def step(t, x):
+            def layer(c, xs):
+                i, h = c
+                k = jnp.cos(w * i.astype(jnp.float32)) @ w
+                return (i + 2, jnp.tanh(h + k[1] * 0.1 + xs)), h.sum()
+            (_, h), ys = jax.lax.scan(layer, (3, x), jnp.arange(4.0), reverse=True)
+            return h + ys.mean()
+        return jax.lax.fori_loop(0, 3, step, x)
+
+    _before, after, _report = licm_and_compare(f, W, X)
+    top = [e.primitive.name for e in compat.split_closed(after)[4]]
+    assert top.count("scan") == 1 and "iota" in top, top
+    contract.assert_close(kvhoist.hoist_invariants(f)(W, X), jax.jit(f)(W, X))
 
 
 def test_compiler_does_not_import_networkx():
