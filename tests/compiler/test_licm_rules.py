@@ -173,8 +173,11 @@ def test_fission_with_layer_counter_carry_fori_inner_loop():
         return jax.lax.scan(step, x, jnp.arange(4.0))[0]
 
     before, after, report = licm_and_compare(f, wk, CTX, X)
+    # The 3 projections leave the step loop (saved in 3 of 4 steps); indexed by the fori counter alone (an
+    # induction variable), they are computed as one batched matmul over the counter's values (rules/scan.py).
     assert count(before, "dot_general", multiply_trips=True) - count(after, "dot_general", multiply_trips=True) \
-        == 3 * (4 - 1)
+        >= 3 * (4 - 1)
+    assert count(after, "dot_general", multiply_trips=True) <= 4 * 3 + 3
 
 
 def test_reverse_inner_scan_fission():
