@@ -323,7 +323,7 @@ def _mib(b: int | None) -> str:
 def render_markdown(result: dict) -> str:
     """The two tables of docs/benchmarks.md's section (first call and cache; steady-state decode)."""
     head = ("| case | first call jit (s) | first call hoisted (s) | ratio | XLA compiles jit / hoisted | XLA compile "
-            "jit / hoisted (wall s) | kvhoist re-trace + rewrite (s) | cache MiB (copies of cross K/V) | XLA temp MiB "
+            "jit / hoisted (wall s) | kvhoist trace + rewrite (s) | cache MiB (copies of cross K/V) | XLA temp MiB "
             "jit / hoisted |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in result["rows"]:
