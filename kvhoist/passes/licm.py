@@ -72,7 +72,9 @@ class Licm:
         # Splits that found nothing, by (equation, invariance mask, speculating, loop budget): a nested scan is
         # offered to its rule once per enclosing loop; the answer is the same, so the pass stays linear in depth.
         self._no_split: dict = {}
-        #: Structural counters (rule.split calls, memo hits): what tests and the pass-time benchmark read.
+        #: Structural counters, what tests and the pass-time benchmark read: ``splits`` / ``split_memo_hits``
+        #: (rule.split calls, memo hits), ``walked`` (equations an extraction classified: every level a value
+        #: crosses walks it again) and ``moved`` (equations placed in front of a loop, per loop crossed).
         self.counts: collections.Counter = collections.Counter()
 
     # -- entry points ------------------------------------------------------------------------
@@ -114,6 +116,7 @@ class Licm:
         entries, in order). Returns the new hoisted equations and loop; updates the report."""
         from kvhoist.passes.shrink import shrink_loop_operands
 
+        self.counts["moved"] += len(pre)
         if not count:
             return pre, loop
         name = loop.primitive.name
@@ -244,6 +247,7 @@ class Licm:
         invariant_idx: set = set()
         units: list = []            # (original eqn, pre indices, post index, Split)
         expansions: dict = {}       # var -> its invariant, expanding broadcast_in_dim equation
+        self.counts["walked"] += len(block.eqns)
         work = collections.deque(block.eqns)
         while work:
             e = work.popleft()
