@@ -197,22 +197,38 @@ def _flax_bart():
         _unavailable(f"Flax BART does not build with this flax/jax: {type(err).__name__}: {str(err)[:100]}")
 
 
-@pytest.mark.parametrize("beams", [1, 4])
-def test_hugging_face_flax_generate(beams):
+_DECODING = {
+    "greedy": dict(num_beams=1, do_sample=False),
+    "beam4": dict(num_beams=4, do_sample=False, early_stopping=False),
+    # Sampling: the key is an argument (the same for jit and hoisted); top-k / temperature warp the logits.
+    "sample": dict(num_beams=1, do_sample=True, top_k=8, temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("decoding", sorted(_DECODING))
+def test_hugging_face_flax_generate(decoding):
     model = _flax_bart()
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 10)), jnp.int32)
+    key = jax.random.PRNGKey(7)
 
-    def generate(params, ids):
-        return model.generate(ids, params=params, max_length=12, num_beams=beams, do_sample=False,
-                              early_stopping=False).sequences
+    def generate(params, ids, key):
+        return model.generate(ids, params=params, max_length=12, prng_key=key, **_DECODING[decoding]).sequences
 
     hoisted = kvhoist.hoist_invariants(generate)
     with warnings.catch_warnings():
         warnings.simplefilter("error", KvhoistWarning)
-        got = hoisted(model.params, ids)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(generate)(model.params, ids)))
-    report = hoisted.report(model.params, ids)
-    assert len(report.hoisted) >= 4  # every decoder layer's cross K and V left the decode loop
+        got = hoisted(model.params, ids, key)
+    want = jax.jit(generate)(model.params, ids, key)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if decoding == "sample":  # the key is used: another key samples other tokens (else "equal" proves little)
+        other = jax.jit(generate)(model.params, ids, jax.random.PRNGKey(8))
+        assert not np.array_equal(np.asarray(other), np.asarray(want))
+    report = hoisted.report(model.params, ids, key)
+    assert not report.skipped, report.table()
+    # Every decoder layer's cross-attention K and V left the decode loop.
+    cross_kv = {f"decoder/layers/{i}/encoder_attn/{p}"
+                for i in range(model.config.decoder_layers) for p in ("k_proj", "v_proj")}
+    assert {n for h in report.hoisted for n in cross_kv if n in h.name} == cross_kv, report.table()
 
 
 # --------------------------------------------------------------------------------------------------
