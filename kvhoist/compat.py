@@ -105,10 +105,20 @@ def _jaxpr_effects(invars, eqns):
     return join_effects(eqns)
 
 
+def _is_high(atoms: Sequence[Any], eqns: Sequence[JaxprEqn]) -> bool:
+    """jax's ``is_high`` flag of a jaxpr with these variables and equations: a "hijax" primitive (jax 0.12's
+    ``jnp.searchsorted`` is one, so ``jnp.interp``) or aval, which jit lowers to plain primitives before MLIR only
+    where a jaxpr (or a sub-jaxpr, through its equation's ``is_high``) says so. jax sets it while tracing; a jaxpr
+    rebuilt here must carry it too, or lowering fails (``MLIR translation rule for primitive 'call_hi_primitive'
+    not found``)."""
+    return (any(a.aval.is_high for a in atoms)
+            or any(e.primitive.is_high(*(v.aval for v in e.invars), **e.params) for e in eqns))
+
+
 def make_open(invars: Sequence[Var], outvars: Sequence[Any], eqns: Sequence[JaxprEqn]) -> Any:
     """An open jaxpr (no constvars) — the form of ``remat2``'s ``jaxpr`` param."""
     return Jaxpr([], list(invars), list(outvars), list(eqns), _jaxpr_effects(invars, eqns),
-                 _debug_info(len(invars), len(outvars)))
+                 _debug_info(len(invars), len(outvars)), is_high=_is_high([*invars, *outvars], eqns))
 
 
 def make_closed(constvars: Sequence[Var], consts: Sequence[Any], invars: Sequence[Var],
@@ -116,11 +126,12 @@ def make_closed(constvars: Sequence[Var], consts: Sequence[Any], invars: Sequenc
     """A closed jaxpr binding ``constvars`` to ``consts``."""
     assert len(constvars) == len(consts)
     eff = _jaxpr_effects(invars, eqns)
+    high = _is_high([*constvars, *invars, *outvars], eqns)
     if JAX_VERSION >= (0, 11):
         return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), eff,
-                     _debug_info(len(invars), len(outvars)), consts=list(consts))
+                     _debug_info(len(invars), len(outvars)), is_high=high, consts=list(consts))
     inner = Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), eff,
-                  _debug_info(len(invars), len(outvars)))
+                  _debug_info(len(invars), len(outvars)), is_high=high)
     return ClosedJaxpr(inner, list(consts))
 
 
@@ -289,7 +300,7 @@ def rebuild_like(original: Any, constvars: Sequence[Var], consts: Sequence[Any],
     if not constvars:
         return make_open(invars, outvars, eqns)
     return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), _jaxpr_effects(invars, eqns),
-                 _debug_info(len(invars), len(outvars)))
+                 _debug_info(len(invars), len(outvars)), is_high=_is_high([*constvars, *invars, *outvars], eqns))
 
 
 # --- jit integration ------------------------------------------------------------------------------

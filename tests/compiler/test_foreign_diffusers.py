@@ -170,3 +170,29 @@ def test_flax_stable_diffusion_cross_kv_leave_the_denoising_loop(scheduler):
     runs_before = count_primitives(before, "dot_general", multiply_trips=True)
     runs_after = count_primitives(after, "dot_general", multiply_trips=True)
     assert runs_before - runs_after == (STEPS - 1) * len(cross_kv)
+
+
+def test_a_hijax_primitive_in_a_rewritten_loop_body_still_lowers():
+    """Found on this pipeline with jax 0.12 (Euler-discrete: ``jnp.interp`` -> ``jnp.searchsorted``, a "hijax"
+    primitive there): a loop body rebuilt by the rewrite lost jax's ``is_high`` flag, so jit never lowered the
+    primitive to plain ones and XLA lowering failed (``MLIR translation rule for primitive 'call_hi_primitive' not
+    found``) instead of running or falling back. On jax 0.10 ``searchsorted`` is a plain primitive."""
+    from jax import lax
+
+    def f(ctx, w, x, grid):
+        def step(h, t):
+            k = ctx @ w  # invariant: leaves the loop, so the body is rebuilt
+            i = jnp.searchsorted(grid, t * 0.1 + h[0, 0] * 0)  # loop-variant
+            return jnp.tanh(h @ k.T @ k) + 1e-3 * i.astype(h.dtype), None
+        return lax.scan(step, x, jnp.arange(4.0))[0]
+
+    rng = np.random.default_rng(0)
+    args = tuple(jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32) for s in ((16, 8), (8, 8), (2, 8)))
+    args += (jnp.linspace(0.0, 1.0, 5),)
+    hoisted = kvhoist.hoist_invariants(f)
+    contract.assert_close(hoisted(*args), jax.jit(f)(*args))
+    before, after = hoisted.jaxprs(*args)
+    assert count_primitives(_denoising_loop(before), "dot_general") - count_primitives(
+        _denoising_loop(after), "dot_general") == 1
+    for j in (after, _denoising_loop(after)):  # the flag jax would have set, on the program and the rebuilt body
+        assert j.is_high == any(e.primitive.is_high(*(v.aval for v in e.invars), **e.params) for e in all_eqns(j))
