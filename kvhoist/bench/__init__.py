@@ -13,7 +13,9 @@
 * :mod:`kvhoist.bench.passtime`: the pass's time vs program size and the first call, jit vs hoisted
   (``python -m kvhoist.bench.passtime``; docs/benchmarks.md);
 * :mod:`kvhoist.bench.hf_generate`: Hugging Face's Flax ``generate()`` (BART, T5, Marian), jit vs hoisted
-  (``python -m kvhoist.bench.hf_generate``; needs transformers<=4.57.6; docs/benchmarks.md).
+  (``python -m kvhoist.bench.hf_generate``; needs transformers<=4.57.6; docs/benchmarks.md);
+* :mod:`kvhoist.bench.sd_flax`: diffusers' Flax Stable Diffusion pipeline, jit vs hoisted
+  (``python -m kvhoist.bench.sd_flax``; needs diffusers<=0.39, the ``hf-flax`` extra; docs/benchmarks.md).
 
 Shared: :mod:`kvhoist.bench.forms` (configs, sampler forms, the random case), :mod:`kvhoist.bench.timing`
 (interleaved runs, process CPU time), :mod:`kvhoist.bench.markdown` (the page); counting ops in compiled HLO is
