@@ -40,8 +40,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import logging
-import statistics
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -53,7 +51,8 @@ import numpy as np
 import kvhoist
 from kvhoist import contract
 from kvhoist.bench.decode import compiler_options
-from kvhoist.bench.timing import iqr_overlap, machine, time_interleaved
+from kvhoist.bench.timing import (checkout_commit, fmt_mib, fmt_ms, iqr_overlap, machine, spread, time_interleaved,
+                                   watch_first_call)
 
 __all__ = ["NEEDS", "Case", "CASES", "build_model", "first_call", "bench_case", "run", "render_markdown", "main"]
 
@@ -143,72 +142,21 @@ def _generate_fn(model: Any, beams: int) -> Callable:
     return generate
 
 
-class _Events:
-    """jax's compile events and kvhoist's trace / rewrite log lines, while :meth:`watch` is active."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.compiles = 0
-        self.compile_s = 0.0
-        self.kvhoist: dict[str, float] = {}
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, seconds: float, **_kw: Any) -> None:
-        if self.active and event == "/jax/core/compile/backend_compile_duration":
-            self.compiles += 1
-            self.compile_s += seconds
-
-    def watch(self, fn: Callable[[], Any]) -> dict:
-        """Run ``fn()``; its process CPU seconds, compiles launched, XLA compile seconds, kvhoist's log seconds."""
-        log = logging.getLogger("kvhoist")
-        seen: dict[str, float] = {}
-
-        class Grab(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if record.msg.startswith("traced "):
-                    seen["retrace_s"] = float(record.args[2])
-                elif record.msg.startswith("rewrote "):
-                    seen["rewrite_s"] = float(record.args[1])
-
-        handler, level = Grab(), log.level
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        self.compiles, self.compile_s, self.active = 0, 0.0, True
-        try:
-            t = time.process_time()
-            fn()
-            cpu = time.process_time() - t
-        finally:
-            self.active = False
-            log.removeHandler(handler)
-            log.setLevel(level)
-        return {"cpu_s": cpu, "compiles": self.compiles, "xla_compile_s": self.compile_s, **seen}
-
-
-_EVENTS: _Events | None = None
-
-
-def _spread(xs: Sequence[float], scale: float = 1.0) -> dict:
-    return {"median": scale * statistics.median(xs), "min": scale * min(xs), "max": scale * max(xs), "n": len(xs)}
-
-
 def first_call(model: Any, beams: int, args: tuple, repeats: int) -> dict:
     """trace (+ rewrite) + lower + compile, ``jax.jit`` vs ``hoist_invariants``: a fresh ``generate`` and
     ``jax.clear_caches()`` before each, interleaved with the order rotated; one untimed round first."""
-    global _EVENTS
-    _EVENTS = _EVENTS or _Events()
     runs: dict[str, list[dict]] = {"jit": [], "hoisted": []}
     for r in range(repeats + 1):
         for who in (("jit", "hoisted") if r % 2 == 0 else ("hoisted", "jit")):
             fun = _generate_fn(model, beams)
             g = jax.jit(fun) if who == "jit" else kvhoist.hoist_invariants(fun)
             jax.clear_caches()
-            seen = _EVENTS.watch(lambda: g.lower(*args).compile())
+            seen = watch_first_call(lambda: g.lower(*args).compile())
             if r:
                 runs[who].append(seen)
     out: dict = {}
     for who, rs in runs.items():
-        out[who] = {k: _spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"}
+        out[who] = {k: spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"}
         out[who]["compiles"] = sorted({x["compiles"] for x in rs})
     out["ratio"] = out["hoisted"]["cpu_s"]["median"] / out["jit"]["cpu_s"]["median"]
     return out
@@ -254,7 +202,7 @@ def bench_case(case: Case, *, repeats: int, first_call_repeats: int, log: Callab
     cpu: dict[str, list[float]] = {}
     time_interleaved({k: functools.partial(c, *args) for k, c in compiled.items()}, repeats=repeats, warmup=1,
                      cpu_times=cpu)
-    steady = {k: _spread(v, 1e3) for k, v in cpu.items()}
+    steady = {k: spread(v, 1e3) for k, v in cpu.items()}
     med = {k: v["median"] for k, v in steady.items()}
     row = {
         "case": case.name, "model": type(model).__name__, "beams": case.beams,
@@ -290,34 +238,10 @@ def run(cases: Sequence[str] = tuple(CASES), *, repeats: int = 7, first_call_rep
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}: choose from {sorted(CASES)}")
     rows = [bench_case(CASES[c], repeats=repeats, first_call_repeats=first_call_repeats, log=log) for c in cases]
-    return {"machine": machine(), "kvhoist_commit": _commit(), "transformers": tf.__version__, "flax": flax.__version__,
+    return {"machine": machine(), "kvhoist_commit": checkout_commit(), "transformers": tf.__version__, "flax": flax.__version__,
             "repeats": repeats, "first_call_repeats": first_call_repeats, "rows": rows,
             "total_s": time.perf_counter() - t0,
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.perf_counter() - t0)))}
-
-
-def _commit() -> str | None:
-    """The checkout's commit (``+dirty`` if kvhoist/ has uncommitted changes), or None outside a git checkout."""
-    import os
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kvhoist"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
-def _ms(s: dict) -> str:
-    return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
-
-
-def _mib(b: int | None) -> str:
-    return "?" if b is None else f"{b / 2**20:.2f}"
 
 
 def render_markdown(result: dict) -> str:
@@ -335,14 +259,14 @@ def render_markdown(result: dict) -> str:
             f"| {'/'.join(map(str, j['compiles']))} / {'/'.join(map(str, h['compiles']))} "
             f"| {j['xla_compile_s']['median']:.2f} / {h['xla_compile_s']['median']:.2f} "
             f"| {h['retrace_s']['median']:.2f} + {h['rewrite_s']['median']:.2f} "
-            f"| {_mib(c['report_bytes'])} ({c['copies']:.2f}) "
-            f"| {_mib(r['xla_temp_bytes']['jit/on'])} / {_mib(r['xla_temp_bytes']['hoisted/on'])} |")
+            f"| {fmt_mib(c['report_bytes'])} ({c['copies']:.2f}) "
+            f"| {fmt_mib(r['xla_temp_bytes']['jit/on'])} / {fmt_mib(r['xla_temp_bytes']['hoisted/on'])} |")
     lines += ["", "| case | XLA LICM | CPU ms jit | CPU ms hoisted | jit/hoisted | IQRs overlap | tokens equal | bitwise |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for licm in ("on", "off"):
             s = r["steady_cpu_ms"]
-            lines.append(f"| {r['case']} | {licm} | {_ms(s[f'jit/{licm}'])} | {_ms(s[f'hoisted/{licm}'])} "
+            lines.append(f"| {r['case']} | {licm} | {fmt_ms(s[f'jit/{licm}'])} | {fmt_ms(s[f'hoisted/{licm}'])} "
                          f"| {r['jit_over_hoisted'][licm]:.2f} | {'yes' if r['within_noise'][licm] else 'no'} "
                          f"| {'yes' if r['tokens_equal'] else 'NO'} "
                          f"| {'yes' if r['bitwise'] else 'no'} |")

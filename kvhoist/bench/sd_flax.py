@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -129,66 +128,6 @@ def build(steps: int, scheduler: str = "FlaxPNDMScheduler") -> tuple[Callable, t
     return generate, (params, ids, neg_ids, jax.random.PRNGKey(3)), cfg
 
 
-_COMPILES = [False, 0]  # [counting, XLA compiles seen]: jax's listeners cannot be removed, so one is kept
-
-
-def _watch(fn: Callable[[], Any]) -> dict:
-    """Run ``fn()``: its process CPU seconds, the XLA compiles it launched and kvhoist's re-trace and rewrite
-    seconds (its INFO log lines), as :mod:`kvhoist.bench.hf_generate` counts them."""
-    import logging
-
-    import jax
-
-    if not hasattr(_watch, "listening"):
-        def on_event(event: str, _seconds: float, **_kw: Any) -> None:
-            if _COMPILES[0] and event == "/jax/core/compile/backend_compile_duration":
-                _COMPILES[1] += 1
-        jax.monitoring.register_event_duration_secs_listener(on_event)
-        _watch.listening = True  # type: ignore[attr-defined]
-    seen: dict[str, float] = {}
-
-    class Grab(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.msg.startswith("traced "):
-                seen["retrace_s"] = float(record.args[2])
-            elif record.msg.startswith("rewrote "):
-                seen["rewrite_s"] = float(record.args[1])
-
-    log = logging.getLogger("kvhoist")
-    handler, level = Grab(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    _COMPILES[:] = [True, 0]
-    try:
-        t = time.process_time()
-        fn()
-        cpu = time.process_time() - t
-    finally:
-        _COMPILES[0] = False
-        log.removeHandler(handler)
-        log.setLevel(level)
-    return {"cpu_s": cpu, "compiles": _COMPILES[1], **seen}
-
-
-def _spread(xs: Sequence[float], scale: float = 1.0) -> dict:
-    return {"median": scale * statistics.median(xs), "min": scale * min(xs), "max": scale * max(xs), "n": len(xs)}
-
-
-def _commit() -> str | None:
-    """The checkout's commit (``+dirty`` if kvhoist/ has uncommitted changes), or None outside a git checkout."""
-    import os
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
-        head = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        dirty = git(["git", "status", "--porcelain", "--", "kvhoist"]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, scheduler: str = "FlaxPNDMScheduler",
         log: Callable[[str], None] = print) -> dict:
     """Every measurement (module docstring); raises ``AssertionError`` if hoisted's images break the contract."""
@@ -199,7 +138,7 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
     import kvhoist
     from kvhoist import contract
     from kvhoist.bench.decode import compiler_options
-    from kvhoist.bench.timing import iqr_overlap, machine, time_interleaved
+    from kvhoist.bench.timing import checkout_commit, iqr_overlap, machine, spread, time_interleaved, watch_first_call
 
     diffusers, transformers = _diffusers()
     t0 = time.perf_counter()
@@ -211,10 +150,10 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
             fun = build(steps, scheduler)[0]
             g = jax.jit(fun) if who == "jit" else kvhoist.hoist_invariants(fun)
             jax.clear_caches()
-            seen = _watch(lambda: g.lower(*args).compile())
+            seen = watch_first_call(lambda: g.lower(*args).compile())
             if r:
                 runs[who].append(seen)
-    first = {who: {k: _spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"} for who, rs in runs.items()}
+    first = {who: {k: spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"} for who, rs in runs.items()}
     for who, rs in runs.items():
         first[who]["compiles"] = sorted({x["compiles"] for x in rs})
     first["ratio"] = first["hoisted"]["cpu_s"]["median"] / first["jit"]["cpu_s"]["median"]
@@ -237,7 +176,7 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
     cpu: dict[str, list[float]] = {}
     time_interleaved({k: functools.partial(c, *args) for k, c in compiled.items()}, repeats=repeats, warmup=1,
                      cpu_times=cpu)
-    steady = {k: _spread(v, 1e3) for k, v in cpu.items()}
+    steady = {k: spread(v, 1e3) for k, v in cpu.items()}
     med = {k: v["median"] for k, v in steady.items()}
 
     def temp(c: Any) -> int | None:
@@ -247,7 +186,7 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
             return None
 
     result = {
-        "machine": machine(), "kvhoist_commit": _commit(), "diffusers": diffusers.__version__,
+        "machine": machine(), "kvhoist_commit": checkout_commit(), "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "flax": flax.__version__, "jax": jax.__version__,
         "config": cfg, "repeats": repeats, "first_call_repeats": first_call_repeats,
         "within_contract": True, "bitwise": bool(bitwise), "first_call": first,
@@ -267,16 +206,10 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
     return result
 
 
-def _ms(s: dict) -> str:
-    return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
-
-
-def _mib(b: int | None) -> str:
-    return "?" if b is None else f"{b / 2**20:.2f}"
-
-
 def render_markdown(result: dict) -> str:
     """The section's table: first call, cache, temporaries, steady-state ``_generate`` with XLA's LICM on / off."""
+    from kvhoist.bench.timing import fmt_mib, fmt_ms
+
     fc, c, t = result["first_call"], result["cache"], result["xla_temp_bytes"]
     j, h = fc["jit"], fc["hoisted"]
     lines = [
@@ -288,14 +221,14 @@ def render_markdown(result: dict) -> str:
         f"| {'/'.join(map(str, j['compiles']))} / {'/'.join(map(str, h['compiles']))} "
         f"| {h['retrace_s']['median']:.2f} + {h['rewrite_s']['median']:.2f} "
         f"| {c['report_bytes'] / 1024:.1f} ({c['cross_kv_values']} of {c['values']}) "
-        f"| {_mib(t['jit/on'])} / {_mib(t['hoisted/on'])} |",
+        f"| {fmt_mib(t['jit/on'])} / {fmt_mib(t['hoisted/on'])} |",
         "",
         "| XLA LICM | CPU ms jit | CPU ms hoisted | jit/hoisted | IQRs overlap |",
         "|---|---|---|---|---|",
     ]
     for licm in ("on", "off"):
         s = result["steady_cpu_ms"]
-        lines.append(f"| {licm} | {_ms(s[f'jit/{licm}'])} | {_ms(s[f'hoisted/{licm}'])} "
+        lines.append(f"| {licm} | {fmt_ms(s[f'jit/{licm}'])} | {fmt_ms(s[f'hoisted/{licm}'])} "
                      f"| {result['jit_over_hoisted'][licm]:.2f} | {'yes' if result['within_noise'][licm] else 'no'} |")
     return "\n".join(lines)
 

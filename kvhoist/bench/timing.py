@@ -4,19 +4,22 @@ peak RSS, XLA's temporaries, the machine a run happened on."""
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
 __all__ = ["time_interleaved", "per_call_times", "timed", "tree_bytes", "peak_rss_mib", "xla_temp_bytes", "machine", "quartiles",
-           "iqr_overlap"]
+           "iqr_overlap", "spread", "watch_first_call", "checkout_commit", "fmt_ms", "fmt_mib"]
 
 
 def quartiles(xs: list[float]) -> tuple[float, float]:
@@ -141,3 +144,78 @@ def machine() -> dict:
             "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"), "backend": jax.default_backend(),
             "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}", "device_count": jax.device_count(),
             "loadavg_start": list(load) if load else None}
+
+
+def spread(xs: Sequence[float], scale: float = 1.0) -> dict:
+    """``{"median", "min", "max", "n"}`` of ``xs``, each value times ``scale`` (1e3: seconds to ms)."""
+    return {"median": scale * statistics.median(xs), "min": scale * min(xs), "max": scale * max(xs), "n": len(xs)}
+
+
+def fmt_ms(s: dict) -> str:
+    """A :func:`spread` as ``median (min-max)``, no decimals (for milliseconds)."""
+    return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
+
+
+def fmt_mib(b: int | None) -> str:
+    """Bytes as MiB with two decimals, ``?`` for unknown."""
+    return "?" if b is None else f"{b / 2**20:.2f}"
+
+
+#: [counting, XLA compiles seen, their seconds]: jax's event listeners cannot be removed, so one is registered once.
+_COMPILES: list = [False, 0, 0.0]
+_LISTENING: list[bool] = []
+
+
+def _on_event(event: str, seconds: float, **_kw: Any) -> None:
+    if _COMPILES[0] and event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[1] += 1
+        _COMPILES[2] += seconds
+
+
+def watch_first_call(fn: Callable[[], Any]) -> dict:
+    """Run ``fn()`` (e.g. ``lambda: f.lower(*args).compile()``) and say what it cost.
+
+    Returns:
+      ``cpu_s`` (process CPU seconds), ``compiles`` (XLA compiles it launched: jax's
+      ``backend_compile_duration`` events), ``xla_compile_s`` (their wall seconds) and, where kvhoist ran, its
+      INFO log's ``retrace_s`` and ``rewrite_s``.
+    """
+    if not _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _LISTENING.append(True)
+    seen: dict[str, float] = {}
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("traced "):
+                seen["retrace_s"] = float(record.args[2])
+            elif record.msg.startswith("rewrote "):
+                seen["rewrite_s"] = float(record.args[1])
+
+    log = logging.getLogger("kvhoist")
+    handler, level = Grab(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    _COMPILES[:] = [True, 0, 0.0]
+    try:
+        t = time.process_time()
+        fn()
+        cpu = time.process_time() - t
+    finally:
+        _COMPILES[0] = False
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return {"cpu_s": cpu, "compiles": _COMPILES[1], "xla_compile_s": _COMPILES[2], **seen}
+
+
+def checkout_commit() -> str | None:
+    """The checkout's commit (``+dirty`` if kvhoist/ has uncommitted changes), or None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kvhoist"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
