@@ -215,7 +215,7 @@ def test_counter_nest_linear_in_depth():
         assert big[key] <= 2.2 * small[key], (key, small, big)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 9, open: work hoisted out of a depth-d nest crosses the levels "
+@pytest.mark.xfail(strict=True, reason="known limit (design.md, What remains quadratic): work hoisted out of a depth-d nest crosses the levels "
                    "one at a time (MLIR's order): each level re-walks and re-clones all the work hoisted through it, "
                    "O(d**2) equation visits; see docs/benchmarks.md 'Pass time vs program size'")
 def test_nested_work_visited_linear_in_depth():
