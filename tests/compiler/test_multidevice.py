@@ -20,13 +20,11 @@ Run alone:  python -m pytest tests/compiler/test_multidevice.py -q
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+from mesh_util import run_json_child
 
 pytestmark = pytest.mark.multidevice
 
@@ -172,16 +170,7 @@ def facts() -> dict:
 
     if jax.device_count() >= DEVICES:
         return run_checks()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=root)
-    if proc.returncode != 0:
-        pytest.fail(f"multidevice child process failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, devices=DEVICES, timeout=900)
 
 
 CASES = ("scan_layers", "unrolled")
