@@ -308,7 +308,7 @@ def _vmapped(a_body: Block, n_consts: int, operands: list, length: int, *, count
                 idx.append((it + start if start else it).astype(dt))
             return jax.vmap(body_fun, in_axes=[None] * n_consts + [0] * (n_c + len(xs)), out_axes=0,
                             axis_size=length)(*consts, *idx, *xs)
-        avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in operands]
+        avals = [compat.abstract_arg(a.aval) for a in operands]  # sharding, weak type, varying axes kept
         try:
             vm = jax.make_jaxpr(fun)(*avals)
         except Exception:
@@ -318,7 +318,7 @@ def _vmapped(a_body: Block, n_consts: int, operands: list, length: int, *, count
     in_axes = [None] * n_consts + [0] * (len(a_body.invars) - n_consts)
     if n_consts == len(a_body.invars):
         return None  # nothing batched: vmap needs an axis size from somewhere
-    avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in operands]
+    avals = [compat.abstract_arg(a.aval) for a in operands]  # sharding, weak type, varying axes kept
     try:
         vm = jax.make_jaxpr(jax.vmap(compat.jaxpr_as_fun(closed), in_axes=in_axes, out_axes=0,
                                      axis_size=length))(*avals)

@@ -716,6 +716,16 @@ def test_transformations_of_hoisted_equal_jit(programs):
     check_transformed(programs)
 
 
+def test_counter_vectorised_under_explicit_mesh_keeps_shardings():
+    """Found by the long run: counter-only work in a fori_loop (vectorised over the counter's values, rules/scan.py)
+    was re-traced from shape/dtype specs, dropping the Explicit sharding of its operands; the rewritten program then
+    failed jit's type check (``select `which` must ... have the same sharding as cases``)."""
+    program = [("unsafe", "div", "taken", 22, 4),
+               ("loop", "fori", 2, [("unsafe", "pow", "taken", 0, 32), ("op", "mul", 22, 5)]),
+               ("unsafe", "div", "while0", 19, 7)]
+    check_transformed([program], transforms=("value", "explicit_mesh"))
+
+
 @pytest.mark.slow
 @settings(max_examples=-(-1000 // T_BATCH), **_COMMON)
 @given(st.lists(T_PROGRAMS, min_size=T_BATCH, max_size=T_BATCH))
