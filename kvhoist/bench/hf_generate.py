@@ -51,8 +51,8 @@ import numpy as np
 import kvhoist
 from kvhoist import contract
 from kvhoist.bench.decode import compiler_options
-from kvhoist.bench.timing import (checkout_commit, fmt_mib, fmt_ms, iqr_overlap, machine, spread, time_interleaved,
-                                   watch_first_call)
+from kvhoist.bench.timing import (checkout_commit, compiled_temp_bytes, first_call_jit_vs_hoisted, fmt_mib, fmt_ms,
+                                   iqr_overlap, machine, spread, time_interleaved)
 
 __all__ = ["NEEDS", "Case", "CASES", "build_model", "first_call", "bench_case", "run", "render_markdown", "main"]
 
@@ -143,30 +143,8 @@ def _generate_fn(model: Any, beams: int) -> Callable:
 
 
 def first_call(model: Any, beams: int, args: tuple, repeats: int) -> dict:
-    """trace (+ rewrite) + lower + compile, ``jax.jit`` vs ``hoist_invariants``: a fresh ``generate`` and
-    ``jax.clear_caches()`` before each, interleaved with the order rotated; one untimed round first."""
-    runs: dict[str, list[dict]] = {"jit": [], "hoisted": []}
-    for r in range(repeats + 1):
-        for who in (("jit", "hoisted") if r % 2 == 0 else ("hoisted", "jit")):
-            fun = _generate_fn(model, beams)
-            g = jax.jit(fun) if who == "jit" else kvhoist.hoist_invariants(fun)
-            jax.clear_caches()
-            seen = watch_first_call(lambda: g.lower(*args).compile())
-            if r:
-                runs[who].append(seen)
-    out: dict = {}
-    for who, rs in runs.items():
-        out[who] = {k: spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"}
-        out[who]["compiles"] = sorted({x["compiles"] for x in rs})
-    out["ratio"] = out["hoisted"]["cpu_s"]["median"] / out["jit"]["cpu_s"]["median"]
-    return out
-
-
-def _temp_bytes(compiled: Any) -> int | None:
-    try:
-        return int(compiled.memory_analysis().temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 - optional per backend
-        return None
+    """trace (+ rewrite) + lower + compile of ``generate``, jit vs hoisted (:func:`first_call_jit_vs_hoisted`)."""
+    return first_call_jit_vs_hoisted(lambda: _generate_fn(model, beams), args, repeats)
 
 
 def bench_case(case: Case, *, repeats: int, first_call_repeats: int, log: Callable[[str], None]) -> dict:
@@ -214,7 +192,7 @@ def bench_case(case: Case, *, repeats: int, first_call_repeats: int, log: Callab
                   "cross_kv_bytes": sum(h.bytes for h in cross), "cross_kv_values": len(cross),
                   "one_untiled_copy_bytes": one_copy, "copies": sum(h.bytes for h in cross) / one_copy,
                   "skipped": len(report.skipped), "notes": [f"{n.kind}: {n.message}" for n in report.notes]},
-        "xla_temp_bytes": {k: _temp_bytes(c) for k, c in compiled.items()},
+        "xla_temp_bytes": {k: compiled_temp_bytes(c) for k, c in compiled.items()},
         "steady_cpu_ms": steady,
         "jit_over_hoisted": {licm: med[f"jit/{licm}"] / med[f"hoisted/{licm}"] for licm in ("on", "off")},
         # Interquartile ranges of jit and hoisted overlap: their ratio is within this machine's noise.

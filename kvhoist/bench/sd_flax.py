@@ -138,25 +138,14 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
     import kvhoist
     from kvhoist import contract
     from kvhoist.bench.decode import compiler_options
-    from kvhoist.bench.timing import checkout_commit, iqr_overlap, machine, spread, time_interleaved, watch_first_call
+    from kvhoist.bench.timing import (checkout_commit, compiled_temp_bytes, first_call_jit_vs_hoisted, iqr_overlap,
+                                       machine, spread, time_interleaved)
 
     diffusers, transformers = _diffusers()
     t0 = time.perf_counter()
     _generate, args, cfg = build(steps, scheduler)
 
-    runs: dict[str, list[dict]] = {"jit": [], "hoisted": []}
-    for r in range(first_call_repeats + 1):  # one untimed round first; order rotated
-        for who in (("jit", "hoisted") if r % 2 == 0 else ("hoisted", "jit")):
-            fun = build(steps, scheduler)[0]
-            g = jax.jit(fun) if who == "jit" else kvhoist.hoist_invariants(fun)
-            jax.clear_caches()
-            seen = watch_first_call(lambda: g.lower(*args).compile())
-            if r:
-                runs[who].append(seen)
-    first = {who: {k: spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"} for who, rs in runs.items()}
-    for who, rs in runs.items():
-        first[who]["compiles"] = sorted({x["compiles"] for x in rs})
-    first["ratio"] = first["hoisted"]["cpu_s"]["median"] / first["jit"]["cpu_s"]["median"]
+    first = first_call_jit_vs_hoisted(lambda: build(steps, scheduler)[0], args, first_call_repeats)
     log(f"[sd] first call jit {first['jit']['cpu_s']['median']:.2f} s, hoisted "
         f"{first['hoisted']['cpu_s']['median']:.2f} s")
 
@@ -179,12 +168,6 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
     steady = {k: spread(v, 1e3) for k, v in cpu.items()}
     med = {k: v["median"] for k, v in steady.items()}
 
-    def temp(c: Any) -> int | None:
-        try:
-            return int(c.memory_analysis().temp_size_in_bytes)
-        except Exception:  # noqa: BLE001 - optional per backend
-            return None
-
     result = {
         "machine": machine(), "kvhoist_commit": checkout_commit(), "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "flax": flax.__version__, "jax": jax.__version__,
@@ -193,7 +176,7 @@ def run(steps: int = 10, *, repeats: int = 7, first_call_repeats: int = 3, sched
         "cache": {"report_bytes": report.cache_bytes, "values": len(report.hoisted), "cross_kv_values": len(cross),
                   "cross_kv_bytes": sum(h.bytes for h in cross), "skipped": len(report.skipped),
                   "flops_saved": report.flops_saved, "flops_saved_fraction": report.flops_saved_fraction},
-        "xla_temp_bytes": {k: temp(c) for k, c in compiled.items()},
+        "xla_temp_bytes": {k: compiled_temp_bytes(c) for k, c in compiled.items()},
         "steady_cpu_ms": steady,
         "jit_over_hoisted": {licm: med[f"jit/{licm}"] / med[f"hoisted/{licm}"] for licm in ("on", "off")},
         "within_noise": {licm: iqr_overlap(cpu[f"jit/{licm}"], cpu[f"hoisted/{licm}"]) for licm in ("on", "off")},

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 __all__ = ["time_interleaved", "per_call_times", "timed", "tree_bytes", "peak_rss_mib", "xla_temp_bytes", "machine", "quartiles",
-           "iqr_overlap", "spread", "watch_first_call", "checkout_commit", "fmt_ms", "fmt_mib"]
+           "iqr_overlap", "spread", "watch_first_call", "first_call_jit_vs_hoisted", "compiled_temp_bytes", "checkout_commit", "fmt_ms", "fmt_mib"]
 
 
 def quartiles(xs: list[float]) -> tuple[float, float]:
@@ -130,7 +130,15 @@ def peak_rss_mib() -> float:
 def xla_temp_bytes(lowered: Any) -> int | None:
     """XLA's temporary buffer bytes for a lowered program (None where the backend does not say)."""
     try:
-        stats = lowered.compile().memory_analysis()
+        return compiled_temp_bytes(lowered.compile())
+    except Exception:  # noqa: BLE001 - a backend may refuse; the figure is optional
+        return None
+
+
+def compiled_temp_bytes(compiled: Any) -> int | None:
+    """XLA's temporary buffer bytes of a compiled program (None where the backend does not say)."""
+    try:
+        stats = compiled.memory_analysis()
         return int(stats.temp_size_in_bytes) if stats is not None else None
     except Exception:  # memory_analysis is optional per backend
         return None
@@ -206,6 +214,34 @@ def watch_first_call(fn: Callable[[], Any]) -> dict:
         log.removeHandler(handler)
         log.setLevel(level)
     return {"cpu_s": cpu, "compiles": _COMPILES[1], "xla_compile_s": _COMPILES[2], **seen}
+
+
+def first_call_jit_vs_hoisted(make_fun: Callable[[], Callable], args: tuple, repeats: int) -> dict:
+    """Trace (+ rewrite) + lower + compile, ``jax.jit`` vs ``kvhoist.hoist_invariants``, measured by
+    :func:`watch_first_call`: a fresh function from ``make_fun()`` and ``jax.clear_caches()`` before each, the two
+    interleaved with the order rotated, one untimed round first.
+
+    Returns:
+      Per variant (``"jit"``, ``"hoisted"``) a :func:`spread` of each measured figure and the sorted distinct
+      compile counts; ``"ratio"``: hoisted / jit median process CPU seconds.
+    """
+    import kvhoist
+
+    runs: dict[str, list[dict]] = {"jit": [], "hoisted": []}
+    for r in range(repeats + 1):
+        for who in (("jit", "hoisted") if r % 2 == 0 else ("hoisted", "jit")):
+            fun = make_fun()
+            g = jax.jit(fun) if who == "jit" else kvhoist.hoist_invariants(fun)
+            jax.clear_caches()
+            seen = watch_first_call(lambda: g.lower(*args).compile())
+            if r:
+                runs[who].append(seen)
+    out: dict = {}
+    for who, rs in runs.items():
+        out[who] = {k: spread([x[k] for x in rs]) for k in rs[0] if k != "compiles"}
+        out[who]["compiles"] = sorted({x["compiles"] for x in rs})
+    out["ratio"] = out["hoisted"]["cpu_s"]["median"] / out["jit"]["cpu_s"]["median"]
+    return out
 
 
 def checkout_commit() -> str | None:
