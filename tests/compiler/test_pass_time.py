@@ -19,22 +19,14 @@ import pytest
 import kvhoist
 from kvhoist import compat, contract, licm
 from kvhoist.rules import RULES
+from kvhoist.bench import passtime
 from licm_util import licm_and_compare, rand
 
 
-def nested(depth: int, trips: int = 2):
-    """``depth`` nested fori_loops; level ``d`` computes ``sin(w * (d + 1)) @ w`` (invariant in every loop)."""
-    def f(w, x):
-        def level(d, x):
-            if d == depth:
-                return jnp.tanh(x @ w)
-
-            def body(i, x):
-                k = jnp.sin(w * (d + 1.0)) @ w
-                return level(d + 1, x + k[0] * 0.1)
-            return jax.lax.fori_loop(0, trips, body, x)
-        return level(0, x)
-    return f
+def nested(depth: int):
+    """``depth`` nested fori_loops; level ``d`` computes ``sin(w * (d + 1)) @ w`` (invariant in every loop): the
+    pass-time benchmark's ``nested`` family (shape-polymorphic: run here on small ``W``, ``X``)."""
+    return passtime.nested(depth)[0]
 
 
 W, X = rand(4, 4, seed=1), rand(4, seed=2)
@@ -140,19 +132,10 @@ def test_common_values_still_deduplicated():
     assert len(top) == 1, [e.primitive.name for e in compat.split_closed(after)[4]]
 
 
-def counter_nest(depth: int, trips: int = 2):
-    """As :func:`nested`, but level ``d``'s invariant work reads its own counter: ``sin(w * i) @ w``."""
-    def f(w, x):
-        def level(d, x):
-            if d == depth:
-                return jnp.tanh(x @ w)
-
-            def body(i, x):
-                k = jnp.sin(w * i.astype(jnp.float32)) @ w
-                return level(d + 1, x + k[0] * 0.1)
-            return jax.lax.fori_loop(0, trips, body, x)
-        return level(0, x)
-    return f
+def counter_nest(depth: int):
+    """As :func:`nested`, but level ``d``'s invariant work reads its own counter: ``sin(w * i) @ w`` (the
+    benchmark's ``counter`` family)."""
+    return passtime.counter(depth)[0]
 
 
 def test_counter_only_work_adds_no_loop():
